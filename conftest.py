@@ -1,0 +1,33 @@
+"""Shared pytest set-up: Hypothesis profiles and the device fixture.
+
+Profiles (select with HYPOTHESIS_PROFILE=name; CI=true selects "ci"):
+  dev       the default: a few examples per property, for quick local runs
+  ci        what .ci/run uses: bounded examples, no deadline, derandomized for reproducible CI
+  thorough  long searches, for `pytest -m slow` runs and before releases
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=8, **_common)
+settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_common)
+settings.register_profile("thorough", max_examples=200, **_common)
+_default = "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
+
+
+def _devices():
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """Every test that takes `device` runs on CPU, and on CUDA too when torch.cuda.is_available()."""
+    return torch.device(request.param)

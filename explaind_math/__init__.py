@@ -1,0 +1,46 @@
+"""explaind_math — exact, certified decompositions of trained models (ExPLAIND, arXiv 2505.20076).
+
+    f(x; θ_N) = f(x; θ_0) + Σ_{t,j,i} I[t, j, x, i, o] + Σ_{t,j} Ψ[t, j, x, o]
+
+The mathematics is restated in MATH.md; every public function cites its theorem.
+"""
+
+from .errors import (
+    ExplaindError,
+    NonFiniteError,
+    RecordingError,
+    ReplayMismatchError,
+    StochasticTrainingError,
+    TrajectoryFileError,
+    TrajectoryMismatchError,
+    UnsupportedOptimizerError,
+)
+from .influence import Influence
+from .quadrature import adaptive, gauss_legendre, midpoint
+from .recording import TrajectoryRecorder
+from .theorems import corollary_3_2, decompose_adamw_training, decompose_sgd_momentum_training, theorem_3_1
+from .trajectory import StepRecord, Trajectory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "decompose_adamw_training",
+    "decompose_sgd_momentum_training",
+    "theorem_3_1",
+    "corollary_3_2",
+    "Trajectory",
+    "StepRecord",
+    "TrajectoryRecorder",
+    "Influence",
+    "gauss_legendre",
+    "midpoint",
+    "adaptive",
+    "ExplaindError",
+    "UnsupportedOptimizerError",
+    "ReplayMismatchError",
+    "TrajectoryMismatchError",
+    "TrajectoryFileError",
+    "NonFiniteError",
+    "StochasticTrainingError",
+    "RecordingError",
+]

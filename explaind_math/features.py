@@ -1,0 +1,147 @@
+"""torch.func building blocks: per-sample gradients and test feature maps (MATH.md §1, §11).
+
+* per-sample gradients g_{t,i} = w_{t,i} ∇_θ ℓ_i(θ_t):  vmap(grad(ℓ), in_dims over samples)
+* Jacobian of the target at one node, J(x; θ) = ∂_θ f(x; θ):  vmap(jacrev(f), in_dims over test inputs)
+* directional derivatives J(x; θ) v for several tangents v:  vmap over tangents of jvp(f)
+
+The model is written once as a per-example function (``functional_call`` on ``x.unsqueeze(0)``)
+and lifted; frozen parameters and buffers are closed over as constants.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+from .errors import ExplaindError, TrajectoryMismatchError
+
+__all__ = ["FunctionalModel", "TrainingData"]
+
+Params = dict[str, torch.Tensor]
+
+
+class FunctionalModel:
+    """The model as a pure function of the trained parameters θ (a dict name → tensor).
+
+    ``output(θ, x)`` is f(x; θ) for one example (batch dimension removed); ``target(θ, x)`` is the
+    quantity decomposed, flattened to a vector in R^O (by default the output itself).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trained_names: Sequence[str],
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        target: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    ):
+        self.model = model
+        self.trained_names = list(trained_names)
+        trained = set(self.trained_names)
+        cast = lambda t: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
+        self.constants: Params = {n: cast(p) for n, p in model.named_parameters() if n not in trained}
+        self.constants.update({n: cast(b) for n, b in model.named_buffers()})
+        self.dtype, self.device = dtype, device
+        self._post = target
+
+    def output(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, {**self.constants, **params}, (x.unsqueeze(0),))
+        if not isinstance(out, torch.Tensor):
+            raise ExplaindError("the model must return a tensor (wrap models that return tuples or dicts)")
+        return out.squeeze(0)
+
+    def target(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = self.output(params, x)
+        if self._post is not None:
+            out = self._post(out, x)
+        return out.reshape(-1)
+
+    # -- batched evaluations ----------------------------------------------------------------
+    def targets(self, params: Params, xs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """F(θ) ∈ R^{X×O}: the target on every test input."""
+        return vmap(self.target, in_dims=(None, 0), chunk_size=chunk_size)(params, xs)
+
+    def jacobian(self, params: Params, xs: torch.Tensor, chunk_size: int | None = None) -> Params:
+        """∂_θ f(x; θ) per test input: name → (X, O, *shape)."""
+        return vmap(jacrev(self.target), in_dims=(None, 0), chunk_size=chunk_size)(params, xs)
+
+    def directional(self, params: Params, xs: torch.Tensor, tangents: Params, chunk_size: int | None = None) -> torch.Tensor:
+        """J(x; θ) v_k for tangents stacked on a leading axis K: (K, X, O) by forward-mode AD."""
+
+        def one(tangent: Params) -> torch.Tensor:
+            return jvp(lambda p: self.targets(p, xs, chunk_size), (params,), (tangent,))[1]
+
+        return vmap(one)(tangents)
+
+    def per_sample_gradients(
+        self,
+        params: Params,
+        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+        xs: torch.Tensor,
+        ys: Any,
+        *,
+        vectorize: bool = True,
+        chunk_size: int | None = None,
+    ) -> Params:
+        """∇_θ ℓ_i(θ) for every sample of a batch: name → (B, *shape), unweighted."""
+
+        def loss_one(p: Params, x: torch.Tensor, y: Any) -> torch.Tensor:
+            value = loss_fn(self.output(p, x), y)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise ExplaindError(
+                    "loss_fn(output, target) must return the loss of ONE sample as a scalar tensor; got "
+                    f"{'shape ' + str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                )
+            return value.reshape(())
+
+        if vectorize:
+            return vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, ys)
+        rows = [grad(loss_one)(params, xs[i], _index(ys, i)) for i in range(xs.shape[0])]
+        return {n: torch.stack([r[n] for r in rows]) for n in params}
+
+
+def _index(ys: Any, i: int) -> Any:
+    return ys[i]
+
+
+class TrainingData:
+    """Access to training samples by id: a tuple ``(X, Y)`` of tensors indexed by id, or any object
+    with ``__getitem__(id) -> (x, y)`` (a ``torch.utils.data.Dataset``, a dict, a list)."""
+
+    def __init__(self, data: Any, *, dtype: torch.dtype, device: torch.device):
+        self.data, self.dtype, self.device = data, dtype, device
+        self._tensors = isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(d, torch.Tensor) for d in data
+        )
+        if self._tensors and data[0].shape[0] != data[1].shape[0]:
+            raise TrajectoryMismatchError(
+                f"training data: {data[0].shape[0]} inputs but {data[1].shape[0]} targets"
+            )
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def fetch(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tensors:
+            X, Y = self.data
+            bad = [i for i in ids if not 0 <= i < X.shape[0]]
+            if bad:
+                raise TrajectoryMismatchError(
+                    f"sample ids {bad[:5]} are not in the training data ({X.shape[0]} samples, ids 0..{X.shape[0] - 1})"
+                )
+            index = torch.as_tensor(list(ids), dtype=torch.long, device=X.device)
+            return self._cast(X[index]), self._cast(Y[index])
+        xs, ys = [], []
+        for i in ids:
+            try:
+                x, y = self.data[i]
+            except (KeyError, IndexError):
+                raise TrajectoryMismatchError(f"sample id {i} is not in the training data") from None
+            xs.append(torch.as_tensor(x))
+            ys.append(torch.as_tensor(y))
+        return self._cast(torch.stack(xs)), self._cast(torch.stack(ys))

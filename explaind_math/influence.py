@@ -1,0 +1,159 @@
+"""The result of a decomposition: the tensor of influences and its certificate (MATH.md §5).
+
+    f_o(x; θ_N) = f_o(x; θ_0) + Σ_{t,j,i} I[t, j, x, i, o] + Σ_{t,j} Ψ[t, j, x, o] (+ Σ_{t,j} Ξ[t, j, x, o])
+
+I (``kernel``) is the kernel influence of training samples, Ψ (``regularization``) the weight-decay
+influence, Ξ (``carried_state``) the influence of optimizer state that existed before the first
+recorded step (absent when the recording started from a fresh optimizer). Axes the caller did not
+keep are summed already. The residual f(x; θ_N) − reconstruction is always computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["Influence", "AXES"]
+
+#: canonical axis order of the kernel tensor; Ψ and Ξ have the same order without "unit"
+AXES = ("step", "param", "test", "unit", "output")
+
+
+@dataclass
+class Influence:
+    """Kernel influence I, regularization influence Ψ, carried-state influence Ξ, and the certificate.
+
+    Attributes:
+        kernel: I with axes ``kernel_axes`` (a sub-sequence of :data:`AXES`).
+        regularization: Ψ with the same axes minus ``"unit"``.
+        carried_state: Ξ like Ψ, or None when no optimizer state was carried in.
+        f_initial, f_final: f(x; θ_0) and f(x; θ_N), shape (test, output).
+        step_residuals: r_t(x) = f(θ_{t+1}) − f(θ_t) − Φ_t(x) Σ_u update_t(u), shape (step, test, output).
+        replay_errors: per step, max over parameters of |Σ_u update_t(u) − Δθ_t| / max |Δθ_t|.
+        steps, param_labels, units: coordinates of the kept axes.
+        nodes_per_step: quadrature nodes evaluated per step (adaptive rules vary).
+        estimated: True only when some part is an estimate (never for the exact theorems).
+    """
+
+    kernel: torch.Tensor
+    kernel_axes: tuple[str, ...]
+    regularization: torch.Tensor
+    carried_state: torch.Tensor | None
+    f_initial: torch.Tensor
+    f_final: torch.Tensor
+    step_residuals: torch.Tensor
+    replay_errors: list[float]
+    steps: list[int]
+    param_labels: list[str]
+    units: list[int]
+    quadrature: str
+    nodes_per_step: list[int]
+    theorem: str
+    estimated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ axes
+    @property
+    def regularization_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in self.kernel_axes if a != "unit")
+
+    def _sum_to(self, tensor: torch.Tensor, axes: Sequence[str], keep: Sequence[str]) -> torch.Tensor:
+        unknown = set(keep) - set(axes)
+        if unknown:
+            raise ValueError(f"cannot keep axes {sorted(unknown)}: this result has axes {list(axes)}")
+        dims = [i for i, a in enumerate(axes) if a not in keep]
+        return tensor.sum(dim=dims) if dims else tensor
+
+    def kernel_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        """Accumulated kernel influence I(S, J, X, U, O) keeping the named axes (in canonical order)."""
+        return self._sum_to(self.kernel, self.kernel_axes, keep)
+
+    def regularization_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        """Accumulated regularization influence Ψ keeping the named axes."""
+        return self._sum_to(self.regularization, self.regularization_axes, keep)
+
+    def carried_state_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        if self.carried_state is None:
+            return torch.zeros_like(self.regularization_sum(keep))
+        return self._sum_to(self.carried_state, self.regularization_axes, keep)
+
+    # ------------------------------------------------------------------ certificate
+    @property
+    def reconstruction(self) -> torch.Tensor:
+        """f(x; θ_0) + Σ I + Σ Ψ + Σ Ξ, shape (test, output)."""
+        return self.f_initial + self.kernel_sum() + self.regularization_sum() + self.carried_state_sum()
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """f(x; θ_N) − reconstruction, shape (test, output); always computed."""
+        return self.f_final - self.reconstruction
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.abs().max())
+
+    @property
+    def relative_residual(self) -> float:
+        """max over (x, o) of |residual| / (1 + |f(x; θ_N) − f(x; θ_0)|), the tests' measure."""
+        scale = 1.0 + (self.f_final - self.f_initial).abs()
+        return float((self.residual.abs() / scale).max())
+
+    @property
+    def max_replay_error(self) -> float:
+        return max(self.replay_errors) if self.replay_errors else 0.0
+
+    # ------------------------------------------------------------------ common questions
+    def per_parameter(self, test: int | None = None, output: int | None = None) -> dict[str, float]:
+        """Kernel + regularization (+ carried) influence per parameter label, summed over steps and units
+        (for one test input/output, or summed over all)."""
+        if "param" not in self.kernel_axes:
+            raise ValueError("this result summed the parameter axis; decompose with 'param' in keep")
+        total = self.kernel_sum(("param", "test", "output")) + self.regularization_sum(("param", "test", "output"))
+        total = total + self.carried_state_sum(("param", "test", "output"))
+        total = total if test is None else total[:, test : test + 1]
+        total = total if output is None else total[..., output : output + 1]
+        return {label: float(v) for label, v in zip(self.param_labels, total.sum(dim=(1, 2)))}
+
+    def top_units(self, test: int, output: int, k: int = 5) -> list[tuple[int, float]]:
+        """The k training samples with the largest |Σ_{t,j} I[t, j, x, i, o]| for one prediction."""
+        if "unit" not in self.kernel_axes:
+            raise ValueError("this result summed the unit axis; decompose with 'unit' in keep")
+        scores = self.kernel_sum(("test", "unit", "output"))[test, :, output]
+        order = torch.argsort(scores.abs(), descending=True)[:k]
+        return [(self.units[int(i)], float(scores[i])) for i in order]
+
+    def to_numpy(self) -> dict:
+        """Plain numpy arrays of every tensor, with the axis names and coordinates."""
+        out = {
+            "kernel": self.kernel.detach().cpu().numpy(),
+            "kernel_axes": self.kernel_axes,
+            "regularization": self.regularization.detach().cpu().numpy(),
+            "f_initial": self.f_initial.detach().cpu().numpy(),
+            "f_final": self.f_final.detach().cpu().numpy(),
+            "residual": self.residual.detach().cpu().numpy(),
+            "steps": list(self.steps),
+            "param_labels": list(self.param_labels),
+            "units": list(self.units),
+        }
+        if self.carried_state is not None:
+            out["carried_state"] = self.carried_state.detach().cpu().numpy()
+        return out
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.theorem}: {len(self.steps)} steps, {len(self.units)} training samples, "
+            f"{self.f_final.shape[0]} test inputs × {self.f_final.shape[1]} outputs",
+            f"kernel influence axes {self.kernel_axes}, shape {tuple(self.kernel.shape)}",
+            f"quadrature {self.quadrature}, {sum(self.nodes_per_step)} nodes in all",
+            f"max replay error (relative) {self.max_replay_error:.3e}",
+            f"certified residual: max |f(θ_N) − reconstruction| = {self.max_residual:.3e} "
+            f"(relative {self.relative_residual:.3e})",
+        ]
+        if self.estimated:
+            lines.append("ESTIMATED: " + "; ".join(self.notes))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Influence({self.theorem}, axes={self.kernel_axes}, residual={self.max_residual:.2e})"

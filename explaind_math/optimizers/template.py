@@ -1,0 +1,165 @@
+"""The template for optimizers that are linear in the gradients (MATH.md §4).
+
+Let u range over units: training samples, plus the pseudo-units "weight decay" and "carried state"
+(optimizer state that existed before the recording started). Per parameter tensor and step t, given
+the recorded non-linear state (second moments, step counts, learning rates), an optimizer is a table
+
+    buffer_t(u) = A_t ⊙ buffer_{t−1}(u) + C_t ⊙ grad_t(u)
+    update_t(u) = −( D_t ⊙ buffer_t(u) + E_t ⊙ grad_t(u) )          with  Σ_u update_t(u) = θ_{t+1} − θ_t
+
+where grad_t(i) = s · g_{t,i} for a training sample (s = −1 under ``maximize``), grad_t(decay) = κ_t θ_t
+for coupled weight decay, and the decay unit also moves by −ρ_t θ_t directly (decoupled decay).
+A, C, D, E are numbers, tensors (coordinate-wise) or callables (general linear maps).
+
+Everything here is plain arithmetic, so the same functions accept floats, tensors and sympy symbols:
+the proof checks in ``proofs_checks/`` call them with symbols.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from ..errors import UnsupportedOptimizerError
+
+__all__ = [
+    "StepCoefficients",
+    "LinearOptimizerRule",
+    "apply_linear",
+    "buffer_step",
+    "unit_update",
+    "decay_gradient",
+    "decay_direct_update",
+    "sqrt",
+]
+
+
+def sqrt(x):
+    """Square root of a float, a tensor or a sympy expression (exact for sympy)."""
+    module = type(x).__module__
+    if module.startswith("torch"):
+        return x.sqrt()
+    if module.startswith("sympy"):
+        import sympy
+
+        return sympy.sqrt(x)
+    return math.sqrt(x)
+
+
+def apply_linear(coefficient, x):
+    """A ⊙ x for a number or tensor A, A(x) for a callable linear map A."""
+    if callable(coefficient):
+        return coefficient(x)
+    return coefficient * x
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One step of one parameter tensor in the template of MATH.md §4.
+
+    buffer_t(u) = A ⊙ buffer_{t−1}(u) + C ⊙ grad_t(u);   update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ grad_t(u)).
+
+    ``gradient_sign`` is s (−1 when the optimizer maximizes); ``decay_coupled`` is κ (the decay unit's
+    gradient is κ θ_t, entering like a sample's gradient); ``decay_decoupled`` is ρ (the decay unit also
+    moves by −ρ θ_t directly, bypassing the buffer).
+    """
+
+    A: Any
+    C: Any
+    D: Any
+    E: Any
+    gradient_sign: int = 1
+    decay_coupled: Any = 0
+    decay_decoupled: Any = 0
+
+
+def buffer_step(buffer, grad, c: StepCoefficients):
+    """buffer_t(u) = A ⊙ buffer_{t−1}(u) + C ⊙ grad_t(u)."""
+    return apply_linear(c.A, buffer) + apply_linear(c.C, grad)
+
+
+def unit_update(buffer, grad, c: StepCoefficients):
+    """update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ grad_t(u)), with buffer_t(u) already advanced."""
+    return -(apply_linear(c.D, buffer) + apply_linear(c.E, grad))
+
+
+def decay_gradient(theta, c: StepCoefficients):
+    """grad_t(decay) = κ_t θ_t: the coupled weight-decay pseudo-unit's gradient."""
+    return c.decay_coupled * theta
+
+
+def decay_direct_update(theta, c: StepCoefficients):
+    """−ρ_t θ_t: the decoupled weight-decay pseudo-unit's move that bypasses the buffer."""
+    return -(c.decay_decoupled * theta)
+
+
+class LinearOptimizerRule:
+    """Contract for one optimizer family: which torch classes, which flags, which recorded state.
+
+    Subclasses set the class attributes and implement :meth:`hyperparameters` and
+    :meth:`coefficients`. A rule never touches devices, files or the training loop.
+    """
+
+    #: registry name, stored in trajectory files
+    name: ClassVar[str] = ""
+    #: torch.optim classes this rule decomposes exactly (matched by exact type)
+    optimizer_classes: ClassVar[tuple[type, ...]] = ()
+    #: optimizer-state tensors recorded after every step, per parameter (besides ``step``)
+    recorded_state: ClassVar[tuple[str, ...]] = ()
+    #: the state key holding the linear buffer (the carried-state pseudo-unit's initial value)
+    buffer_state_key: ClassVar[str | None] = None
+    #: flags accepted because they only pick an implementation, not the mathematics
+    implementation_flags: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
+    #: keys that LR schedulers and named parameters add to a group; the step never reads them (the
+    #: values a scheduler sets, lr, betas or momentum, are read at every step)
+    bookkeeping_keys: ClassVar[tuple[str, ...]] = (
+        "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "param_names",
+    )
+
+    def hyperparameters(self, group: dict) -> dict:
+        """The values used at this step for one param group, as JSON-able floats and bools.
+
+        Raises :class:`UnsupportedOptimizerError` naming any flag whose value is not handled exactly.
+        """
+        raise NotImplementedError
+
+    def needs_step_count(self) -> bool:
+        """Whether :meth:`coefficients` reads the optimizer's per-parameter ``step`` count."""
+        return False
+
+    def state_keys(self, hyper: dict) -> tuple[str, ...]:
+        """The optimizer-state tensors :meth:`coefficients` reads for a group with these values."""
+        return ()
+
+    def coefficients(self, hyper: dict, state: dict, *, first_update: bool) -> StepCoefficients:
+        """The table (A, C, D, E, s, κ, ρ) of one step for one parameter that received a gradient.
+
+        ``hyper``: this parameter's group values at step t; ``state``: the recorded state after the
+        step (tensors or symbols); ``first_update``: whether the buffer did not exist before this step.
+        """
+        raise NotImplementedError
+
+    # helpers shared by the rules -------------------------------------------------------------
+    def _check_known_flags(self, group: dict, known: set[str]) -> None:
+        unknown = sorted(k for k in group if k != "params" and k not in known and k not in self.implementation_flags
+                         and k not in self.bookkeeping_keys)
+        if unknown:
+            raise UnsupportedOptimizerError(
+                f"{self.name}: parameter-group option(s) {unknown} are not known to explaind_math's "
+                f"{self.name} rule; refusing rather than decomposing approximately"
+            )
+
+
+def scalar(value) -> float:
+    """A float from a Python number or a one-element tensor (torch allows tensor lr and betas)."""
+    if hasattr(value, "item"):
+        return float(value.item())
+    return float(value)
+
+
+def refuse_flag(rule: str, flag: str, value, why: str) -> UnsupportedOptimizerError:
+    return UnsupportedOptimizerError(f"{rule}: {flag}={value!r} is not supported: {why}")
+
+
+RuleFactory = Callable[[], LinearOptimizerRule]

@@ -1,0 +1,454 @@
+"""What training did: θ_0 … θ_N, the units and weights of every step, the hyper-parameters actually
+used per parameter group, and the optimizer state the preconditioner needs (MATH.md §0).
+
+A :class:`Trajectory` is built by :class:`~explaind_math.TrajectoryRecorder` from a live training loop,
+or by :meth:`Trajectory.from_records` from data recorded by other code. It is saved as one safetensors
+file whose header carries the JSON description (written to a temporary file, fsynced, then renamed:
+a crash never leaves a half-written trajectory under the final name). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import NonFiniteError, TrajectoryFileError, TrajectoryMismatchError
+from .optimizers import rule_by_name
+
+__all__ = ["StepRecord", "Trajectory", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "explaind_math.trajectory"
+FORMAT_VERSION = 1
+_META_KEY = "explaind_math"
+
+
+@dataclass
+class StepRecord:
+    """Step t: units B_t with weights w_{t,i}, group hyper-parameters, and per-parameter state.
+
+    ``updated`` names the parameters that received a gradient (PyTorch skips the others: no decay, no
+    moment update, no step count). ``state[name]`` holds the optimizer state after the step that the
+    rule reads (``step`` as an int, tensors such as ``exp_avg_sq``). ``gradient[name]`` is the
+    ``.grad`` seen by ``optimizer.step()``, when recorded, used to diagnose replay mismatches.
+    """
+
+    units: list[int]
+    weights: torch.Tensor
+    hyperparameters: list[dict]
+    updated: list[str]
+    state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gradient: dict[str, torch.Tensor] | None = None
+
+
+class Trajectory:
+    """A recorded training run: parameters θ_0 … θ_N and N step records (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        optimizer: str,
+        parameter_names: Sequence[str],
+        group_of: Mapping[str, int],
+        parameters: Sequence[Mapping[str, torch.Tensor]],
+        steps: Sequence[StepRecord],
+        initial_state: Mapping[str, Mapping[str, Any]] | None = None,
+        buffers: Mapping[str, torch.Tensor] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        self.optimizer = optimizer
+        self.parameter_names = list(parameter_names)
+        self.group_of = {k: int(v) for k, v in group_of.items()}
+        self.parameters = [dict(p) for p in parameters]
+        self.steps = list(steps)
+        self.initial_state = {k: dict(v) for k, v in (initial_state or {}).items()}
+        self.buffers = dict(buffers or {})
+        self.metadata = dict(metadata or {})
+        self.validate()
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def rule(self):
+        return rule_by_name(self.optimizer)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(self.parameters[0][n].shape) for n in self.parameter_names}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parameters[0][self.parameter_names[0]].dtype
+
+    def units(self) -> list[int]:
+        """Every training-sample id used by any step, sorted."""
+        return sorted({i for s in self.steps for i in s.units})
+
+    def __repr__(self) -> str:
+        return (
+            f"Trajectory(optimizer={self.optimizer!r}, steps={self.num_steps}, "
+            f"parameters={len(self.parameter_names)} tensors, units={len(self.units())})"
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check internal consistency; raise :class:`TrajectoryMismatchError` naming what is wrong."""
+        rule = rule_by_name(self.optimizer)
+        names = self.parameter_names
+        if not names:
+            raise TrajectoryMismatchError("a trajectory needs at least one parameter")
+        if len(set(names)) != len(names):
+            raise TrajectoryMismatchError("parameter names are not unique")
+        if len(self.parameters) != len(self.steps) + 1:
+            raise TrajectoryMismatchError(
+                f"{len(self.steps)} steps need {len(self.steps) + 1} parameter snapshots θ_0..θ_N, "
+                f"got {len(self.parameters)}"
+            )
+        missing_group = [n for n in names if n not in self.group_of]
+        if missing_group:
+            raise TrajectoryMismatchError(f"parameters without a param group: {missing_group}")
+        shapes = {n: tuple(self.parameters[0][n].shape) for n in names if n in self.parameters[0]}
+        for t, snapshot in enumerate(self.parameters):
+            if set(snapshot) != set(names):
+                raise TrajectoryMismatchError(
+                    f"θ_{t} has parameters {sorted(set(snapshot) ^ set(names))} that differ from the "
+                    "trajectory's parameter names"
+                )
+            for n in names:
+                if tuple(snapshot[n].shape) != shapes[n]:
+                    raise TrajectoryMismatchError(
+                        f"θ_{t}[{n!r}] has shape {tuple(snapshot[n].shape)}, θ_0 has {shapes[n]}"
+                    )
+                if not torch.isfinite(snapshot[n]).all():
+                    raise NonFiniteError(f"θ_{t}[{n!r}] contains NaN or Inf")
+        num_groups = max(self.group_of.values()) + 1
+        for t, step in enumerate(self.steps):
+            if len(step.units) != len(set(step.units)):
+                raise TrajectoryMismatchError(f"step {t}: a sample id appears twice in the batch")
+            if tuple(step.weights.shape) != (len(step.units),):
+                raise TrajectoryMismatchError(
+                    f"step {t}: {len(step.units)} sample ids but weights of shape {tuple(step.weights.shape)}"
+                )
+            if not torch.isfinite(step.weights).all():
+                raise NonFiniteError(f"step {t}: sample weights contain NaN or Inf")
+            if len(step.hyperparameters) != num_groups:
+                raise TrajectoryMismatchError(
+                    f"step {t}: hyper-parameters for {len(step.hyperparameters)} param groups, "
+                    f"the parameters use {num_groups}"
+                )
+            unknown = sorted(set(step.updated) - set(names))
+            if unknown:
+                raise TrajectoryMismatchError(f"step {t}: updated parameters {unknown} are not in the trajectory")
+            for n in step.updated:
+                hyper = step.hyperparameters[self.group_of[n]]
+                st = step.state.get(n, {})
+                if rule.needs_step_count() and "step" not in st:
+                    raise TrajectoryMismatchError(f"step {t}: parameter {n!r} has no recorded 'step' count")
+                for key in rule.state_keys(hyper):
+                    if key not in st:
+                        raise TrajectoryMismatchError(
+                            f"step {t}: parameter {n!r} lacks optimizer state {key!r}, which the "
+                            f"{self.optimizer} rule needs"
+                        )
+                    value = st[key]
+                    if tuple(value.shape) != shapes[n]:
+                        raise TrajectoryMismatchError(
+                            f"step {t}: state {key!r} of {n!r} has shape {tuple(value.shape)}, expected {shapes[n]}"
+                        )
+                    if not torch.isfinite(value).all():
+                        raise NonFiniteError(f"step {t}: optimizer state {key!r} of {n!r} contains NaN or Inf")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise :class:`TrajectoryMismatchError` if the model's parameters do not match by name and shape."""
+        model_params = dict(model.named_parameters())
+        missing = [n for n in self.parameter_names if n not in model_params]
+        if missing:
+            raise TrajectoryMismatchError(
+                f"the trajectory has parameters {missing} that the model does not have "
+                f"(model parameters: {sorted(model_params)})"
+            )
+        for n in self.parameter_names:
+            shape = tuple(self.parameters[0][n].shape)
+            if tuple(model_params[n].shape) != shape:
+                raise TrajectoryMismatchError(
+                    f"parameter {n!r}: trajectory shape {shape}, model shape {tuple(model_params[n].shape)}"
+                )
+        model_buffers = dict(model.named_buffers())
+        for n, value in self.buffers.items():
+            if n not in model_buffers:
+                raise TrajectoryMismatchError(f"the trajectory recorded buffer {n!r} that the model does not have")
+            b = model_buffers[n]
+            if tuple(b.shape) != tuple(value.shape) or not torch.equal(b.detach().cpu().to(value.dtype), value):
+                raise TrajectoryMismatchError(
+                    f"buffer {n!r} of the model differs from the one recorded during training"
+                )
+
+    # ------------------------------------------------------------------ construction from elsewhere
+    @classmethod
+    def from_records(
+        cls,
+        *,
+        optimizer: str,
+        parameters: Sequence[Mapping[str, torch.Tensor]],
+        batches: Sequence[Sequence[int] | tuple[Sequence[int], Any]],
+        hyperparameters: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]],
+        param_groups: Mapping[str, int] | None = None,
+        states: Sequence[Mapping[str, Mapping[str, Any]]] | None = None,
+        updated: Sequence[Iterable[str]] | None = None,
+        initial_state: Mapping[str, Mapping[str, Any]] | None = None,
+        buffers: Mapping[str, torch.Tensor] | None = None,
+        reduction: str = "mean",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> "Trajectory":
+        """Build a trajectory from data recorded by other training code.
+
+        Args:
+            optimizer: ``"adamw"`` (AdamW or Adam) or ``"sgd"``.
+            parameters: θ_0 … θ_N, each a dict parameter name → tensor (N + 1 entries).
+            batches: per step, the sample ids of B_t, or ``(ids, weights)`` with w_{t,i} explicit.
+            hyperparameters: per step, one dict for all parameters or one per param group, with the
+                keys of the optimizer's group (``lr``, ``betas``, ``eps``, ``weight_decay``, … as in
+                ``optimizer.param_groups``), the values actually used at that step.
+            param_groups: parameter name → group index (default: all in group 0).
+            states: per step, parameter name → optimizer state after the step; AdamW needs ``step``
+                and ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad). SGD needs none.
+            updated: per step, the names that received a gradient (default: all).
+            initial_state: optimizer state before step 0 (``exp_avg``/``step`` or ``momentum_buffer``).
+            buffers: model buffers during training (must stay constant).
+            reduction: weights used when a batch gives only ids: ``"mean"`` (1/|B_t|) or ``"sum"`` (1).
+        """
+        rule = rule_by_name(optimizer)
+        names = list(parameters[0])
+        groups = dict(param_groups) if param_groups is not None else {n: 0 for n in names}
+        steps = []
+        for t, batch in enumerate(batches):
+            ids, weights = _ids_and_weights(batch, reduction)
+            hyper_t = hyperparameters[t]
+            hyper_list = [hyper_t] if isinstance(hyper_t, Mapping) else list(hyper_t)
+            normalized = [rule.hyperparameters(_as_group(h)) for h in hyper_list]
+            state_t = {}
+            if states is not None:
+                for n, st in states[t].items():
+                    state_t[n] = {k: (int(_scalar(v)) if k == "step" else _tensor(v)) for k, v in st.items()}
+            upd = list(updated[t]) if updated is not None else list(names)
+            steps.append(StepRecord(ids, weights, normalized, upd, state_t, None))
+        initial = {}
+        for n, st in (initial_state or {}).items():
+            initial[n] = {k: (int(_scalar(v)) if k == "step" else _tensor(v)) for k, v in st.items()}
+        return cls(
+            optimizer=optimizer,
+            parameter_names=names,
+            group_of=groups,
+            parameters=[{n: _tensor(p[n]) for n in names} for p in parameters],
+            steps=steps,
+            initial_state=initial,
+            buffers={k: _tensor(v) for k, v in (buffers or {}).items()},
+            metadata=metadata,
+        )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trajectory to ``path`` (one .safetensors file) atomically; returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for t, snapshot in enumerate(self.parameters):
+            for n, v in snapshot.items():
+                tensors[f"theta/{t}/{n}"] = v
+        steps_json = []
+        for t, step in enumerate(self.steps):
+            tensors[f"weights/{t}"] = step.weights
+            counts = {}
+            for n, st in step.state.items():
+                for k, v in st.items():
+                    if k == "step":
+                        counts[n] = int(v)
+                    else:
+                        tensors[f"state/{t}/{n}/{k}"] = v
+            has_gradient = step.gradient is not None
+            if has_gradient:
+                for n, g in step.gradient.items():
+                    tensors[f"grad/{t}/{n}"] = g
+            steps_json.append(
+                {
+                    "units": [int(i) for i in step.units],
+                    "hyperparameters": step.hyperparameters,
+                    "updated": list(step.updated),
+                    "step_counts": counts,
+                    "state_keys": {n: sorted(k for k in st if k != "step") for n, st in step.state.items()},
+                    "gradient": sorted(step.gradient) if has_gradient else None,
+                }
+            )
+        initial_counts, initial_keys = {}, {}
+        for n, st in self.initial_state.items():
+            initial_keys[n] = sorted(k for k in st if k != "step")
+            for k, v in st.items():
+                if k == "step":
+                    initial_counts[n] = int(v)
+                else:
+                    tensors[f"initial/{n}/{k}"] = v
+        for n, v in self.buffers.items():
+            tensors[f"buffer/{n}"] = v
+        description = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "optimizer": self.optimizer,
+            "parameter_names": self.parameter_names,
+            "group_of": self.group_of,
+            "steps": steps_json,
+            "initial_step_counts": initial_counts,
+            "initial_state_keys": initial_keys,
+            "buffers": sorted(self.buffers),
+            "metadata": self.metadata,
+            "num_tensors": len(tensors),
+        }
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(description)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trajectory":
+        """Read a file written by :meth:`save`; a truncated, foreign or corrupted file raises
+        :class:`TrajectoryFileError` saying which."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise TrajectoryFileError(f"{path}: no such trajectory file")
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise TrajectoryFileError(
+                f"{path}: not a readable safetensors file (truncated or foreign?): {exc}"
+            ) from None
+        with handle as fh:
+            meta = fh.metadata() or {}
+            if _META_KEY not in meta:
+                raise TrajectoryFileError(f"{path}: a safetensors file, but not an explaind_math trajectory")
+            try:
+                d = json.loads(meta[_META_KEY])
+            except json.JSONDecodeError as exc:
+                raise TrajectoryFileError(f"{path}: the trajectory description is not valid JSON: {exc}") from None
+            if d.get("format") != FORMAT_NAME:
+                raise TrajectoryFileError(f"{path}: unknown format {d.get('format')!r}")
+            if d.get("version") != FORMAT_VERSION:
+                raise TrajectoryFileError(
+                    f"{path}: trajectory format version {d.get('version')!r}, this library reads {FORMAT_VERSION}"
+                )
+            keys = set(fh.keys())
+            if len(keys) != d["num_tensors"]:
+                raise TrajectoryFileError(f"{path}: {len(keys)} tensors stored, the description lists {d['num_tensors']}")
+
+            def get(key: str) -> torch.Tensor:
+                if key not in keys:
+                    raise TrajectoryFileError(f"{path}: tensor {key!r} is missing")
+                try:
+                    return fh.get_tensor(key)
+                except Exception as exc:
+                    raise TrajectoryFileError(f"{path}: tensor {key!r} cannot be read: {exc}") from None
+
+            names = d["parameter_names"]
+            steps_json = d["steps"]
+            parameters = [{n: get(f"theta/{t}/{n}") for n in names} for t in range(len(steps_json) + 1)]
+            steps = []
+            for t, s in enumerate(steps_json):
+                state = {}
+                for n, ks in s["state_keys"].items():
+                    state[n] = {k: get(f"state/{t}/{n}/{k}") for k in ks}
+                for n, c in s["step_counts"].items():
+                    state.setdefault(n, {})["step"] = int(c)
+                gradient = None
+                if s["gradient"] is not None:
+                    gradient = {n: get(f"grad/{t}/{n}") for n in s["gradient"]}
+                steps.append(
+                    StepRecord(
+                        [int(i) for i in s["units"]], get(f"weights/{t}"), s["hyperparameters"],
+                        list(s["updated"]), state, gradient,
+                    )
+                )
+            initial = {n: {k: get(f"initial/{n}/{k}") for k in ks} for n, ks in d["initial_state_keys"].items()}
+            for n, c in d["initial_step_counts"].items():
+                initial.setdefault(n, {})["step"] = int(c)
+            buffers = {n: get(f"buffer/{n}") for n in d["buffers"]}
+        return cls(
+            optimizer=d["optimizer"],
+            parameter_names=names,
+            group_of=d["group_of"],
+            parameters=parameters,
+            steps=steps,
+            initial_state=initial,
+            buffers=buffers,
+            metadata=d.get("metadata", {}),
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _scalar(v) -> float:
+    return float(v.item()) if hasattr(v, "item") else float(v)
+
+
+def _tensor(v) -> torch.Tensor:
+    return v.detach().cpu().clone() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
+
+def _as_group(h: Mapping[str, Any]) -> dict:
+    """Accept optimizer.param_groups-style dicts, also with ``beta1``/``beta2`` spelled out."""
+    g = dict(h)
+    g.pop("params", None)
+    if "betas" not in g and "beta1" in g:
+        g["betas"] = (g.pop("beta1"), g.pop("beta2"))
+    defaults = {"eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "maximize": False, "momentum": 0.0,
+                "dampening": 0.0, "nesterov": False}
+    for k, v in defaults.items():
+        g.setdefault(k, v)
+    return g
+
+
+def weights_for(ids: Sequence[int], weights, reduction: str) -> torch.Tensor:
+    """w_{t,i}: given weights, else 1/|B| (``reduction="mean"``) or 1 (``"sum"``), as float64."""
+    n = len(ids)
+    if weights is not None:
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+        if w.numel() != n:
+            raise TrajectoryMismatchError(f"{n} sample ids but {w.numel()} weights")
+        return w.clone()
+    if reduction == "mean":
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if reduction == "sum":
+        return torch.ones(n, dtype=torch.float64)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _ids_and_weights(batch, reduction: str) -> tuple[list[int], torch.Tensor]:
+    if isinstance(batch, tuple) and len(batch) == 2 and not isinstance(batch[0], (int,)):
+        ids, weights = batch
+    else:
+        ids, weights = batch, None
+    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    if not ids:
+        raise TrajectoryMismatchError("a step needs at least one sample id")
+    return ids, weights_for(ids, weights, reduction)
+
+
+def is_finite_number(x: float) -> bool:
+    return math.isfinite(x)
