@@ -18,7 +18,21 @@ from .errors import (
 from .influence import Influence
 from .quadrature import adaptive, gauss_legendre, midpoint
 from .recording import TrajectoryRecorder
-from .theorems import corollary_3_2, decompose_adamw_training, decompose_sgd_momentum_training, theorem_3_1
+from . import targets
+from .theorems import (
+    AdamWCheckpoint,
+    checkpoint_from_optimizer,
+    corollary_3_2,
+    decompose_activation,
+    decompose_adamw_training,
+    decompose_by_partition,
+    decompose_from_checkpoints,
+    decompose_function_of_output,
+    decompose_sgd_momentum_training,
+    rank_steps_by_heldout_loss,
+    step_subsampling_fidelity,
+    theorem_3_1,
+)
 from .trajectory import StepRecord, Trajectory
 
 __version__ = "0.1.0"
@@ -26,6 +40,15 @@ __version__ = "0.1.0"
 __all__ = [
     "decompose_adamw_training",
     "decompose_sgd_momentum_training",
+    "decompose_function_of_output",
+    "decompose_activation",
+    "decompose_by_partition",
+    "decompose_from_checkpoints",
+    "AdamWCheckpoint",
+    "checkpoint_from_optimizer",
+    "rank_steps_by_heldout_loss",
+    "step_subsampling_fidelity",
+    "targets",
     "theorem_3_1",
     "corollary_3_2",
     "Trajectory",

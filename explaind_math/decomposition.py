@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import ExplaindError, ReplayMismatchError
+from .errors import ExplaindError, NonFiniteError, ReplayMismatchError, TrajectoryMismatchError
 from .features import FunctionalModel, TrainingData
 from .influence import AXES, Influence
 from .optimizers.template import apply_linear, decay_direct_update, decay_gradient
@@ -63,6 +63,33 @@ def _param_groups(spec: str | Mapping[str, str], names: Sequence[str], shapes: M
     return labels, [labels.index(mapping[n]) for n in names]
 
 
+def _unit_rows(sample_ids: Sequence[int], partition: Any) -> tuple[list, dict[int, int]]:
+    """Labels of the unit axis and, per training-sample id, its row (Corollary F.2 when grouped)."""
+    if partition is None:
+        return list(sample_ids), {u: r for r, u in enumerate(sample_ids)}
+    if isinstance(partition, str):
+        if partition != "all":
+            raise ExplaindError(f"partition must be None, 'all', a mapping, a sequence or a callable, got {partition!r}")
+        return ["all"], {u: 0 for u in sample_ids}
+    group_of: dict[int, Any] = {}
+    missing = []
+    for u in sample_ids:
+        try:
+            g = partition(u) if callable(partition) else partition[u]
+        except (KeyError, IndexError):
+            missing.append(u)
+            continue
+        group_of[u] = g.item() if isinstance(g, torch.Tensor) else g
+    if missing:
+        raise TrajectoryMismatchError(
+            f"the partition does not cover training sample ids {missing[:10]}"
+            f"{' …' if len(missing) > 10 else ''} ({len(missing)} in all)"
+        )
+    groups = sorted(set(group_of.values()), key=lambda g: (str(type(g)), g))
+    row = {g: r for r, g in enumerate(groups)}
+    return groups, {u: row[g] for u, g in group_of.items()}
+
+
 def _combine(acc: Params | None, part: Params, weight: float = 1.0) -> Params:
     if acc is None:
         return {k: v * weight for k, v in part.items()}
@@ -77,7 +104,11 @@ def decompose_trajectory(
     test_inputs: torch.Tensor,
     *,
     theorem: str,
-    target: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    h: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    activation: str | None = None,
+    test_labels: torch.Tensor | None = None,
+    partition: Any = None,
+    decompose_steps: Iterable[int] | None = None,
     quadrature: Quadrature | AdaptiveQuadrature | None = None,
     keep: Iterable[str] = DEFAULT_KEEP,
     params: str | Mapping[str, str] = "tensor",
@@ -91,7 +122,14 @@ def decompose_trajectory(
     """Decompose f(x; θ_N) − f(x; θ_0) over the trajectory with the trajectory's optimizer rule.
 
     Called by the theorem functions (:func:`~explaind_math.decompose_adamw_training`, …), which
-    document the arguments; ``theorem`` is the label stored in the result.
+    document the arguments; ``theorem`` is the label stored in the result. Beyond those:
+
+    * ``h``, ``test_labels``: decompose h(f(x; θ_N), y) (Corollary 3.3 i), h applied at every node;
+    * ``activation``: decompose the output of that named submodule instead of f (Corollary 3.3 ii);
+    * ``partition``: units are groups of samples (Corollary F.2): ``"all"``, a mapping or sequence
+      id → group label, or a callable id → label; buffers are kept per group (memory K·D);
+    * ``decompose_steps``: compute Φ_t only for these steps (Appendix G.2); the others contribute
+      nothing, and the result is labelled an estimate.
     """
     # the test and output axes are always kept: the certificate is per prediction
     keep = tuple(dict.fromkeys((*keep, "test", "output")))
@@ -115,14 +153,20 @@ def decompose_trajectory(
 
     names = trajectory.parameter_names
     shapes = trajectory.shapes()
-    fm = FunctionalModel(model, names, dtype=dtype, device=device, target=target)
+    fm = FunctionalModel(model, names, dtype=dtype, device=device, h=h, activation=activation)
     data = TrainingData(train_data, dtype=dtype, device=device)
     xs_test = test_inputs.to(device)
     xs_test = xs_test.to(dtype) if xs_test.is_floating_point() else xs_test
+    if test_labels is None:
+        y_test = torch.zeros(xs_test.shape[0], device=device)
+    else:
+        y_test = torch.as_tensor(test_labels).to(device)
+        if y_test.shape[0] != xs_test.shape[0]:
+            raise ExplaindError(f"{xs_test.shape[0]} test inputs but {y_test.shape[0]} test labels")
     labels, group_index = _param_groups(params, names, shapes)
-    units = trajectory.units()
-    row_of = {u: r for r, u in enumerate(units)}
+    units, row_of = _unit_rows(trajectory.units(), partition)
     n_units = len(units)
+    selected = set(range(trajectory.num_steps)) if decompose_steps is None else {int(t) for t in decompose_steps}
 
     def theta(t: int) -> Params:
         return {n: trajectory.parameters[t][n].to(device=device, dtype=dtype) for n in names}
@@ -140,7 +184,7 @@ def decompose_trajectory(
     updated_before = {n: (n in carried_buffer) for n in names}
 
     theta_t = theta(0)
-    f_t = fm.targets(theta_t, xs_test, test_chunk_size).detach()
+    f_t = fm.targets(theta_t, xs_test, y_test, test_chunk_size).detach()
     f_initial = f_t.clone()
     kernel_steps, reg_steps, carried_steps, residuals, replay_errors, nodes_per_step = [], [], [], [], [], []
 
@@ -192,19 +236,23 @@ def decompose_trajectory(
         replay_errors.append(_replay_check(t, total, delta, theta_t, theta_next, rtol, eps_train, updated))
 
         # 4. test feature map by quadrature, contracted on the kept axes
-        f_next = fm.targets(theta_next, xs_test, test_chunk_size).detach()
+        f_next = fm.targets(theta_next, xs_test, y_test, test_chunk_size).detach()
         kernel_total = {n: unit_updates[n].sum(0) for n in names}
         use_jacobian = keep_params or keep_units
-        if use_jacobian:
-            phi, nodes = _integrate(fm, xs_test, theta_t, delta, f_t, f_next, quadrature, test_chunk_size,
-                                    mode="jacobian")
+        if t not in selected:  # Appendix G.2: this step is left out; its change stays in the residual
+            k_step = r_step = c_step = None
+            predicted = torch.zeros_like(f_t)
+            nodes = 0
+        elif use_jacobian:
+            phi, nodes = _integrate(fm, xs_test, y_test, theta_t, delta, f_t, f_next, quadrature,
+                                    test_chunk_size, mode="jacobian", step=t)
             k_step, r_step, c_step, predicted = _contract_jacobian(
                 phi, unit_updates, decay_updates, carried_updates, names, group_index, len(labels), keep_units
             )
         else:
             tangents = {n: torch.stack([kernel_total[n], decay_updates[n], carried_updates[n], delta[n]]) for n in names}
-            jv, nodes = _integrate(fm, xs_test, theta_t, delta, f_t, f_next, quadrature, test_chunk_size,
-                                   mode="jvp", tangents=tangents)
+            jv, nodes = _integrate(fm, xs_test, y_test, theta_t, delta, f_t, f_next, quadrature,
+                                   test_chunk_size, mode="jvp", tangents=tangents, step=t)
             k_step, r_step, c_step = jv[0].unsqueeze(0), jv[1].unsqueeze(0), jv[2].unsqueeze(0)
             predicted = jv[0] + jv[1] + jv[2]
         nodes_per_step.append(nodes)
@@ -215,6 +263,13 @@ def decompose_trajectory(
         reg_steps.append(r_step)
         carried_steps.append(c_step)
         theta_t, f_t = theta_next, f_next
+
+    if not selected & set(range(trajectory.num_steps)):
+        raise ExplaindError("decompose_steps selects none of the trajectory's steps")
+    template = next(k for k in kernel_steps if k is not None), next(r for r in reg_steps if r is not None)
+    kernel_steps = [torch.zeros_like(template[0]) if k is None else k for k in kernel_steps]
+    reg_steps = [torch.zeros_like(template[1]) if r is None else r for r in reg_steps]
+    carried_steps = [torch.zeros_like(template[1]) if c is None else c for c in carried_steps]
 
     def stack(steps_list):
         out = torch.stack(steps_list)
@@ -231,6 +286,14 @@ def decompose_trajectory(
         param_labels=labels, units=units, quadrature=quadrature.describe(),
         nodes_per_step=nodes_per_step, theorem=theorem,
     )
+    skipped = sorted(set(range(trajectory.num_steps)) - selected)
+    if skipped:
+        result.estimated = True
+        result.notes.append(
+            f"step subsampling: Φ_t computed for {trajectory.num_steps - len(skipped)} of "
+            f"{trajectory.num_steps} steps; the {len(skipped)} others contribute nothing, so the "
+            "reconstruction is an approximation (Appendix G.2) and the residual measures what they carried"
+        )
     return _drop_axes(result, keep)
 
 
@@ -249,8 +312,8 @@ def _drop_axes(result: Influence, keep: Sequence[str]) -> Influence:
     return result
 
 
-def _integrate(fm: FunctionalModel, xs, theta_t: Params, delta: Params, f_a, f_b, quadrature, chunk, *,
-               mode: str, tangents: Params | None = None):
+def _integrate(fm: FunctionalModel, xs, ys, theta_t: Params, delta: Params, f_a, f_b, quadrature, chunk, *,
+               mode: str, tangents: Params | None = None, step: int = 0):
     """∫ over [0, 1] of the Jacobian (mode "jacobian": name → (X, O, *shape)) or of the JVPs along
     ``tangents`` (mode "jvp": (K, X, O)); returns (integral, nodes evaluated)."""
 
@@ -261,9 +324,15 @@ def _integrate(fm: FunctionalModel, xs, theta_t: Params, delta: Params, f_a, f_b
         acc = None
         for alpha, w in base.on_interval(a, b):
             if mode == "jacobian":
-                value = fm.jacobian(point(alpha), xs, chunk)
+                value = fm.jacobian(point(alpha), xs, ys, chunk)
             else:
-                value = {"jv": fm.directional(point(alpha), xs, tangents, chunk)}
+                value = {"jv": fm.directional(point(alpha), xs, ys, tangents, chunk)}
+            for v in value.values():
+                if not torch.isfinite(v).all():
+                    raise NonFiniteError(
+                        f"step {step}: the derivative of the decomposed quantity is NaN or Inf at α = {alpha:.6g} "
+                        "on the segment θ_t → θ_{t+1} (is h differentiable there?)"
+                    )
             acc = _combine(acc, {k: v.detach() for k, v in value.items()}, w)
         return acc
 
@@ -287,7 +356,7 @@ def _integrate(fm: FunctionalModel, xs, theta_t: Params, delta: Params, f_a, f_b
                 result = _combine(result, part)
             else:
                 mid = 0.5 * (a + b)
-                fm_mid = fm.targets(point(mid), xs, chunk).detach()
+                fm_mid = fm.targets(point(mid), xs, ys, chunk).detach()
                 stack.append((a, mid, fa, fm_mid, depth + 1))
                 stack.append((mid, b, fm_mid, fb, depth + 1))
     return (result if mode == "jacobian" else result["jv"]), nodes

@@ -23,11 +23,21 @@ __all__ = ["FunctionalModel", "TrainingData"]
 Params = dict[str, torch.Tensor]
 
 
+class _Captured(Exception):
+    """Carries a submodule's output out of the forward pass (the rest of the model is not run)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
 class FunctionalModel:
     """The model as a pure function of the trained parameters θ (a dict name → tensor).
 
-    ``output(θ, x)`` is f(x; θ) for one example (batch dimension removed); ``target(θ, x)`` is the
-    quantity decomposed, flattened to a vector in R^O (by default the output itself).
+    ``output(θ, x)`` is f(x; θ) for one example (batch dimension removed). ``target(θ, x, label)`` is
+    the quantity decomposed, flattened to a vector in R^O: the output f, or the output of the
+    submodule named ``activation`` (Corollary 3.3 ii), optionally post-composed with ``h(value,
+    label)`` (Corollary 3.3 i); ``label`` is the test input's label (or a placeholder).
     """
 
     def __init__(
@@ -37,7 +47,8 @@ class FunctionalModel:
         *,
         dtype: torch.dtype,
         device: torch.device,
-        target: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        h: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        activation: str | None = None,
     ):
         self.model = model
         self.trained_names = list(trained_names)
@@ -46,7 +57,16 @@ class FunctionalModel:
         self.constants: Params = {n: cast(p) for n, p in model.named_parameters() if n not in trained}
         self.constants.update({n: cast(b) for n, b in model.named_buffers()})
         self.dtype, self.device = dtype, device
-        self._post = target
+        self._h = h
+        self._activation_module = None
+        if activation is not None:
+            modules = dict(model.named_modules())
+            if activation not in modules or activation == "":
+                raise ExplaindError(
+                    f"the model has no submodule named {activation!r}; submodules: "
+                    f"{[n for n in modules if n][:40]}"
+                )
+            self._activation_module = modules[activation]
 
     def output(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.model, {**self.constants, **params}, (x.unsqueeze(0),))
@@ -54,26 +74,44 @@ class FunctionalModel:
             raise ExplaindError("the model must return a tensor (wrap models that return tuples or dicts)")
         return out.squeeze(0)
 
-    def target(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = self.output(params, x)
-        if self._post is not None:
-            out = self._post(out, x)
-        return out.reshape(-1)
+    def _activation(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        def capture(module, inputs, output):
+            raise _Captured(output)
 
-    # -- batched evaluations ----------------------------------------------------------------
-    def targets(self, params: Params, xs: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        handle = self._activation_module.register_forward_hook(capture)
+        try:
+            self.output(params, x)
+        except _Captured as captured:
+            value = captured.value
+        else:
+            raise ExplaindError("the selected submodule was not called by the model's forward pass")
+        finally:
+            handle.remove()
+        if not isinstance(value, torch.Tensor):
+            raise ExplaindError("the selected submodule returns a tuple; select a submodule that returns a tensor")
+        return value.squeeze(0)
+
+    def target(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, label: Any = None) -> torch.Tensor:
+        value = self.output(params, x) if self._activation_module is None else self._activation(params, x)
+        if self._h is not None:
+            value = self._h(value, label)
+        return value.reshape(-1)
+
+    # -- batched evaluations (labels: one per test input, or a placeholder tensor) ----------
+    def targets(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """F(θ) ∈ R^{X×O}: the target on every test input."""
-        return vmap(self.target, in_dims=(None, 0), chunk_size=chunk_size)(params, xs)
+        return vmap(self.target, in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, labels)
 
-    def jacobian(self, params: Params, xs: torch.Tensor, chunk_size: int | None = None) -> Params:
-        """∂_θ f(x; θ) per test input: name → (X, O, *shape)."""
-        return vmap(jacrev(self.target), in_dims=(None, 0), chunk_size=chunk_size)(params, xs)
+    def jacobian(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> Params:
+        """∂_θ target(x; θ) per test input: name → (X, O, *shape)."""
+        return vmap(jacrev(self.target), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, labels)
 
-    def directional(self, params: Params, xs: torch.Tensor, tangents: Params, chunk_size: int | None = None) -> torch.Tensor:
+    def directional(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, tangents: Params,
+                    chunk_size: int | None = None) -> torch.Tensor:
         """J(x; θ) v_k for tangents stacked on a leading axis K: (K, X, O) by forward-mode AD."""
 
         def one(tangent: Params) -> torch.Tensor:
-            return jvp(lambda p: self.targets(p, xs, chunk_size), (params,), (tangent,))[1]
+            return jvp(lambda p: self.targets(p, xs, labels, chunk_size), (params,), (tangent,))[1]
 
         return vmap(one)(tangents)
 
