@@ -29,6 +29,7 @@ from .theorems import (
     decompose_from_checkpoints,
     decompose_function_of_output,
     decompose_sgd_momentum_training,
+    decompose_training,
     rank_steps_by_heldout_loss,
     step_subsampling_fidelity,
     theorem_3_1,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "decompose_adamw_training",
     "decompose_sgd_momentum_training",
+    "decompose_training",
     "decompose_function_of_output",
     "decompose_activation",
     "decompose_by_partition",

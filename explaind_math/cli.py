@@ -9,6 +9,8 @@ USAGE = """usage: python -m explaind_math COMMAND [options]
 commands:
   demo     record a real AdamW training run, decompose it (Theorem 3.1), print the certified residual
   verify   run the proof checks and property tests; one row per theorem
+  verify-rule [module:Name ...]
+           run the shared optimizer-rule checks (replay, decomposition, flags) on a rule
 """
 
 
@@ -26,5 +28,9 @@ def main(argv=None) -> int:
         from .verification import main as verify_main
 
         return verify_main(rest)
+    if command == "verify-rule":
+        from .testing.rule_checks import main as rule_main
+
+        return rule_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -20,7 +20,7 @@ from torch import nn
 from .errors import ExplaindError, NonFiniteError, ReplayMismatchError, TrajectoryMismatchError
 from .features import FunctionalModel, TrainingData
 from .influence import AXES, Influence
-from .optimizers.template import apply_linear, decay_direct_update, decay_gradient
+from .optimizers.template import apply_linear, buffer_step, decay_direct_update, decay_gradient, unit_update
 from .quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
 from .recording import check_deterministic_modules
 from .trajectory import Trajectory
@@ -109,6 +109,7 @@ def decompose_trajectory(
     test_labels: torch.Tensor | None = None,
     partition: Any = None,
     decompose_steps: Iterable[int] | None = None,
+    penalty: Callable[[Params], torch.Tensor] | None = None,
     quadrature: Quadrature | AdaptiveQuadrature | None = None,
     keep: Iterable[str] = DEFAULT_KEEP,
     params: str | Mapping[str, str] = "tensor",
@@ -128,6 +129,8 @@ def decompose_trajectory(
     * ``activation``: decompose the output of that named submodule instead of f (Corollary 3.3 ii);
     * ``partition``: units are groups of samples (Corollary F.2): ``"all"``, a mapping or sequence
       id → group label, or a callable id → label; buffers are kept per group (memory K·D);
+    * ``penalty``: R(θ) added to the training loss (an L1/L2 term on the parameters): its gradient is
+      its own pseudo-unit, reported as ``result.penalty``;
     * ``decompose_steps``: compute Φ_t only for these steps (Appendix G.2); the others contribute
       nothing, and the result is labelled an estimate.
     """
@@ -171,44 +174,58 @@ def decompose_trajectory(
     def theta(t: int) -> Params:
         return {n: trajectory.parameters[t][n].to(device=device, dtype=dtype) for n in names}
 
-    # buffers of the §4 template, one per unit and parameter
+    # buffers of the §4 template: one per unit (sample or group) and parameter, and one per pseudo-unit
     sample_buffer = {n: torch.zeros((n_units, *shapes[n]), dtype=dtype, device=device) for n in names}
     decay_buffer = {n: torch.zeros(shapes[n], dtype=dtype, device=device) for n in names}
+    penalty_buffer = {n: torch.zeros(shapes[n], dtype=dtype, device=device) for n in names}
     key = rule.buffer_state_key
     carried_buffer = {
         n: st[key].to(device=device, dtype=dtype)
         for n, st in trajectory.initial_state.items()
         if key is not None and key in st
     }
-    has_carried = bool(carried_buffer)
+    pseudo_names = ["regularization"] + (["carried_state"] if carried_buffer else []) + (["penalty"] if penalty else [])
     updated_before = {n: (n in carried_buffer) for n in names}
+    rescaling = bool(trajectory.metadata.get("gradient_rescaling", False))
 
     theta_t = theta(0)
     f_t = fm.targets(theta_t, xs_test, y_test, test_chunk_size).detach()
     f_initial = f_t.clone()
-    kernel_steps, reg_steps, carried_steps, residuals, replay_errors, nodes_per_step = [], [], [], [], [], []
+    kernel_steps, residuals, replay_errors, nodes_per_step, gradient_scales = [], [], [], [], []
+    pseudo_steps: dict[str, list] = {p: [] for p in pseudo_names}
 
     for t, step in enumerate(trajectory.steps):
         theta_next = theta(t + 1)
         delta = {n: theta_next[n] - theta_t[n] for n in names}
         updated = set(step.updated)
+        zeros = lambda n: torch.zeros(shapes[n], dtype=dtype, device=device)
 
-        # 1. per-sample gradients, weighted: g_{t,i} = w_{t,i} ∇ℓ_i(θ_t)
+        # 1. per-sample gradients, weighted: g_{t,i} = w_{t,i} ∇ℓ_i(θ_t); the penalty's ∇R(θ_t)
         xb, yb = data.fetch(step.units)
         rows = torch.as_tensor([row_of[u] for u in step.units], dtype=torch.long, device=device)
         weights = step.weights.to(device=device, dtype=dtype)
         raw = fm.per_sample_gradients(theta_t, loss_fn, xb, yb, vectorize=vectorize, chunk_size=train_chunk_size)
         per_sample = {n: raw[n] * weights.reshape(-1, *([1] * len(shapes[n]))) for n in names}
-        if step.gradient is not None:
-            _check_gradient_sum(t, per_sample, step.gradient, rtol, eps_train)
+        penalty_grad = _penalty_gradient(penalty, theta_t) if penalty else None
+        scale = 1.0
+        if step.gradient is not None and rescaling:
+            scale = _recover_gradient_scale(t, per_sample, penalty_grad, step.gradient, rtol, eps_train)
+            per_sample = {n: v * scale for n, v in per_sample.items()}
+            penalty_grad = None if penalty_grad is None else {n: v * scale for n, v in penalty_grad.items()}
+        elif step.gradient is not None:
+            _check_gradient_sum(t, per_sample, penalty_grad, step.gradient, rtol, eps_train)
+        elif rescaling:
+            raise ExplaindError(f"step {t}: gradient rescaling needs the recorded gradient of the step")
+        gradient_scales.append(scale)
 
         # 2. the rule's table advances the buffers and gives every unit's update
-        unit_updates, decay_updates, carried_updates = {}, {}, {}
+        unit_updates = {}
+        pseudo_updates: dict[str, Params] = {p: {} for p in pseudo_names}
         for n in names:
             if n not in updated:
                 unit_updates[n] = torch.zeros_like(sample_buffer[n])
-                decay_updates[n] = torch.zeros(shapes[n], dtype=dtype, device=device)
-                carried_updates[n] = torch.zeros(shapes[n], dtype=dtype, device=device)
+                for p in pseudo_names:
+                    pseudo_updates[p][n] = zeros(n)
                 continue
             hyper = step.hyperparameters[trajectory.group_of[n]]
             state = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
@@ -222,69 +239,76 @@ def decompose_trajectory(
             upd = -apply_linear(c.D, buf)
             unit_updates[n] = upd.index_add(0, rows, -apply_linear(c.E, grads))
             g_decay = decay_gradient(theta_t[n], c)
-            decay_buffer[n] = apply_linear(c.A, decay_buffer[n]) + apply_linear(c.C, g_decay)
-            decay_updates[n] = (-(apply_linear(c.D, decay_buffer[n]) + apply_linear(c.E, g_decay))
-                                + decay_direct_update(theta_t[n], c))
-            if n in carried_buffer:
-                carried_buffer[n] = apply_linear(c.A, carried_buffer[n])
-                carried_updates[n] = -apply_linear(c.D, carried_buffer[n])
-            else:
-                carried_updates[n] = torch.zeros(shapes[n], dtype=dtype, device=device)
+            decay_buffer[n] = buffer_step(decay_buffer[n], g_decay, c)
+            pseudo_updates["regularization"][n] = (unit_update(decay_buffer[n], g_decay, c)
+                                                   + decay_direct_update(theta_t[n], c))
+            if "carried_state" in pseudo_updates:
+                if n in carried_buffer:
+                    carried_buffer[n] = apply_linear(c.A, carried_buffer[n])
+                    pseudo_updates["carried_state"][n] = -apply_linear(c.D, carried_buffer[n])
+                else:
+                    pseudo_updates["carried_state"][n] = zeros(n)
+            if "penalty" in pseudo_updates:
+                g_penalty = c.gradient_sign * penalty_grad[n]
+                penalty_buffer[n] = buffer_step(penalty_buffer[n], g_penalty, c)
+                pseudo_updates["penalty"][n] = unit_update(penalty_buffer[n], g_penalty, c)
 
         # 3. replay check: Σ_u update_t(u) = θ_{t+1} − θ_t
-        total = {n: unit_updates[n].sum(0) + decay_updates[n] + carried_updates[n] for n in names}
+        total = {n: unit_updates[n].sum(0) + sum(pseudo_updates[p][n] for p in pseudo_names) for n in names}
         replay_errors.append(_replay_check(t, total, delta, theta_t, theta_next, rtol, eps_train, updated))
 
         # 4. test feature map by quadrature, contracted on the kept axes
         f_next = fm.targets(theta_next, xs_test, y_test, test_chunk_size).detach()
         kernel_total = {n: unit_updates[n].sum(0) for n in names}
-        use_jacobian = keep_params or keep_units
         if t not in selected:  # Appendix G.2: this step is left out; its change stays in the residual
-            k_step = r_step = c_step = None
+            k_step, p_steps = None, {p: None for p in pseudo_names}
             predicted = torch.zeros_like(f_t)
             nodes = 0
-        elif use_jacobian:
+        elif keep_params or keep_units:
             phi, nodes = _integrate(fm, xs_test, y_test, theta_t, delta, f_t, f_next, quadrature,
                                     test_chunk_size, mode="jacobian", step=t)
-            k_step, r_step, c_step, predicted = _contract_jacobian(
-                phi, unit_updates, decay_updates, carried_updates, names, group_index, len(labels), keep_units
+            k_step, p_steps, predicted = _contract_jacobian(
+                phi, unit_updates, pseudo_updates, names, group_index, len(labels), keep_units
             )
         else:
-            tangents = {n: torch.stack([kernel_total[n], decay_updates[n], carried_updates[n], delta[n]]) for n in names}
+            directions = [kernel_total] + [pseudo_updates[p] for p in pseudo_names] + [delta]
+            tangents = {n: torch.stack([d[n] for d in directions]) for n in names}
             jv, nodes = _integrate(fm, xs_test, y_test, theta_t, delta, f_t, f_next, quadrature,
                                    test_chunk_size, mode="jvp", tangents=tangents, step=t)
-            k_step, r_step, c_step = jv[0].unsqueeze(0), jv[1].unsqueeze(0), jv[2].unsqueeze(0)
-            predicted = jv[0] + jv[1] + jv[2]
+            k_step = jv[0].unsqueeze(0)
+            p_steps = {p: jv[1 + k].unsqueeze(0) for k, p in enumerate(pseudo_names)}
+            predicted = jv[: 1 + len(pseudo_names)].sum(0)
         nodes_per_step.append(nodes)
 
         # 5. the step residual certifies this step
         residuals.append(f_next - f_t - predicted)
         kernel_steps.append(k_step)
-        reg_steps.append(r_step)
-        carried_steps.append(c_step)
+        for p in pseudo_names:
+            pseudo_steps[p].append(p_steps[p])
         theta_t, f_t = theta_next, f_next
 
     if not selected & set(range(trajectory.num_steps)):
         raise ExplaindError("decompose_steps selects none of the trajectory's steps")
-    template = next(k for k in kernel_steps if k is not None), next(r for r in reg_steps if r is not None)
-    kernel_steps = [torch.zeros_like(template[0]) if k is None else k for k in kernel_steps]
-    reg_steps = [torch.zeros_like(template[1]) if r is None else r for r in reg_steps]
-    carried_steps = [torch.zeros_like(template[1]) if c is None else c for c in carried_steps]
+    k_template = next(k for k in kernel_steps if k is not None)
+    p_template = next(r for r in pseudo_steps["regularization"] if r is not None)
+    kernel_steps = [torch.zeros_like(k_template) if k is None else k for k in kernel_steps]
+    for p in pseudo_names:
+        pseudo_steps[p] = [torch.zeros_like(p_template) if r is None else r for r in pseudo_steps[p]]
 
     def stack(steps_list):
         out = torch.stack(steps_list)
         return out if keep_steps else out.sum(0)
 
-    kernel = stack(kernel_steps)  # (step?, param, test, unit?, output)
-    regularization = stack(reg_steps)
-    carried = stack(carried_steps) if has_carried else None
     axes = tuple(a for a in AXES if (a != "step" or keep_steps) and (a != "unit" or keep_units))
     result = Influence(
-        kernel=kernel, kernel_axes=axes, regularization=regularization, carried_state=carried,
+        kernel=stack(kernel_steps), kernel_axes=axes, regularization=stack(pseudo_steps["regularization"]),
+        carried_state=stack(pseudo_steps["carried_state"]) if "carried_state" in pseudo_steps else None,
+        penalty=stack(pseudo_steps["penalty"]) if "penalty" in pseudo_steps else None,
         f_initial=f_initial, f_final=f_t, step_residuals=torch.stack(residuals),
         replay_errors=replay_errors, steps=list(range(trajectory.num_steps)),
         param_labels=labels, units=units, quadrature=quadrature.describe(),
         nodes_per_step=nodes_per_step, theorem=theorem,
+        gradient_scales=gradient_scales if rescaling else None,
     )
     skipped = sorted(set(range(trajectory.num_steps)) - selected)
     if skipped:
@@ -307,6 +331,8 @@ def _drop_axes(result: Influence, keep: Sequence[str]) -> Influence:
     result.regularization = result.regularization.sum(r_dim)
     if result.carried_state is not None:
         result.carried_state = result.carried_state.sum(r_dim)
+    if result.penalty is not None:
+        result.penalty = result.penalty.sum(r_dim)
     result.kernel_axes = tuple(a for a in result.kernel_axes if a != "param")
     result.param_labels = []
     return result
@@ -339,7 +365,7 @@ def _integrate(fm: FunctionalModel, xs, ys, theta_t: Params, delta: Params, f_a,
     def predicted_change(part) -> torch.Tensor:
         if mode == "jacobian":
             return sum(torch.einsum("xo...,...->xo", part[n], delta[n]) for n in delta)
-        return part["jv"][3]
+        return part["jv"][-1]  # the last tangent is Δθ_t itself
 
     if isinstance(quadrature, Quadrature):
         result = rule_on(0.0, 1.0, quadrature)
@@ -352,7 +378,10 @@ def _integrate(fm: FunctionalModel, xs, ys, theta_t: Params, delta: Params, f_a,
             part = rule_on(a, b, base)
             nodes += base.num_nodes
             err = (fb - fa - predicted_change(part)).abs().max()
-            if err <= quadrature.tol * (b - a) or depth >= quadrature.max_depth:
+            # below the rounding error of f(θ(a)), f(θ(b)) the estimate is noise: bisecting further
+            # (tol·(b − a) shrinks, the noise does not) would split every segment down to max_depth
+            noise = 64 * torch.finfo(fa.dtype).eps * (1 + torch.maximum(fa.abs(), fb.abs()).max())
+            if err <= max(quadrature.tol * (b - a), noise) or depth >= quadrature.max_depth:
                 result = _combine(result, part)
             else:
                 mid = 0.5 * (a + b)
@@ -362,38 +391,37 @@ def _integrate(fm: FunctionalModel, xs, ys, theta_t: Params, delta: Params, f_a,
     return (result if mode == "jacobian" else result["jv"]), nodes
 
 
-def _contract_jacobian(phi: Params, unit_updates, decay_updates, carried_updates, names, group_index, n_labels,
-                       keep_units: bool):
-    """I_t[j, x, i, o] = Φ_t(x)[o, j] update_t(i)[j], summed within parameter groups (or per coordinate)."""
-    kernel_parts, reg_parts, carried_parts = [], [], []
+def _contract_jacobian(phi: Params, unit_updates: Params, pseudo_updates: dict[str, Params], names, group_index,
+                       n_labels, keep_units: bool):
+    """I_t[j, x, i, o] = Φ_t(x)[o, j] update_t(i)[j], summed within parameter groups (or per coordinate);
+    the same for every pseudo-unit (no unit axis). Returns (kernel, {pseudo: tensor}, Φ_t Σ_u update_t(u))."""
+    kernel_parts = []
+    pseudo_parts: dict[str, list] = {p: [] for p in pseudo_updates}
     predicted = 0
+    per_coordinate = group_index is None
     for n in names:
         J = phi[n].flatten(2)  # (X, O, n_p)
         U = unit_updates[n].flatten(1)  # (units, n_p)
-        R = decay_updates[n].reshape(-1)
-        Cs = carried_updates[n].reshape(-1)
-        if group_index is None:  # one row per coordinate j
-            k = torch.einsum("xoj,uj->jxuo", J, U) if keep_units else torch.einsum("xoj,j->jxo", J, U.sum(0))
-            r = torch.einsum("xoj,j->jxo", J, R)
-            c = torch.einsum("xoj,j->jxo", J, Cs)
+        if keep_units:
+            kernel_parts.append(torch.einsum("xoj,uj->jxuo" if per_coordinate else "xoj,uj->xuo", J, U))
         else:
-            k = torch.einsum("xoj,uj->xuo", J, U) if keep_units else torch.einsum("xoj,j->xo", J, U.sum(0))
-            r = torch.einsum("xoj,j->xo", J, R)
-            c = torch.einsum("xoj,j->xo", J, Cs)
-        kernel_parts.append(k)
-        reg_parts.append(r)
-        carried_parts.append(c)
-        predicted = predicted + torch.einsum("xoj,j->xo", J, U.sum(0) + R + Cs)
-    if group_index is None:
-        return torch.cat(kernel_parts), torch.cat(reg_parts), torch.cat(carried_parts), predicted
-    kernel = torch.zeros((n_labels, *kernel_parts[0].shape), dtype=kernel_parts[0].dtype, device=kernel_parts[0].device)
-    reg = torch.zeros((n_labels, *reg_parts[0].shape), dtype=reg_parts[0].dtype, device=reg_parts[0].device)
-    carried = torch.zeros_like(reg)
-    for gi, k, r, c in zip(group_index, kernel_parts, reg_parts, carried_parts):
-        kernel[gi] += k
-        reg[gi] += r
-        carried[gi] += c
-    return kernel, reg, carried, predicted
+            kernel_parts.append(torch.einsum("xoj,j->jxo" if per_coordinate else "xoj,j->xo", J, U.sum(0)))
+        direction = U.sum(0)
+        for p, updates in pseudo_updates.items():
+            R = updates[n].reshape(-1)
+            pseudo_parts[p].append(torch.einsum("xoj,j->jxo" if per_coordinate else "xoj,j->xo", J, R))
+            direction = direction + R
+        predicted = predicted + torch.einsum("xoj,j->xo", J, direction)
+    if per_coordinate:
+        return torch.cat(kernel_parts), {p: torch.cat(v) for p, v in pseudo_parts.items()}, predicted
+
+    def grouped(parts):
+        out = torch.zeros((n_labels, *parts[0].shape), dtype=parts[0].dtype, device=parts[0].device)
+        for gi, part in zip(group_index, parts):
+            out[gi] += part
+        return out
+
+    return grouped(kernel_parts), {p: grouped(v) for p, v in pseudo_parts.items()}, predicted
 
 
 def _replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: Params, rtol: float,
@@ -417,11 +445,56 @@ def _replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: 
     return worst
 
 
-def _check_gradient_sum(t: int, per_sample: Params, recorded: Mapping[str, torch.Tensor], rtol: float,
-                        eps_train: float) -> None:
-    """The recorded ``.grad`` must equal Σ_i w_{t,i} ∇ℓ_i(θ_t): pinpoints a non-additive loss."""
+def _penalty_gradient(penalty, theta_t: Params) -> Params:
+    """∇R(θ_t) of a loss penalty R(θ) (an L1/L2 term inside the training loss), its own pseudo-unit."""
+
+    def value(p: Params) -> torch.Tensor:
+        out = penalty(p)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise ExplaindError("penalty(params) must return a scalar tensor R(θ)")
+        return out.reshape(())
+
+    return {n: v.detach() for n, v in torch.func.grad(value)(theta_t).items()}
+
+
+def _with_penalty(per_sample: Params, penalty_grad: Params | None, n: str) -> torch.Tensor:
+    ours = per_sample[n].sum(0)
+    return ours if penalty_grad is None else ours + penalty_grad[n]
+
+
+def _recover_gradient_scale(t: int, per_sample: Params, penalty_grad: Params | None,
+                            recorded: Mapping[str, torch.Tensor], rtol: float, eps_train: float) -> float:
+    """c_t with recorded .grad = c_t (Σ_i w_i ∇ℓ_i + ∇R), by least squares over every recorded tensor,
+    then verified coordinate-wise: clipping by norm passes, clipping by value or a non-additive loss fails."""
+    num, den = 0.0, 0.0
+    pairs = []
     for n, g in recorded.items():
-        ours = per_sample[n].sum(0)
+        ours = _with_penalty(per_sample, penalty_grad, n)
+        g = g.to(device=ours.device, dtype=ours.dtype)
+        num += float((g * ours).sum())
+        den += float((ours * ours).sum())
+        pairs.append((n, ours, g))
+    if den == 0.0:
+        return 1.0
+    c = num / den
+    for n, ours, g in pairs:
+        scale = float(g.abs().max()) if g.numel() else 0.0
+        err = float((c * ours - g).abs().max()) if g.numel() else 0.0
+        if err > rtol * max(scale, 1e-30) + 64 * eps_train * scale + 1e-300:
+            raise ReplayMismatchError(
+                f"step {t}, parameter {n!r}: the gradient seen by optimizer.step() is not one scalar multiple "
+                f"c_t = {c:.6g} of Σ_i w_i ∇ℓ_i (off by {err:.3e}, max |grad| {scale:.3e}). Clipping by norm over "
+                "all trained parameters is exact; clipping by value (clip_grad_value_) or per-tensor clipping is "
+                "not linear in the per-sample gradients and cannot be decomposed exactly"
+            )
+    return c
+
+
+def _check_gradient_sum(t: int, per_sample: Params, penalty_grad: Params | None,
+                        recorded: Mapping[str, torch.Tensor], rtol: float, eps_train: float) -> None:
+    """The recorded ``.grad`` must equal Σ_i w_{t,i} ∇ℓ_i(θ_t) (+ ∇R): pinpoints a non-additive loss."""
+    for n, g in recorded.items():
+        ours = _with_penalty(per_sample, penalty_grad, n)
         g = g.to(device=ours.device, dtype=ours.dtype)
         scale = float(g.abs().max()) if g.numel() else 0.0
         err = float((ours - g).abs().max()) if g.numel() else 0.0
@@ -430,5 +503,6 @@ def _check_gradient_sum(t: int, per_sample: Params, recorded: Mapping[str, torch
                 f"step {t}, parameter {n!r}: the gradient seen by optimizer.step() differs from "
                 f"Σ_i w_i ∇ℓ_i over the recorded ids by {err:.3e} (max |grad| {scale:.3e}). The training loss "
                 "must be a weighted sum of per-sample losses loss_fn(model(x_i), y_i) over exactly the ids given "
-                "to record_batch (weights as recorded); gradient clipping is not supported yet."
+                "to record_batch (weights as recorded), plus the penalty if one is given; for clip_grad_norm_ "
+                "record with TrajectoryRecorder(..., gradient_rescaling=True)."
             )

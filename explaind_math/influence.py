@@ -29,6 +29,8 @@ class Influence:
         kernel: I with axes ``kernel_axes`` (a sub-sequence of :data:`AXES`).
         regularization: Ψ with the same axes minus ``"unit"``.
         carried_state: Ξ like Ψ, or None when no optimizer state was carried in.
+        penalty: influence of a loss penalty R(θ) inside the training loss (like Ψ), or None.
+        gradient_scales: per step, the recovered factor c_t of gradient clipping by norm (or None).
         f_initial, f_final: f(x; θ_0) and f(x; θ_N), shape (test, output).
         step_residuals: r_t(x) = f(θ_{t+1}) − f(θ_t) − Φ_t(x) Σ_u update_t(u), shape (step, test, output).
         replay_errors: per step, max over parameters of |Σ_u update_t(u) − Δθ_t| / max |Δθ_t|.
@@ -53,6 +55,8 @@ class Influence:
     theorem: str
     estimated: bool = False
     notes: list[str] = field(default_factory=list)
+    penalty: torch.Tensor | None = None
+    gradient_scales: list[float] | None = None
 
     # ------------------------------------------------------------------ axes
     @property
@@ -75,15 +79,26 @@ class Influence:
         return self._sum_to(self.regularization, self.regularization_axes, keep)
 
     def carried_state_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        """Accumulated influence Ξ of optimizer state carried in from before the recording (zero if none)."""
         if self.carried_state is None:
             return torch.zeros_like(self.regularization_sum(keep))
         return self._sum_to(self.carried_state, self.regularization_axes, keep)
+
+    def penalty_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        """Accumulated influence of the loss penalty R(θ) (zero if none was given)."""
+        if self.penalty is None:
+            return torch.zeros_like(self.regularization_sum(keep))
+        return self._sum_to(self.penalty, self.regularization_axes, keep)
+
+    def pseudo_unit_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        """Ψ + Ξ + penalty: everything that is not attributable to training samples."""
+        return self.regularization_sum(keep) + self.carried_state_sum(keep) + self.penalty_sum(keep)
 
     # ------------------------------------------------------------------ certificate
     @property
     def reconstruction(self) -> torch.Tensor:
         """f(x; θ_0) + Σ I + Σ Ψ + Σ Ξ, shape (test, output)."""
-        return self.f_initial + self.kernel_sum() + self.regularization_sum() + self.carried_state_sum()
+        return self.f_initial + self.kernel_sum() + self.pseudo_unit_sum()
 
     @property
     def residual(self) -> torch.Tensor:
@@ -110,8 +125,7 @@ class Influence:
         (for one test input/output, or summed over all)."""
         if "param" not in self.kernel_axes:
             raise ValueError("this result summed the parameter axis; decompose with 'param' in keep")
-        total = self.kernel_sum(("param", "test", "output")) + self.regularization_sum(("param", "test", "output"))
-        total = total + self.carried_state_sum(("param", "test", "output"))
+        total = self.kernel_sum(("param", "test", "output")) + self.pseudo_unit_sum(("param", "test", "output"))
         total = total if test is None else total[:, test : test + 1]
         total = total if output is None else total[..., output : output + 1]
         return {label: float(v) for label, v in zip(self.param_labels, total.sum(dim=(1, 2)))}
@@ -139,6 +153,8 @@ class Influence:
         }
         if self.carried_state is not None:
             out["carried_state"] = self.carried_state.detach().cpu().numpy()
+        if self.penalty is not None:
+            out["penalty"] = self.penalty.detach().cpu().numpy()
         return out
 
     def summary(self) -> str:

@@ -11,12 +11,13 @@
 
 Before each step the recorder refuses (and the step does not happen, so nothing is lost): a missing
 batch, a closure, BatchNorm in training mode or active dropout, changed buffers, parameters changed
-outside ``optimizer.step()``, NaN/Inf gradients, and optimizer flags with no exact rule.
+outside ``optimizer.step()``, NaN/Inf gradients, and optimizer flags with no exact rule. A refused
+step discards the batch recorded for it: call ``record_batch`` again before stepping again.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +60,13 @@ class TrajectoryRecorder:
         record_gradients: also store each step's ``.grad`` (lets the replay check tell a loss that is
             not a weighted sum of per-sample losses from other mismatches; costs one copy of θ per step).
         check_modules: refuse BatchNorm in training mode and active dropout at every step.
+        gradient_rescaling: the ``.grad`` seen by ``optimizer.step()`` may be c_t · Σ_i w_{t,i} ∇ℓ_i
+            with one scalar c_t per step — ``torch.nn.utils.clip_grad_norm_`` over all trained
+            parameters, or a constant loss scale. The decomposition recovers c_t from the recorded
+            gradients, verifies that the gradient is exactly that multiple (clipping by value is not,
+            and is refused) and folds c_t into the weights. Needs ``record_gradients=True``.
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop; a step it skips (inf/NaN
+            gradients) is then detected and its batch dropped instead of merged into the next step.
     """
 
     def __init__(
@@ -68,7 +76,14 @@ class TrajectoryRecorder:
         *,
         record_gradients: bool = True,
         check_modules: bool = True,
+        gradient_rescaling: bool = False,
+        grad_scaler: Any = None,
     ):
+        if gradient_rescaling and not record_gradients:
+            raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
+        self.gradient_rescaling = gradient_rescaling
+        self.grad_scaler = grad_scaler
+        self._scale_at_batch: float | None = None
         self.model = model
         self.optimizer = optimizer
         self.rule = rule_for_optimizer(optimizer)
@@ -109,6 +124,15 @@ class TrajectoryRecorder:
         ``"sum"`` means w = 1. Call it once per micro-batch under gradient accumulation: the step's
         units are the union, and weights of a repeated id add up.
         """
+        if self._current is not None:
+            # the last optimizer.step() passed our checks but raised inside torch: drop its batch
+            self._current, self._pending = None, {}
+        if self.grad_scaler is not None:
+            scale = float(self.grad_scaler.get_scale())
+            if self._pending and self._scale_at_batch is not None and scale < self._scale_at_batch:
+                # GradScaler.update() lowered the scale: the step of the pending batch was skipped
+                self._pending = {}
+            self._scale_at_batch = scale
         ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
         if not ids:
             raise RecordingError("record_batch needs at least one sample id")
@@ -130,7 +154,7 @@ class TrajectoryRecorder:
             steps=list(self._steps),
             initial_state=self._initial_state,
             buffers=self._buffers,
-            metadata=metadata,
+            metadata={**(metadata or {}), "gradient_rescaling": self.gradient_rescaling},
         )
 
     @property
@@ -154,6 +178,15 @@ class TrajectoryRecorder:
         return {n: p.detach().cpu().clone() for n, p, _ in self._params}
 
     def _before_step(self, optimizer, args, kwargs) -> None:
+        try:
+            self._check_and_prepare(optimizer, args, kwargs)
+        except Exception:
+            # a refused step consumes the batch declared for it: the user records it again (or the next
+            # batch) before stepping, instead of having stale ids merged into the next step's units
+            self._pending = {}
+            raise
+
+    def _check_and_prepare(self, optimizer, args, kwargs) -> None:
         t = len(self._steps)
         where = f"step {t}"
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
@@ -172,7 +205,7 @@ class TrajectoryRecorder:
                 )
         theta = self._snapshot()
         if t == 0:
-            self._snapshots.append(theta)
+            self._snapshots = [theta]  # (re)set: a refused first step must not leave a second θ_0 behind
             self._initial_state = self._carried_state()
         else:
             previous = self._snapshots[-1]

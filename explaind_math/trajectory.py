@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import NonFiniteError, TrajectoryFileError, TrajectoryMismatchError
+from .errors import ExplaindError, NonFiniteError, TrajectoryFileError, TrajectoryMismatchError
 from .optimizers import rule_by_name
 
 __all__ = ["StepRecord", "Trajectory", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -159,15 +159,18 @@ class Trajectory:
                             f"{self.optimizer} rule needs"
                         )
                     value = st[key]
-                    if tuple(value.shape) != shapes[n]:
+                    expected = () if key in rule.scalar_state_keys else shapes[n]
+                    if tuple(value.shape) != expected:
                         raise TrajectoryMismatchError(
-                            f"step {t}: state {key!r} of {n!r} has shape {tuple(value.shape)}, expected {shapes[n]}"
+                            f"step {t}: state {key!r} of {n!r} has shape {tuple(value.shape)}, expected {expected}"
                         )
                     if not torch.isfinite(value).all():
                         raise NonFiniteError(f"step {t}: optimizer state {key!r} of {n!r} contains NaN or Inf")
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise :class:`TrajectoryMismatchError` if the model's parameters do not match by name and shape."""
+        """Raise :class:`TrajectoryMismatchError` if the model's parameters do not match by name and shape
+        (after re-validating the trajectory itself, which may have been edited since it was built)."""
+        self.validate()
         model_params = dict(model.named_parameters())
         missing = [n for n in self.parameter_names if n not in model_params]
         if missing:
@@ -226,6 +229,13 @@ class Trajectory:
             reduction: weights used when a batch gives only ids: ``"mean"`` (1/|B_t|) or ``"sum"`` (1).
         """
         rule = rule_by_name(optimizer)
+        if len(parameters) == 0:
+            raise TrajectoryMismatchError("parameters must hold the snapshots θ_0 … θ_N; got none")
+        for label, per_step in (("hyperparameters", hyperparameters), ("states", states), ("updated", updated)):
+            if per_step is not None and len(per_step) != len(batches):
+                raise TrajectoryMismatchError(
+                    f"{len(batches)} batches (steps) but {len(per_step)} entries in {label}; give one per step"
+                )
         names = list(parameters[0])
         groups = dict(param_groups) if param_groups is not None else {n: 0 for n in names}
         steps = []
@@ -233,7 +243,15 @@ class Trajectory:
             ids, weights = _ids_and_weights(batch, reduction)
             hyper_t = hyperparameters[t]
             hyper_list = [hyper_t] if isinstance(hyper_t, Mapping) else list(hyper_t)
-            normalized = [rule.hyperparameters(_as_group(h)) for h in hyper_list]
+            normalized = []
+            for gi, h in enumerate(hyper_list):
+                try:
+                    normalized.append(rule.hyperparameters(_as_group(h, rule)))
+                except KeyError as exc:
+                    raise TrajectoryMismatchError(
+                        f"step {t}: the hyper-parameters of param group {gi} lack {exc.args[0]!r}, which the "
+                        f"{rule.name} rule needs (give the values actually used at that step)"
+                    ) from None
             state_t = {}
             if states is not None:
                 for n, st in states[t].items():
@@ -247,7 +265,7 @@ class Trajectory:
             optimizer=optimizer,
             parameter_names=names,
             group_of=groups,
-            parameters=[{n: _tensor(p[n]) for n in names} for p in parameters],
+            parameters=[{n: _tensor(v) for n, v in p.items()} for p in parameters],
             steps=steps,
             initial_state=initial,
             buffers={k: _tensor(v) for k, v in (buffers or {}).items()},
@@ -330,6 +348,19 @@ class Trajectory:
     def load(cls, path: str | os.PathLike) -> "Trajectory":
         """Read a file written by :meth:`save`; a truncated, foreign or corrupted file raises
         :class:`TrajectoryFileError` saying which."""
+        try:
+            return cls._load(path)
+        except TrajectoryFileError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            # a readable header whose description is incomplete, mistyped or inconsistent with the tensors
+            raise TrajectoryFileError(
+                f"{path}: corrupted trajectory file, its description is malformed or does not match its "
+                f"tensors ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike) -> "Trajectory":
         from safetensors import safe_open
 
         path = Path(path)
@@ -408,18 +439,23 @@ def _scalar(v) -> float:
 
 
 def _tensor(v) -> torch.Tensor:
-    return v.detach().cpu().clone() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().clone()
+    t = torch.as_tensor(v)
+    if t.is_floating_point() and not hasattr(v, "dtype"):
+        # Python floats are doubles; torch.as_tensor would round them to the default dtype (float32)
+        t = torch.as_tensor(v, dtype=torch.float64)
+    return t
 
 
-def _as_group(h: Mapping[str, Any]) -> dict:
-    """Accept optimizer.param_groups-style dicts, also with ``beta1``/``beta2`` spelled out."""
+def _as_group(h: Mapping[str, Any], rule) -> dict:
+    """Accept optimizer.param_groups-style dicts, also with ``beta1``/``beta2`` spelled out (the form
+    stored in a trajectory); options left out take the rule's ``group_defaults`` (torch's defaults)."""
     g = dict(h)
     g.pop("params", None)
     if "betas" not in g and "beta1" in g:
         g["betas"] = (g.pop("beta1"), g.pop("beta2"))
-    defaults = {"eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "maximize": False, "momentum": 0.0,
-                "dampening": 0.0, "nesterov": False}
-    for k, v in defaults.items():
+    for k, v in getattr(rule, "group_defaults", {}).items():
         g.setdefault(k, v)
     return g
 
@@ -436,11 +472,12 @@ def weights_for(ids: Sequence[int], weights, reduction: str) -> torch.Tensor:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
     if reduction == "sum":
         return torch.ones(n, dtype=torch.float64)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    raise ExplaindError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 def _ids_and_weights(batch, reduction: str) -> tuple[list[int], torch.Tensor]:
-    if isinstance(batch, tuple) and len(batch) == 2 and not isinstance(batch[0], (int,)):
+    first = batch[0] if isinstance(batch, tuple) and len(batch) == 2 else None
+    if first is not None and not isinstance(first, int) and getattr(first, "ndim", 1) != 0:
         ids, weights = batch
     else:
         ids, weights = batch, None

@@ -17,6 +17,7 @@ __all__ = [
     "RULES",
     "rule_by_name",
     "rule_for_optimizer",
+    "register_rule",
     "LinearOptimizerRule",
     "StepCoefficients",
     "AdamWRule",
@@ -35,7 +36,23 @@ _NOT_LINEAR = {
     "SignSGD": "its update is the sign of the gradient, not linear in the gradients",
     "Muon": "it orthogonalizes the update matrix, which is not linear in the gradients",
     "LBFGS": "its line search and curvature pairs make the update non-linear in the gradients",
+    "Rprop": "its update uses only the sign of the gradient, which is not linear in the gradients",
 }
+
+
+def register_rule(rule: LinearOptimizerRule) -> LinearOptimizerRule:
+    """Enrol a rule (an instance of a :class:`LinearOptimizerRule` subclass): the recorder accepts its
+    optimizer classes, trajectories name it, and the shared checks (``python -m explaind_math
+    verify-rule module:Name``, ``tests/test_optimizer_rules.py``) run on it. Returns the rule."""
+    if not isinstance(rule, LinearOptimizerRule):
+        raise TypeError(f"register_rule needs a LinearOptimizerRule instance, got {type(rule).__name__}")
+    if not rule.name or not rule.optimizer_classes:
+        raise ValueError("a rule needs a non-empty `name` and `optimizer_classes`")
+    for other in RULES.values():
+        if other.name != rule.name and set(other.optimizer_classes) & set(rule.optimizer_classes):
+            raise ValueError(f"rule {other.name!r} already handles {sorted(c.__name__ for c in rule.optimizer_classes)}")
+    RULES[rule.name] = rule
+    return rule
 
 
 def rule_by_name(name: str) -> LinearOptimizerRule:

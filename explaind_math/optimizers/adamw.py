@@ -37,8 +37,15 @@ class AdamWRule(LinearOptimizerRule):
 
     name = "adamw"
     optimizer_classes = (torch.optim.AdamW, torch.optim.Adam)
+    example_settings = (
+        {"lr": 0.02}, {"lr": 0.02, "weight_decay": 0.1, "amsgrad": True}, {"lr": 0.02, "maximize": True},
+        {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05},
+        {"optimizer_class": torch.optim.Adam, "lr": 0.02, "weight_decay": 0.1},
+        {"optimizer_class": torch.optim.Adam, "lr": 0.02, "weight_decay": 0.1, "amsgrad": True},
+    )
     recorded_state = ("exp_avg_sq", "max_exp_avg_sq")
     buffer_state_key = "exp_avg"
+    group_defaults = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False}
 
     def needs_step_count(self) -> bool:
         return True
@@ -61,7 +68,46 @@ class AdamWRule(LinearOptimizerRule):
         }
         if not 0.0 <= hyper["beta1"] < 1.0:
             raise refuse_flag(self.name, "betas[0]", hyper["beta1"], "β1 must lie in [0, 1)")
+        self._check_scalar_precision(group)
         return hyper
+
+    def _check_scalar_precision(self, group: dict) -> None:
+        """Refuse what makes torch round the step in a coarser dtype than the parameters'.
+
+        Outside the fused kernel, torch computes the bias corrections and the step size as tensors of
+        the dtype of a tensor ``lr``/``betas``, and under ``capturable``/``differentiable`` of
+        ``state['step']`` (float32 unless ``torch.get_default_dtype()`` is float64). With float64
+        parameters that rounds every update to float32 precision, which no float64 replay reproduces.
+        Only a live group (with its ``params``) is checked; recorded values are plain floats.
+        """
+        params = [p for p in group.get("params", ()) if isinstance(p, torch.Tensor) and p.is_floating_point()]
+        if not params or group.get("fused"):
+            return
+        finest = min(torch.finfo(p.dtype).eps for p in params)
+        finest_dtype = next(p.dtype for p in params if torch.finfo(p.dtype).eps == finest)
+
+        def coarse(dtype) -> bool:
+            return dtype.is_floating_point and torch.finfo(dtype).eps > finest
+
+        betas = group.get("betas", ())
+        for flag, value in (("lr", group.get("lr")), ("betas[0]", betas[0] if betas else None),
+                            ("betas[1]", betas[1] if len(betas) > 1 else None)):
+            if isinstance(value, torch.Tensor) and coarse(value.dtype):
+                raise refuse_flag(
+                    self.name, flag, value,
+                    f"a {value.dtype} tensor makes torch compute the step size and bias corrections in "
+                    f"{value.dtype}, coarser than the {finest_dtype} parameters; pass a Python float or a "
+                    f"{finest_dtype} tensor",
+                )
+        for flag in ("capturable", "differentiable"):
+            step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            if group.get(flag) and coarse(step_dtype):
+                raise refuse_flag(
+                    self.name, flag, True,
+                    f"with it torch computes the bias corrections in the dtype of state['step'] ({step_dtype}, "
+                    f"from torch.get_default_dtype()), coarser than the {finest_dtype} parameters; call "
+                    "torch.set_default_dtype(torch.float64) before the first step, or leave the flag off",
+                )
 
     def state_keys(self, hyper: dict) -> tuple[str, ...]:
         return ("max_exp_avg_sq",) if hyper["amsgrad"] else ("exp_avg_sq",)

@@ -39,8 +39,13 @@ class SGDRule(LinearOptimizerRule):
 
     name = "sgd"
     optimizer_classes = (torch.optim.SGD,)
+    example_settings = (
+        {"lr": 0.05}, {"lr": 0.05, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01},
+        {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.01}, {"lr": 0.05, "momentum": 0.5, "maximize": True},
+    )
     recorded_state = ()
     buffer_state_key = "momentum_buffer"
+    group_defaults = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
 
     def hyperparameters(self, group: dict) -> dict:
         self._check_known_flags(group, {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"})

@@ -109,6 +109,14 @@ class LinearOptimizerRule:
     recorded_state: ClassVar[tuple[str, ...]] = ()
     #: the state key holding the linear buffer (the carried-state pseudo-unit's initial value)
     buffer_state_key: ClassVar[str | None] = None
+    #: optimizer constructor settings the shared checks train with (replay, decomposition, flags);
+    #: cover every branch of :meth:`coefficients` (each flag on and off)
+    example_settings: ClassVar[tuple[dict, ...]] = ()
+    #: recorded state entries that are scalars (0-d tensors), not tensors shaped like the parameter
+    scalar_state_keys: ClassVar[tuple[str, ...]] = ()
+    #: group options a trajectory built by ``Trajectory.from_records`` may leave out (torch's defaults,
+    #: only where Adam and AdamW, or every supported class, agree); the rest must be given
+    group_defaults: ClassVar[dict] = {}
     #: flags accepted because they only pick an implementation, not the mathematics
     implementation_flags: ClassVar[tuple[str, ...]] = ("foreach", "fused", "capturable", "differentiable")
     #: keys that LR schedulers and named parameters add to a group; the step never reads them (the

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..decomposition import decompose_trajectory
 
-_RULE_LABEL = {"adamw": "AdamW", "sgd": "SGD with momentum"}
+_RULE_LABEL = {"adamw": "AdamW", "sgd": "SGD with momentum", "rmsprop": "RMSprop", "adagrad": "Adagrad",
+               "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam"}
 
 
 def decompose_with_rule(model, trajectory, loss_fn, train_data, test_inputs, *, statement: str, **options):

@@ -24,6 +24,7 @@ def decompose_adamw_training(
     test_inputs: torch.Tensor,
     *,
     quadrature: Quadrature | AdaptiveQuadrature | None = None,
+    penalty: Callable[[dict], torch.Tensor] | None = None,
     keep: Iterable[str] = DEFAULT_KEEP,
     params: str | Mapping[str, str] = "tensor",
     dtype: torch.dtype | None = None,
@@ -55,6 +56,8 @@ def decompose_adamw_training(
             always kept. Leaving out "param" and "unit" switches to forward-mode JVPs (cheapest).
         params: granularity of the parameter axis: ``"tensor"``, ``"module"``, ``"coordinate"`` (the
             atomic j), ``"all"``, or a mapping parameter name → group label.
+        penalty: R(θ) if the training loss was Σ_i w_i ℓ_i + R(θ) (an L1/L2 term): a function of the
+            dict of trained parameters; its influence is reported separately as ``result.penalty``.
         dtype: computation dtype (default: the trajectory's); use ``torch.float64`` to verify.
         replay_rtol: tolerance of the replay check relative to max |Δθ| per tensor.
 
@@ -68,7 +71,7 @@ def decompose_adamw_training(
         )
     return decompose_trajectory(
         model, trajectory, loss_fn, train_data, test_inputs,
-        theorem="Theorem 3.1 (AdamW)", quadrature=quadrature, keep=keep, params=params, dtype=dtype,
+        theorem="Theorem 3.1 (AdamW)", quadrature=quadrature, penalty=penalty, keep=keep, params=params, dtype=dtype,
         device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
         train_chunk_size=train_chunk_size, vectorize=vectorize,
     )

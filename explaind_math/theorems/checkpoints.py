@@ -42,6 +42,8 @@ def checkpoint_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer
             ckpt["exp_avg_sq"][n] = st["exp_avg_sq"].detach().cpu().clone() if "exp_avg_sq" in st else torch.zeros_like(ckpt["parameters"][n])
             if "max_exp_avg_sq" in st:
                 ckpt.setdefault("max_exp_avg_sq", {})[n] = st["max_exp_avg_sq"].detach().cpu().clone()
+            elif group.get("amsgrad", False):  # no state yet (before its first update): the maximum is 0
+                ckpt.setdefault("max_exp_avg_sq", {})[n] = torch.zeros_like(ckpt["parameters"][n])
             ckpt["step"][n] = int(st["step"]) if "step" in st else 0
     ckpt["hyperparameters"] = groups
     return ckpt
@@ -55,10 +57,13 @@ def _check_checkpoint(c: Mapping, index: int) -> None:
     groups = [hyper] if isinstance(hyper, Mapping) else list(hyper)
     if any(g.get("amsgrad", False) for g in groups) and "max_exp_avg_sq" not in c:
         raise TrajectoryMismatchError(f"checkpoint {index} uses amsgrad but lacks the field 'max_exp_avg_sq'")
+    group_of = c.get("param_groups") or {}
     for n in c["parameters"]:
         for field in ("exp_avg", "exp_avg_sq"):
             if n not in c[field]:
                 raise TrajectoryMismatchError(f"checkpoint {index}: {field!r} has no entry for parameter {n!r}")
+        if groups[group_of.get(n, 0)].get("amsgrad", False) and n not in c["max_exp_avg_sq"]:
+            raise TrajectoryMismatchError(f"checkpoint {index}: 'max_exp_avg_sq' has no entry for parameter {n!r} (amsgrad)")
 
 
 def decompose_from_checkpoints(
@@ -143,7 +148,7 @@ def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reducti
             "exp_avg": ckpt["exp_avg"][n].to(dtype=dtype, device=p.device).clone(),
             "exp_avg_sq": ckpt["exp_avg_sq"][n].to(dtype=dtype, device=p.device).clone(),
         }
-        if "max_exp_avg_sq" in ckpt:
+        if n in ckpt.get("max_exp_avg_sq", {}):  # amsgrad is per group: only its parameters have one
             st["max_exp_avg_sq"] = ckpt["max_exp_avg_sq"][n].to(dtype=dtype, device=p.device).clone()
         optimizer.state[p] = st
     recorder = TrajectoryRecorder(work, optimizer)

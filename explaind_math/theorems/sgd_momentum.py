@@ -24,6 +24,7 @@ def decompose_sgd_momentum_training(
     test_inputs: torch.Tensor,
     *,
     quadrature: Quadrature | AdaptiveQuadrature | None = None,
+    penalty: Callable[[dict], torch.Tensor] | None = None,
     keep: Iterable[str] = DEFAULT_KEEP,
     params: str | Mapping[str, str] = "tensor",
     dtype: torch.dtype | None = None,
@@ -53,7 +54,7 @@ def decompose_sgd_momentum_training(
         )
     return decompose_trajectory(
         model, trajectory, loss_fn, train_data, test_inputs,
-        theorem="Corollary 3.2 (SGD with momentum)", quadrature=quadrature, keep=keep, params=params,
+        theorem="Corollary 3.2 (SGD with momentum)", quadrature=quadrature, penalty=penalty, keep=keep, params=params,
         dtype=dtype, device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
         train_chunk_size=train_chunk_size, vectorize=vectorize,
     )

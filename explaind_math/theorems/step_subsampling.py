@@ -77,7 +77,8 @@ def step_subsampling_fidelity(
         model, trajectory, loss_fn, train_data, test_inputs,
         statement="Appendix G.2, step subsampling", decompose_steps=largest, **options,
     )
-    per_step = result.kernel + result.regularization + (result.carried_state if result.carried_state is not None else 0)
+    axes = ("step", "test", "output")
+    per_step = result.kernel_sum(axes) + result.pseudo_unit_sum(axes)
     rows = []
     for q in fractions:
         kept = ranking[: counts[q]]
