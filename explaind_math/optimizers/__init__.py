@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedOptimizerError
+from .adagrad import AdagradRule
+from .adamax import AdamaxRule
 from .adamw import AdamWRule, adamw_preconditioner
+from .nadam import NAdamRule
+from .radam import RAdamRule
+from .rmsprop import RMSpropRule
 from .sgd import SGDRule, sgd_coefficients
 from .template import LinearOptimizerRule, StepCoefficients, buffer_step, unit_update
 
@@ -22,6 +27,11 @@ __all__ = [
     "StepCoefficients",
     "AdamWRule",
     "SGDRule",
+    "RMSpropRule",
+    "AdagradRule",
+    "AdamaxRule",
+    "NAdamRule",
+    "RAdamRule",
     "adamw_preconditioner",
     "sgd_coefficients",
     "buffer_step",
@@ -29,7 +39,10 @@ __all__ = [
 ]
 
 #: name → rule instance; adding an optimizer is one file plus one line here
-RULES: dict[str, LinearOptimizerRule] = {rule.name: rule for rule in (AdamWRule(), SGDRule())}
+RULES: dict[str, LinearOptimizerRule] = {
+    rule.name: rule
+    for rule in (AdamWRule(), SGDRule(), RMSpropRule(), AdagradRule(), AdamaxRule(), NAdamRule(), RAdamRule())
+}
 
 _NOT_LINEAR = {
     "Lion": "its update is the sign of a momentum, not linear in the gradients",
