@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", max_examples=8, **_common)
-settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_common)
+settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 _default = "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", _default))
@@ -31,3 +31,12 @@ def _devices():
 def device(request):
     """Every test that takes `device` runs on CPU, and on CUDA too when torch.cuda.is_available()."""
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """The test models are tiny: intra-op threads only add contention on a small CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -400,8 +400,9 @@ def _contract_jacobian(phi: Params, unit_updates: Params, pseudo_updates: dict[s
     predicted = 0
     per_coordinate = group_index is None
     for n in names:
-        J = phi[n].flatten(2)  # (X, O, n_p)
-        U = unit_updates[n].flatten(1)  # (units, n_p)
+        # (X, O, n_p) and (units, n_p); not flatten(2)/flatten(1), which fail for 0-dim parameters
+        J = phi[n].reshape(*phi[n].shape[:2], phi[n].shape[2:].numel())
+        U = unit_updates[n].reshape(unit_updates[n].shape[0], unit_updates[n].shape[1:].numel())
         if keep_units:
             kernel_parts.append(torch.einsum("xoj,uj->jxuo" if per_coordinate else "xoj,uj->xuo", J, U))
         else:

@@ -26,13 +26,6 @@ N = 24
 STEP_AND_PARAM = r"step (\d+), parameter '([^']+)'"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data(device, d=4, classes=3):
     g = torch.Generator().manual_seed(0)

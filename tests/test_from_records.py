@@ -17,13 +17,6 @@ N = 24
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ce(out, y):
     return F.cross_entropy(out, y)
@@ -309,7 +302,15 @@ def test_weights_of_the_wrong_length(adamw_records):
 
 
 def test_unknown_optimizer_name(adamw_records):
-    with pytest.raises(UnsupportedOptimizerError, match=r"'rmsprop'.*\['adamw', 'sgd'\]"):
+    with pytest.raises(UnsupportedOptimizerError, match=r"no optimizer rule named 'adafactor'; known rules: \[.*'adamw'.*'sgd'\]"):
+        _from(adamw_records, "adafactor")
+    with pytest.raises(UnsupportedOptimizerError, match=r"'lion'.*sign of a momentum"):
+        _from(adamw_records, "lion")
+
+
+def test_options_of_another_optimizer_are_refused(adamw_records):
+    """AdamW hyper-parameters handed to the RMSprop rule name the unknown options."""
+    with pytest.raises(UnsupportedOptimizerError, match=r"rmsprop: parameter-group option\(s\) \['amsgrad', 'betas'"):
         _from(adamw_records, "rmsprop")
 
 

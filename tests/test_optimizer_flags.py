@@ -23,15 +23,6 @@ REPLAY_TOL = 1e-10
 STEPS = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention (seconds per test on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(device, n=24, d=4, classes=3):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, d, generator=g, dtype=DT)

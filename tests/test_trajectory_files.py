@@ -21,13 +21,6 @@ DT = torch.float64
 N = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data(device):
     g = torch.Generator().manual_seed(0)

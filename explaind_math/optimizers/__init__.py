@@ -72,8 +72,10 @@ def rule_by_name(name: str) -> LinearOptimizerRule:
     try:
         return RULES[name]
     except KeyError:
+        why = {k.lower(): v for k, v in _NOT_LINEAR.items()}.get(name.lower())
+        reason = f" ({name} cannot be decomposed exactly: {why})" if why else ""
         raise UnsupportedOptimizerError(
-            f"no optimizer rule named {name!r}; known rules: {sorted(RULES)}"
+            f"no optimizer rule named {name!r}{reason}; known rules: {sorted(RULES)}"
         ) from None
 
 

@@ -1,0 +1,122 @@
+"""Every contraction of the atomic tensor agrees (MATH.md §5, §11).
+
+The atomic scores I[t, j, x, i, o] and Ψ[t, j, x, o] are one tensor; what the caller keeps only decides
+which axes are summed and which code path computes it: forward-mode JVPs along the summed updates
+(keep=("step",)), full Jacobians contracted per unit (keep=("unit",)), per tensor (keep=("param",)),
+and with every axis kept per tensor, per module, per coordinate, all in one, or per a custom grouping.
+Property: for one recorded run, all of them give the same reconstruction
+(1e-12), and summing the atomic tensor (params="coordinate", every axis kept) over the axes a reduced
+result left out reproduces that result entry by entry, to 1e-12 of the atomic scores' L1 mass
+1 + Σ|I| + Σ|Ψ| (the bound on any partial sum, so on its rounding too).
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from explaind_math.testing import strategies as es
+from explaind_math.testing.residuals import (
+    CONTRACTION_RTOL,
+    REPLAY_RTOL,
+    RESIDUALS,
+    SMOOTH_RTOL,
+    check_certificate,
+    report_residual,
+)
+
+FULL = ("step", "param", "unit")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _residual_report():
+    yield
+    print(f"\n[{__name__}] residuals so far:\n{RESIDUALS.summary()}")
+    RESIDUALS.dump()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, scale: float, what: str) -> float:
+    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= CONTRACTION_RTOL * scale, f"{what}: differ by {err:.3e} (scale {scale:.2e})"
+    return err
+
+
+def _group_rows(tensor: torch.Tensor, dim: int, labels_of_rows, labels) -> torch.Tensor:
+    """Sum the rows of ``tensor`` along ``dim`` into the groups ``labels`` (row r → labels_of_rows[r])."""
+    index = torch.as_tensor([labels.index(l) for l in labels_of_rows], dtype=torch.long, device=tensor.device)
+    shape = list(tensor.shape)
+    shape[dim] = len(labels)
+    return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device).index_add(dim, index, tensor)
+
+
+def runs_for_contraction():
+    """Smooth families, any optimizer, N ≤ 3 steps, ≤ 12 samples: eight decompositions per example."""
+    return es.training_runs(
+        families=es.SMOOTH_FAMILIES,
+        schedule_strategy=es.training_schedules(max_steps=3, max_samples=12),
+        num_test=st.integers(2, 3),
+    )
+
+
+@es.property_settings()
+@given(spec=runs_for_contraction(), labels=st.lists(st.sampled_from(["a", "b", "c"]), min_size=8, max_size=8))
+def test_all_contraction_paths_agree(spec, labels, device):
+    """keep=("step",) (JVP), ("unit",), ("param",), every axis with params="coordinate", "tensor",
+    "module", "all" and a random mapping: one reconstruction, and each is a sum of the atomic tensor."""
+    run = es.train_and_record(spec, device=device)
+    decompose = lambda **kw: es.decompose(run, replay_rtol=REPLAY_RTOL, **kw)  # noqa: E731
+    names = run.trajectory.parameter_names
+    shapes = run.trajectory.shapes()
+
+    atomic = decompose(keep=FULL, params="coordinate")  # I[t, j, x, i, o] with j the coordinates
+    check_certificate(run, atomic, SMOOTH_RTOL, family=f"{run.family} (coordinate)")
+    # any partial sum of the atomic scores is at most their L1 mass, and so is its rounding error / ε·K:
+    # agreement is asked to 1e-12 of that mass
+    scale = 1 + float(atomic.kernel.abs().sum()) + float(atomic.regularization.abs().sum())
+    coord_tensor = [n for n in names for _ in range(torch.Size(shapes[n]).numel())]
+    assert len(atomic.param_labels) == len(coord_tensor)
+    assert all(label.startswith(n + "[") for label, n in zip(atomic.param_labels, coord_tensor))
+
+    worst = 0.0
+    reference = atomic.reconstruction
+
+    # parameter groupings, every other axis kept: the coordinate rows summed by group
+    module_of = {n: n.rsplit(".", 1)[0] if "." in n else n for n in names}
+    custom = {n: labels[k % len(labels)] for k, n in enumerate(names)}
+    groupings = (("tensor", {n: n for n in names}), ("module", module_of), ("all", {n: "all" for n in names}),
+                 (custom, custom))
+    for params, group_of in groupings:
+        result = decompose(keep=FULL, params=params)
+        expected_labels = list(dict.fromkeys(group_of[n] for n in names))
+        assert result.param_labels == expected_labels, f"params={params!r}: labels {result.param_labels}"
+        rows = [group_of[n] for n in coord_tensor]
+        worst = max(worst, _close(result.kernel, _group_rows(atomic.kernel, 1, rows, expected_labels), scale,
+                                  f"kernel, params={params!r}"))
+        worst = max(worst, _close(result.regularization, _group_rows(atomic.regularization, 1, rows, expected_labels),
+                                  scale, f"regularization, params={params!r}"))
+        worst = max(worst, _close(result.reconstruction, reference, scale, f"reconstruction, params={params!r}"))
+
+    # reduced axes: the Jacobian path with fewer axes, and the JVP path (no param, no unit axis)
+    for keep in (("step",), ("unit",), ("param",)):
+        result = decompose(keep=keep)
+        kept = tuple(a for a in ("step", "param", "test", "unit", "output") if a in (*keep, "test", "output"))
+        assert result.kernel_axes == kept, f"keep={keep}: axes {result.kernel_axes}"
+        expected_k = atomic.kernel_sum(kept)
+        expected_r = atomic.regularization_sum(tuple(a for a in kept if a != "unit"))
+        if "param" in kept:  # tensor granularity: group the coordinate rows by tensor
+            expected_k = _group_rows(expected_k, kept.index("param"), coord_tensor, names)
+            expected_r = _group_rows(expected_r, kept.index("param"), coord_tensor, names)
+        worst = max(worst, _close(result.kernel, expected_k, scale, f"kernel, keep={keep}"))
+        worst = max(worst, _close(result.regularization, expected_r, scale, f"regularization, keep={keep}"))
+        worst = max(worst, _close(result.reconstruction, reference, scale, f"reconstruction, keep={keep}"))
+        # every path certifies itself with the same step residuals
+        worst = max(worst, _close(result.step_residuals, atomic.step_residuals, scale, f"step residuals, keep={keep}"))
+        assert result.relative_residual <= SMOOTH_RTOL
+    report_residual(atomic.theorem, run.family, worst / scale, "contraction paths: max relative disagreement",
+                    steer=True)
+
+    # Influence's own accumulation agrees with explicit sums of the atomic tensor
+    per_unit = atomic.kernel_sum(("test", "unit", "output"))
+    _close(per_unit, atomic.kernel.sum(dim=(0, 1)), scale, "kernel_sum over steps and parameters")
+    _close(atomic.kernel_sum(), atomic.kernel.sum(dim=(0, 1, 3)), scale, "kernel_sum to (test, output)")
