@@ -185,7 +185,7 @@ def decompose_trajectory(
         if key is not None and key in st
     }
     pseudo_names = ["regularization"] + (["carried_state"] if carried_buffer else []) + (["penalty"] if penalty else [])
-    updated_before = {n: (n in carried_buffer) for n in names}
+    has_buffer = {n: (n in carried_buffer) for n in names}  # the optimizer's buffer exists (rule.creates_buffer)
     rescaling = bool(trajectory.metadata.get("gradient_rescaling", False))
 
     theta_t = theta(0)
@@ -230,8 +230,8 @@ def decompose_trajectory(
             hyper = step.hyperparameters[trajectory.group_of[n]]
             state = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
                      for k, v in step.state.get(n, {}).items()}
-            c = rule.coefficients(hyper, state, first_update=not updated_before[n])
-            updated_before[n] = True
+            c = rule.coefficients(hyper, state, first_update=not has_buffer[n])
+            has_buffer[n] = has_buffer[n] or rule.creates_buffer(hyper)
             grads = c.gradient_sign * per_sample[n]
             buf = apply_linear(c.A, sample_buffer[n])
             buf = buf.index_add(0, rows, apply_linear(c.C, grads))

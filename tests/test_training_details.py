@@ -140,3 +140,39 @@ def test_grad_scaler_float32_loop_with_a_skipped_step(device):
     assert traj.num_steps == 5 and all(len(s.units) == 6 for s in traj.steps)
     result = em.decompose_adamw_training(model, traj, loss_fn, (X, Y), X[:4], dtype=torch.float64)
     assert result.relative_residual <= 1e-5
+
+
+class _MomentumOnAt:
+    """A hand-written schedule: momentum 0 for the first steps, then μ with dampening τ (as a warm-up of
+    momentum would set it). PyTorch creates SGD's momentum buffer at the first step with μ ≠ 0, undamped."""
+
+    def __init__(self, opt, start, momentum, dampening):
+        self.opt, self.start, self.momentum, self.dampening, self.t = opt, start, momentum, dampening, 0
+
+    def step(self):
+        self.t += 1
+        if self.t == self.start:
+            for group in self.opt.param_groups:
+                group["momentum"], group["dampening"] = self.momentum, self.dampening
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_sgd_momentum_switched_on_mid_run_starts_its_buffer_undamped(device, start):
+    X, Y = (t.to(device) for t in data())
+    model = model_for(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, dampening=0.0)
+    schedule = _MomentumOnAt(opt, start, momentum=0.9, dampening=0.4)
+    recorder = em.TrajectoryRecorder(model, opt)
+    g = torch.Generator().manual_seed(3)
+    for t in range(6):
+        opt.zero_grad()
+        ids = torch.randperm(40, generator=g)[:6]
+        F.cross_entropy(model(X[ids]), Y[ids]).backward()
+        recorder.record_batch(ids)
+        opt.step()
+        schedule.step()
+    traj = recorder.trajectory()
+    assert [h["momentum"] for h in (s.hyperparameters[0] for s in traj.steps)][start - 1:start + 1] == [0.0, 0.9]
+    result = em.decompose_sgd_momentum_training(model, traj, loss_fn, (X, Y), X[:4])
+    assert max(result.replay_errors) <= 1e-10
+    assert result.relative_residual <= 1e-9

@@ -64,6 +64,10 @@ class SGDRule(LinearOptimizerRule):
     def state_keys(self, hyper: dict) -> tuple[str, ...]:
         return ()
 
+    def creates_buffer(self, hyper: dict) -> bool:
+        """torch.optim.SGD allocates ``momentum_buffer`` at the first step with momentum ≠ 0, undamped."""
+        return hyper["momentum"] != 0
+
     def coefficients(self, hyper: dict, state: dict, *, first_update: bool) -> StepCoefficients:
         return sgd_coefficients(
             hyper["lr"],

@@ -148,6 +148,11 @@ class LinearOptimizerRule:
         """
         raise NotImplementedError
 
+    def creates_buffer(self, hyper: dict) -> bool:
+        """Whether a step with these values creates the buffer in the optimizer's state. PyTorch creates
+        buffers lazily (SGD only once momentum ≠ 0), so ``first_update`` stays True until such a step."""
+        return True
+
     # helpers shared by the rules -------------------------------------------------------------
     def _check_known_flags(self, group: dict, known: set[str]) -> None:
         unknown = sorted(k for k in group if k != "params" and k not in known and k not in self.implementation_flags
