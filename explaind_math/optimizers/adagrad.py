@@ -29,9 +29,10 @@ class AdagradRule(LinearOptimizerRule):
 
     name = "adagrad"
     optimizer_classes = (torch.optim.Adagrad,)
+    # Adagrad's first step moves each coordinate by ≈ lr: lr = 0.03 keeps steps where GL(8) reaches 1e-9
     example_settings = (
-        {"lr": 0.1}, {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
-        {"lr": 0.1, "maximize": True},
+        {"lr": 0.03}, {"lr": 0.03, "lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
+        {"lr": 0.03, "maximize": True},
     )
     group_defaults = {"lr_decay": 0.0, "eps": 1e-10, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
                       "maximize": False}

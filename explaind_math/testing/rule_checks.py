@@ -95,7 +95,7 @@ def check_rule(rule: LinearOptimizerRule, *, examples: int = 10, device: str | t
         results.append(PropertyResult("replay", ok, len(rule.example_settings), worst, message))
 
         # 2. the decomposition identity on random models and schedules
-        seen = {"cases": 0, "worst": 0.0}
+        seen = {"cases": 0, "worst": 0.0, "replay": 0.0}
 
         # steps of the size the example settings intend: "sum" weighting would multiply the step by the
         # batch size and test the quadrature's reach rather than the rule; no shrinking (a failing
@@ -112,13 +112,15 @@ def check_rule(rule: LinearOptimizerRule, *, examples: int = 10, device: str | t
             _, result = _train_and_decompose(rule, setting, model_spec, schedule, seed, device)
             seen["cases"] += 1
             seen["worst"] = max(seen["worst"], result.relative_residual)
+            seen["replay"] = max(seen["replay"], result.max_replay_error)  # each case also replays every step
             assert result.relative_residual <= RESIDUAL_TOL, (
                 f"relative residual {result.relative_residual:.3e} > {RESIDUAL_TOL:g}"
             )
 
         try:
             decomposition_identity()
-            results.append(PropertyResult("decomposition", True, seen["cases"], seen["worst"]))
+            results.append(PropertyResult("decomposition", True, seen["cases"], seen["worst"],
+                                          f"(replay in these cases: worst {seen['replay']:.2e})"))
         except Exception as exc:
             results.append(PropertyResult("decomposition", False, seen["cases"], seen["worst"],
                                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
