@@ -40,3 +40,22 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _dump_residuals():
+    """At the end of the session, merge the residuals the tests logged into $EXPLAIND_RESIDUAL_LOG
+    (a JSON file, when that variable is set): the per-family maxima quoted in the README."""
+    from explaind_math.testing.residuals import RESIDUALS
+
+    yield
+    RESIDUALS.dump()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """With -v, or when $EXPLAIND_RESIDUAL_LOG is set: the residuals achieved, per theorem and family."""
+    if config.option.verbose > 0 or os.environ.get("EXPLAIND_RESIDUAL_LOG"):
+        from explaind_math.testing.residuals import RESIDUALS
+
+        terminalreporter.write_sep("-", "residuals achieved (max per theorem, model family, quantity)")
+        terminalreporter.write_line(RESIDUALS.summary())

@@ -19,20 +19,12 @@ from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     CONTRACTION_RTOL,
     REPLAY_RTOL,
-    RESIDUALS,
     SMOOTH_RTOL,
     check_certificate,
     report_residual,
 )
 
 FULL = ("step", "param", "unit")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _residual_report():
-    yield
-    print(f"\n[{__name__}] residuals so far:\n{RESIDUALS.summary()}")
-    RESIDUALS.dump()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, scale: float, what: str) -> float:

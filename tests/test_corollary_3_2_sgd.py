@@ -19,20 +19,12 @@ from hypothesis import strategies as st
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     REPLAY_RTOL,
-    RESIDUALS,
     SMOOTH_RTOL,
     check_certificate,
     check_skipped_parameters,
 )
 
 THEOREM = "Corollary 3.2 (SGD with momentum)"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _residual_report():
-    yield
-    print(f"\n[{__name__}] residuals so far:\n{RESIDUALS.summary()}")
-    RESIDUALS.dump()
 
 
 # Pinned: lr 1e-3 × 0.5 decayed by StepLR(γ = 0.1) every step, so the last step moves θ by ~1e-8 while

@@ -32,13 +32,6 @@ THEOREM = "corollary_3_3"  # the row of `python -m explaind_math verify`
 SETTINGS = es.property_settings()  # the profile, plus the device fixture shared across examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _dump_residuals():
-    """Merge this module's residuals into $EXPLAIND_RESIDUAL_LOG when it is set."""
-    yield
-    RESIDUALS.dump()
-
-
 def live_activation(model: nn.Module, module: str, inputs: torch.Tensor) -> torch.Tensor:
     """The named submodule's output on a batch, captured by a forward hook on the live model."""
     captured = []

@@ -41,13 +41,6 @@ SETTINGS = es.property_settings()  # the profile, plus the device fixture shared
 H_KINDS = ("loss", "coordinate", "margin", "projection", "entropy", "custom")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _dump_residuals():
-    """Merge this module's residuals into $EXPLAIND_RESIDUAL_LOG when it is set."""
-    yield
-    RESIDUALS.dump()
-
-
 def custom_h(out: torch.Tensor, label) -> torch.Tensor:
     """A nonlinear, vector-valued h written by a user (Q = 3): not one of the ready-made ones."""
     f = out.reshape(-1)

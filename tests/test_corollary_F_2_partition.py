@@ -30,13 +30,6 @@ THEOREM = "corollary_f_2"  # the row of `python -m explaind_math verify`
 SETTINGS = es.property_settings()  # the profile, plus the device fixture shared across examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _dump_residuals():
-    """Merge this module's residuals into $EXPLAIND_RESIDUAL_LOG when it is set."""
-    yield
-    RESIDUALS.dump()
-
-
 def group_sums(per_sample: em.Influence, group_of: dict[int, object], groups: list) -> torch.Tensor:
     """Σ over each group's members of the per-sample kernel (unit axis replaced by the groups)."""
     u = per_sample.kernel_axes.index("unit")

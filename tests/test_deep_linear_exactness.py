@@ -20,7 +20,6 @@ from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     POLYNOMIAL_RTOL,
     REPLAY_RTOL,
-    RESIDUALS,
     assert_exact,
     check_certificate,
     report_residual,
@@ -28,13 +27,6 @@ from explaind_math.testing.residuals import (
 
 #: the verification command's row for this module: these tests are about the quadrature being exact
 VERIFIES = "quadrature"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _residual_report():
-    yield
-    print(f"\n[{__name__}] residuals so far:\n{RESIDUALS.summary()}")
-    RESIDUALS.dump()
 
 
 def exact_nodes(num_layers: int) -> int:

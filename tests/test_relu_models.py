@@ -27,7 +27,6 @@ import explaind_math as em
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     REPLAY_RTOL,
-    RESIDUALS,
     check_certificate,
     report_residual,
 )
@@ -38,13 +37,6 @@ VERIFIES = "quadrature"
 #: adaptive tolerance per step, and the relative residual it achieves on ReLU MLPs (module docstring)
 ADAPTIVE_TOL = 1e-10
 RELU_RTOL = 1e-9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _residual_report():
-    yield
-    print(f"\n[{__name__}] residuals so far:\n{RESIDUALS.summary()}")
-    RESIDUALS.dump()
 
 
 def relu_runs():

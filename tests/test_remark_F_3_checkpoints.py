@@ -40,13 +40,6 @@ DT = torch.float64
 SETTINGS = es.property_settings()  # the profile, plus the device fixture shared across examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _dump_residuals():
-    """Merge this module's residuals into $EXPLAIND_RESIDUAL_LOG when it is set."""
-    yield
-    RESIDUALS.dump()
-
-
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / (1 + b.abs())).max())
 

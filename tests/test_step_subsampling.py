@@ -35,13 +35,6 @@ THEOREM = "Appendix G.2"
 SETTINGS = es.property_settings()  # the profile, plus the device fixture shared across examples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _dump_residuals():
-    """Merge this module's residuals into $EXPLAIND_RESIDUAL_LOG when it is set."""
-    yield
-    RESIDUALS.dump()
-
-
 @st.composite
 def subsampling_runs(draw):
     model = draw(es.models(families=es.SMOOTH_FAMILIES, losses=("cross_entropy", "nll")))

@@ -21,20 +21,12 @@ from explaind_math import ReplayMismatchError
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     REPLAY_RTOL,
-    RESIDUALS,
     SMOOTH_RTOL,
     check_certificate,
     check_skipped_parameters,
 )
 
 THEOREM = "Theorem 3.1 (AdamW)"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _residual_report():
-    yield
-    print(f"\n[{__name__}] residuals so far:\n{RESIDUALS.summary()}")
-    RESIDUALS.dump()
 
 
 def _group_weight_decays(run) -> list[float]:
