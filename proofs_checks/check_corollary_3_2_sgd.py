@@ -61,8 +61,10 @@ def run_library(hypers):
     buf = {i: sp.Integer(0) for i in UNITS}
     decay_buf = sp.Integer(0)
     out = []
+    has_buffer = False  # as the driver: torch creates momentum_buffer at the first step with μ ≠ 0
     for t in range(STEPS):
-        c = rule.coefficients(hypers[t], {}, first_update=(t == 0))
+        c = rule.coefficients(hypers[t], {}, first_update=not has_buffer)
+        has_buffer = has_buffer or rule.creates_buffer(hypers[t])
         upd = {}
         for i in UNITS:
             grad = c.gradient_sign * g(t, i)
@@ -209,3 +211,17 @@ def test_sgd_table():
     assert zero(later.A - mu) and zero(later.C - (1 - tau)) and later.D == lrs[0] and later.E == 0
     assert zero(nes.D - lrs[0] * mu) and nes.E == lrs[0]
     assert first.decay_decoupled == 0 and later.decay_decoupled == 0
+
+
+def test_momentum_switched_on_mid_run_starts_undamped():
+    """μ = 0 for t < 3, then μ with dampening τ (a momentum warm-up): PyTorch creates the buffer at
+    t = 3 as b_3 = d_3, undamped, and the library's units reproduce every step; damping the buffer's
+    first step (treating t = 3 as a continuation) would not."""
+    hypers = [hyper(t, momentum=(0 if t < 3 else mu)) for t in range(STEPS)]
+    lib = run_library(hypers)
+    ref = torch_sgd_reference(hypers)
+    for t in range(STEPS):
+        _, upd, decay_upd = lib[t]
+        assert zero(sum(upd.values()) + decay_upd - ref[t]), t
+    wrong = SGDRule().coefficients(hypers[3], {}, first_update=False)
+    assert not zero(wrong.C - 1) and zero(wrong.C - (1 - tau))
