@@ -176,3 +176,42 @@ def test_sgd_momentum_switched_on_mid_run_starts_its_buffer_undamped(device, sta
     result = em.decompose_sgd_momentum_training(model, traj, loss_fn, (X, Y), X[:4])
     assert max(result.replay_errors) <= 1e-10
     assert result.relative_residual <= 1e-9
+
+
+class _SeparateKeyBias(nn.Module):
+    """Self-attention with its own key projection bias (as BERT-style code writes it): softmax is
+    invariant to it, so its true gradient is 0 and its .grad holds only the backward pass's rounding."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.embed, self.out = nn.Linear(4, d), nn.Linear(d, classes)
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):  # x: (batch, tokens, 4)
+        h = self.embed(x)
+        scores = self.query(h) @ self.key(h).transpose(-1, -2) / h.shape[-1] ** 0.5
+        return self.out((torch.softmax(scores, -1) @ self.value(h)).mean(-2))
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+], ids=["adamw", "sgd"])
+def test_a_parameter_with_zero_true_gradient_does_not_stop_the_decomposition(device, make_optimizer):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 3, 4, generator=g, dtype=DT).to(device)
+    Y = torch.randint(0, 3, (32,), generator=g).to(device)
+    torch.manual_seed(0)
+    model = _SeparateKeyBias().to(device=device, dtype=DT)
+    opt = make_optimizer(model.parameters())
+    recorder = em.TrajectoryRecorder(model, opt)
+    for t in range(6):
+        ids = torch.randperm(32, generator=g)[:8]
+        opt.zero_grad()
+        F.cross_entropy(model(X[ids]), Y[ids]).backward()
+        assert float(model.key.bias.grad.abs().max()) < 1e-15  # zero up to rounding
+        recorder.record_batch(ids)
+        opt.step()
+    result = em.decompose_training(model, recorder.trajectory(), loss_fn, (X, Y), X[:3])
+    assert result.relative_residual <= 1e-9
+    # the key bias gets no influence beyond rounding, whatever Adam made of its noise
+    assert abs(result.per_parameter()["key.bias"]) <= 1e-9
