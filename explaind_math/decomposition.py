@@ -194,8 +194,10 @@ def decompose_trajectory(
     theta_t = theta(0)
     f_t = fm.targets(theta_t, xs_test, y_test, test_chunk_size).detach()
     f_initial = f_t.clone()
-    kernel_steps, residuals, replay_errors, nodes_per_step, gradient_scales = [], [], [], [], []
-    pseudo_steps: dict[str, list] = {p: [] for p in pseudo_names}
+    residuals, replay_errors, nodes_per_step, gradient_scales = [], [], [], []
+    # per-step tensors when "step" is kept, else a running sum (memory independent of the number of steps)
+    kernel_steps = _StepAccumulator(keep_steps)
+    pseudo_steps = {p: _StepAccumulator(keep_steps) for p in pseudo_names}
 
     for t, step in enumerate(trajectory.steps):
         theta_next = theta(t + 1)
@@ -291,28 +293,19 @@ def decompose_trajectory(
 
         # 5. the step residual certifies this step
         residuals.append(f_next - f_t - predicted)
-        kernel_steps.append(k_step)
+        kernel_steps.add(k_step)
         for p in pseudo_names:
-            pseudo_steps[p].append(p_steps[p])
+            pseudo_steps[p].add(p_steps[p])
         theta_t, f_t = theta_next, f_next
 
     if not selected & set(range(trajectory.num_steps)):
         raise ExplaindError("decompose_steps selects none of the trajectory's steps")
-    k_template = next(k for k in kernel_steps if k is not None)
-    p_template = next(r for r in pseudo_steps["regularization"] if r is not None)
-    kernel_steps = [torch.zeros_like(k_template) if k is None else k for k in kernel_steps]
-    for p in pseudo_names:
-        pseudo_steps[p] = [torch.zeros_like(p_template) if r is None else r for r in pseudo_steps[p]]
-
-    def stack(steps_list):
-        out = torch.stack(steps_list)
-        return out if keep_steps else out.sum(0)
 
     axes = tuple(a for a in AXES if (a != "step" or keep_steps) and (a != "unit" or keep_units))
     result = Influence(
-        kernel=stack(kernel_steps), kernel_axes=axes, regularization=stack(pseudo_steps["regularization"]),
-        carried_state=stack(pseudo_steps["carried_state"]) if "carried_state" in pseudo_steps else None,
-        penalty=stack(pseudo_steps["penalty"]) if "penalty" in pseudo_steps else None,
+        kernel=kernel_steps.result(), kernel_axes=axes, regularization=pseudo_steps["regularization"].result(),
+        carried_state=pseudo_steps["carried_state"].result() if "carried_state" in pseudo_steps else None,
+        penalty=pseudo_steps["penalty"].result() if "penalty" in pseudo_steps else None,
         f_initial=f_initial, f_final=f_t, step_residuals=torch.stack(residuals),
         replay_errors=replay_errors, steps=list(range(trajectory.num_steps)),
         param_labels=labels, units=units, quadrature=quadrature.describe(),
@@ -456,6 +449,26 @@ def _replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: 
             )
         worst = max(worst, err / scale if scale > 0 else err)
     return worst
+
+
+class _StepAccumulator:
+    """Per-step tensors (stacked on a leading step axis), or their running sum when the step axis is not
+    kept. A step left out by ``decompose_steps`` is None: zeros when stacked, skipped in the sum."""
+
+    def __init__(self, keep_steps: bool):
+        self.keep_steps, self.steps, self.total = keep_steps, [], None
+
+    def add(self, value: torch.Tensor | None) -> None:
+        if self.keep_steps:
+            self.steps.append(value)
+        elif value is not None:
+            self.total = value.clone() if self.total is None else self.total.add_(value)
+
+    def result(self) -> torch.Tensor:
+        if not self.keep_steps:
+            return self.total
+        template = next(v for v in self.steps if v is not None)
+        return torch.stack([torch.zeros_like(template) if v is None else v for v in self.steps])
 
 
 def _global_gradient_scale(per_sample: Params | None, penalty_grad: Params | None,
