@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .template import LinearOptimizerRule, StepCoefficients, scalar
+from .template import LinearOptimizerRule, StepCoefficients, adam_family_values
 
 __all__ = ["AdamaxRule"]
 
@@ -31,15 +31,7 @@ class AdamaxRule(LinearOptimizerRule):
 
     def hyperparameters(self, group: dict) -> dict:
         self._check_known_flags(group, {"lr", "betas", "eps", "weight_decay", "maximize"})
-        beta1, beta2 = group["betas"]
-        return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "eps": scalar(group["eps"]),
-            "weight_decay": scalar(group["weight_decay"]),
-            "maximize": bool(group.get("maximize", False)),
-        }
+        return adam_family_values(group)
 
     def state_keys(self, hyper: dict) -> tuple[str, ...]:
         return ("exp_inf",)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .template import LinearOptimizerRule, StepCoefficients, scalar, sqrt
+from .template import LinearOptimizerRule, StepCoefficients, adam_family_values, scalar, sqrt
 
 __all__ = ["NAdamRule", "nadam_momentum"]
 
@@ -46,16 +46,10 @@ class NAdamRule(LinearOptimizerRule):
         self._check_known_flags(
             group, {"lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize"}
         )
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "eps": scalar(group["eps"]),
-            "weight_decay": scalar(group["weight_decay"]),
+            **adam_family_values(group),
             "momentum_decay": scalar(group["momentum_decay"]),
             "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
-            "maximize": bool(group.get("maximize", False)),
         }
 
     def state_keys(self, hyper: dict) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .template import LinearOptimizerRule, StepCoefficients, scalar, sqrt
+from .template import LinearOptimizerRule, StepCoefficients, adam_family_values, sqrt
 
 __all__ = ["RAdamRule", "radam_rectification"]
 
@@ -46,15 +46,9 @@ class RAdamRule(LinearOptimizerRule):
 
     def hyperparameters(self, group: dict) -> dict:
         self._check_known_flags(group, {"lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize"})
-        beta1, beta2 = group["betas"]
         return {
-            "lr": scalar(group["lr"]),
-            "beta1": scalar(beta1),
-            "beta2": scalar(beta2),
-            "eps": scalar(group["eps"]),
-            "weight_decay": scalar(group["weight_decay"]),
+            **adam_family_values(group),
             "decoupled_weight_decay": bool(group["decoupled_weight_decay"]),
-            "maximize": bool(group.get("maximize", False)),
         }
 
     def state_keys(self, hyper: dict) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ __all__ = [
     "decay_gradient",
     "decay_direct_update",
     "sqrt",
+    "adam_family_values",
 ]
 
 
@@ -169,6 +170,19 @@ def scalar(value) -> float:
     if hasattr(value, "item"):
         return float(value.item())
     return float(value)
+
+
+def adam_family_values(group: dict) -> dict:
+    """lr, β1, β2, ε, λ and ``maximize`` of an Adam-family param group, as floats and a bool."""
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": scalar(group["lr"]),
+        "beta1": scalar(beta1),
+        "beta2": scalar(beta2),
+        "eps": scalar(group["eps"]),
+        "weight_decay": scalar(group["weight_decay"]),
+        "maximize": bool(group.get("maximize", False)),
+    }
 
 
 def refuse_flag(rule: str, flag: str, value, why: str) -> UnsupportedOptimizerError:
