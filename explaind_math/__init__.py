@@ -19,6 +19,7 @@ from .influence import Influence
 from .quadrature import adaptive, gauss_legendre, midpoint
 from .recording import TrajectoryRecorder
 from . import targets
+from . import analysis, plots  # matplotlib, pandas, xarray are imported only inside their functions
 from .theorems import (
     AdamWCheckpoint,
     checkpoint_from_optimizer,
@@ -51,6 +52,8 @@ __all__ = [
     "rank_steps_by_heldout_loss",
     "step_subsampling_fidelity",
     "targets",
+    "analysis",
+    "plots",
     "theorem_3_1",
     "corollary_3_2",
     "Trajectory",
