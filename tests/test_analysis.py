@@ -9,38 +9,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import explaind_math as em
 from explaind_math import analysis
-from explaind_math.demo import make_blobs
+from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
 
 STEPS = 6
 ALL_AXES = ("step", "param", "test", "unit", "output")
 
 
-def _loss(out, y):
-    return F.cross_entropy(out, y)
+_loss = blob_loss
 
 
 @pytest.fixture(scope="module")
 def run():
-    g = torch.Generator().manual_seed(1)
-    X, Y = make_blobs(24, 3, 4, g)
-    X_test, _ = make_blobs(5, 3, 4, g)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
-    recorder = em.TrajectoryRecorder(model, optimizer)
-    for _ in range(STEPS):
-        ids = torch.randperm(24, generator=g)[:8]
-        optimizer.zero_grad()
-        _loss(model(X[ids]), Y[ids]).backward()
-        recorder.record_batch(ids)
-        optimizer.step()
-    recorder.close()
-    trajectory = recorder.trajectory()
+    model, trajectory, (X, Y), X_test = recorded_blob_run(seed=1, num_test=5, steps=STEPS)
 
     def decompose(**options):
         options.setdefault("quadrature", em.gauss_legendre(4))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -13,32 +11,17 @@ import matplotlib.image  # noqa: E402
 
 import explaind_math as em  # noqa: E402
 from explaind_math import plots  # noqa: E402
-from explaind_math.demo import make_blobs  # noqa: E402
+from explaind_math.testing.small_runs import blob_loss, recorded_blob_run  # noqa: E402
 
 STEPS = 6
 
 
-def _loss(out, y):
-    return F.cross_entropy(out, y)
+_loss = blob_loss
 
 
 @pytest.fixture(scope="module")
 def run():
-    g = torch.Generator().manual_seed(2)
-    X, Y = make_blobs(24, 3, 4, g)
-    X_test, _ = make_blobs(6, 3, 4, g)
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
-    recorder = em.TrajectoryRecorder(model, optimizer)
-    for _ in range(STEPS):
-        ids = torch.randperm(24, generator=g)[:8]
-        optimizer.zero_grad()
-        _loss(model(X[ids]), Y[ids]).backward()
-        recorder.record_batch(ids)
-        optimizer.step()
-    recorder.close()
-    trajectory = recorder.trajectory()
+    model, trajectory, (X, Y), X_test = recorded_blob_run(seed=2, num_test=6, steps=STEPS)
 
     def decompose(quadrature=None, keep=("step", "param", "test", "unit", "output")):
         return em.decompose_adamw_training(model, trajectory, _loss, (X, Y), X_test, keep=keep,
