@@ -16,7 +16,8 @@ from .errors import (
     UnsupportedOptimizerError,
 )
 from .influence import Influence
-from .quadrature import adaptive, gauss_legendre, midpoint
+from .quadrature import adaptive, adaptive_gauss_legendre, gauss_legendre, midpoint
+from .contraction import MemoryBudgetError
 from .recording import TrajectoryRecorder
 from . import targets
 from . import analysis, plots  # matplotlib, pandas, xarray are imported only inside their functions
@@ -63,6 +64,8 @@ __all__ = [
     "gauss_legendre",
     "midpoint",
     "adaptive",
+    "adaptive_gauss_legendre",
+    "MemoryBudgetError",
     "ExplaindError",
     "UnsupportedOptimizerError",
     "ReplayMismatchError",

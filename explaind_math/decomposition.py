@@ -1,31 +1,40 @@
 """The driver shared by every theorem: rule × target × contraction (MATH.md §1-§5, §11).
 
 For each step t, in order:
-  1. per-sample gradients g_{t,i} = w_{t,i} ∇ℓ_i(θ_t) of the step's units (vmap ∘ grad);
-  2. the rule's table (A, C, D, E, s, κ, ρ) advances one buffer per unit and gives update_t(u);
+  1. per-sample gradients g_{t,i} = w_{t,i} ∇ℓ_i(θ_t) of the step's units (vmap ∘ grad, in chunks);
+  2. the rule's table (A, C, D, E, s, κ, ρ) advances one buffer per unit and gives update_t(u)
+     (:class:`RuleStage`);
   3. replay check: Σ_u update_t(u) must equal θ_{t+1} − θ_t (else an error naming step and parameter);
-  4. the test feature map Φ_t(x) = ∫ ∂_θ f(x; θ_t + α Δθ_t) dα by quadrature, contracted with the
-     updates on the kept axes: full Jacobians (vmap ∘ jacrev) when parameters or units are kept,
-     forward-mode JVPs along the summed updates otherwise;
-  5. the step residual r_t = f(θ_{t+1}) − f(θ_t) − Φ_t Σ_u update_t(u), which certifies the step.
+  4. the quadrature nodes: a fixed rule's, or those an adaptive rule accepts by probing the exact step
+     residual with one JVP along Δθ_t per node (:func:`~explaind_math.quadrature.select_nodes`);
+  5. the test feature map Φ_t(x) = ∫ ∂_θ f(x; θ_t + α Δθ_t) dα contracted with the updates on the kept
+     axes, by whichever of JVPs or Jacobians is cheaper for this step (:mod:`~explaind_math.contraction`),
+     test input chunk by test input chunk;
+  6. the step residual r_t = f(θ_{t+1}) − f(θ_t) − Φ_t Σ_u update_t(u), which certifies the step.
+
+The buffer recursion of step 2 is linear, so a block of steps can start from any buffer state: the
+single-process run is one block from the initial state, and :mod:`~explaind_math.distributed` splits the
+steps into blocks across ranks and joins the buffers by a scan.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .contraction import ContractionPlan, bytes_of, chunks, forward_macs, parse_memory_budget, plan_contraction
 from .errors import ExplaindError, NonFiniteError, ReplayMismatchError, TrajectoryMismatchError
 from .features import FunctionalModel, TrainingData
 from .influence import AXES, Influence
 from .optimizers.template import apply_linear, buffer_step, decay_direct_update, decay_gradient, unit_update
-from .quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
+from .quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre, select_nodes
 from .recording import check_deterministic_modules
 from .trajectory import Trajectory
 
-__all__ = ["decompose_trajectory", "DEFAULT_KEEP", "default_replay_rtol"]
+__all__ = ["decompose_trajectory", "DEFAULT_KEEP", "default_replay_rtol", "RuleStage", "DecompositionContext"]
 
 DEFAULT_KEEP = ("step", "param", "test", "unit", "output")
 Params = dict[str, torch.Tensor]
@@ -90,10 +99,533 @@ def _unit_rows(sample_ids: Sequence[int], partition: Any) -> tuple[list, dict[in
     return groups, {u: row[g] for u, g in group_of.items()}
 
 
-def _combine(acc: Params | None, part: Params, weight: float = 1.0) -> Params:
-    if acc is None:
-        return {k: v * weight for k, v in part.items()}
-    return {k: acc[k] + v * weight for k, v in part.items()}
+def _is_zero(coefficient) -> bool:
+    return not callable(coefficient) and not isinstance(coefficient, torch.Tensor) and coefficient == 0
+
+
+@dataclass
+class DecompositionContext:
+    """Everything about one decomposition that does not change from step to step."""
+
+    trajectory: Trajectory
+    fm: FunctionalModel
+    data: TrainingData
+    loss_fn: Callable
+    penalty: Callable | None
+    names: list[str]
+    shapes: dict[str, tuple]
+    xs_test: torch.Tensor
+    y_test: torch.Tensor
+    labels: list[str]
+    group_index: list[int] | None
+    units: list
+    row_of: dict[int, int]
+    keep: tuple[str, ...]
+    quadrature: Quadrature | AdaptiveQuadrature
+    plan: ContractionPlan
+    selected: set[int]
+    dtype: torch.dtype
+    device: torch.device
+    rtol: float
+    eps_train: float
+    rescaling: bool
+    vectorize: bool
+    num_outputs: int
+    offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
+
+    @property
+    def keep_steps(self) -> bool:
+        return "step" in self.keep
+
+    @property
+    def keep_units(self) -> bool:
+        return "unit" in self.keep
+
+    @property
+    def per_coordinate(self) -> bool:
+        return self.group_index is None
+
+    @property
+    def num_rows(self) -> int:
+        """Size of the parameter axis: groups, or coordinates."""
+        return len(self.labels)
+
+    def numel(self, n: str) -> int:
+        return torch.Size(self.shapes[n]).numel()
+
+    def theta(self, t: int) -> Params:
+        snapshot = self.trajectory.parameters[t]
+        return {n: snapshot[n].to(device=self.device, dtype=self.dtype) for n in self.names}
+
+    def targets(self, params: Params) -> torch.Tensor:
+        """f(x; θ) on every test input (X, O), in test chunks."""
+        parts = [self.fm.targets(params, self.xs_test[s], self.y_test[s]).detach()
+                 for s in chunks(self.xs_test.shape[0], self.plan.test_chunk)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class RuleStage:
+    """The buffers of the §4 template, advanced step by step (MATH.md §4):
+
+        buffer_t(u) = A_t ⊙ buffer_{t−1}(u) + C_t ⊙ s g_{t,u},   update_t(u) = −(D_t ⊙ buffer_t(u) + E_t ⊙ s g_{t,u})
+
+    one buffer per unit (sample, or partition element) and one per pseudo-unit (weight decay, a loss
+    penalty, optimizer state carried in from before the recording). The state is a set of tensors that the
+    recursion maps linearly, so a stage can start from any state (:meth:`load_state`): that is how blocks of
+    steps run on different ranks (:mod:`~explaind_math.distributed`).
+    """
+
+    def __init__(self, ctx: DecompositionContext, *, zero_state: bool = False):
+        self.ctx = ctx
+        traj, names, shapes = ctx.trajectory, ctx.names, ctx.shapes
+        self.rule = traj.rule
+        zeros = lambda shape: torch.zeros(shape, dtype=ctx.dtype, device=ctx.device)  # noqa: E731
+        self.sample_buffer = {n: zeros((len(ctx.units), *shapes[n])) for n in names}
+        self.decay_buffer = {n: zeros(shapes[n]) for n in names}
+        self.penalty_buffer = {n: zeros(shapes[n]) for n in names}
+        key = self.rule.buffer_state_key
+        carried = {n: st[key] for n, st in traj.initial_state.items() if key is not None and key in st}
+        self.carried_buffer = {
+            n: (zeros(shapes[n]) if zero_state else v.to(device=ctx.device, dtype=ctx.dtype)) for n, v in carried.items()
+        }
+        self.pseudo_names = (["regularization"] + (["carried_state"] if self.carried_buffer else [])
+                             + (["penalty"] if ctx.penalty else []))
+        # the optimizer's buffer exists (rule.creates_buffer); carried state means it existed at the start
+        self.has_buffer = {n: (n in carried) for n in names}
+        # first-order bound on how far the gradients' rounding moves each update (the replay check's floor):
+        # a buffer of |perturbations| advanced by the same table, fed 64 ε · max|g_t| per coordinate per step
+        self.rounding_buffer = {n: zeros(shapes[n]) for n in names}
+
+    # ---------------------------------------------------------------- state, for blocks of steps
+    def state(self) -> list[torch.Tensor]:
+        """The linear state, in a fixed order (the same on every rank)."""
+        out = []
+        for n in self.ctx.names:
+            out += [self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n]]
+            if n in self.carried_buffer:
+                out.append(self.carried_buffer[n])
+        return out
+
+    def load_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        it = iter(tensors)
+        for n in self.ctx.names:
+            self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n] = (
+                next(it), next(it), next(it), next(it))
+            if n in self.carried_buffer:
+                self.carried_buffer[n] = next(it)
+
+    def _coefficients(self, step, n: str):
+        hyper = step.hyperparameters[self.ctx.trajectory.group_of[n]]
+        state = {k: (v.to(device=self.ctx.device, dtype=self.ctx.dtype) if isinstance(v, torch.Tensor) else v)
+                 for k, v in step.state.get(n, {}).items()}
+        c = self.rule.coefficients(hyper, state, first_update=not self.has_buffer[n])
+        self.has_buffer[n] = self.has_buffer[n] or self.rule.creates_buffer(hyper)
+        return c
+
+    def creates_buffers(self, step) -> set[str]:
+        """The parameters whose optimizer buffer this step creates (a cheap pass: hyper-parameters only)."""
+        return {n for n in step.updated
+                if self.rule.creates_buffer(step.hyperparameters[self.ctx.trajectory.group_of[n]])}
+
+    def propagate(self, t: int) -> None:
+        """Advance the state through step t with no new input: buffer ← A_t buffer (|A_t| for the rounding
+        bound). The scan of :mod:`~explaind_math.distributed` carries a block's incoming state this way."""
+        step = self.ctx.trajectory.steps[t]
+        for n in self.ctx.names:
+            if n not in set(step.updated):
+                continue
+            c = self._coefficients(step, n)
+            self.sample_buffer[n] = apply_linear(c.A, self.sample_buffer[n])
+            self.decay_buffer[n] = apply_linear(c.A, self.decay_buffer[n])
+            self.penalty_buffer[n] = apply_linear(c.A, self.penalty_buffer[n])
+            self.rounding_buffer[n] = _abs_linear(c.A, self.rounding_buffer[n])
+            if n in self.carried_buffer:
+                self.carried_buffer[n] = apply_linear(c.A, self.carried_buffer[n])
+
+    def add_state(self, other: Sequence[torch.Tensor]) -> None:
+        self.load_state([a + b for a, b in zip(self.state(), other)])
+
+    # ---------------------------------------------------------------- one step
+    def advance(self, t: int, theta_t: Params, theta_next: Params, *, checks: bool = True):
+        """Step t: per-sample gradients, the buffers advanced, every unit's update.
+
+        Returns ``(unit_updates, pseudo_updates, replay_error, gradient_scale)`` with ``unit_updates[n]`` of
+        shape (units, *shape) and ``pseudo_updates[p][n]`` of the parameter's shape. With ``checks=False``
+        (a block's own part on a rank, which does not start from the true state) the gradient-sum and
+        replay checks are skipped.
+        """
+        ctx, names, shapes = self.ctx, self.ctx.names, self.ctx.shapes
+        step = ctx.trajectory.steps[t]
+        updated = set(step.updated)
+        delta = {n: theta_next[n] - theta_t[n] for n in names}
+        zeros = lambda n: torch.zeros(shapes[n], dtype=ctx.dtype, device=ctx.device)  # noqa: E731
+
+        # 1. per-sample gradients in chunks, weighted: g_{t,i} = w_{t,i} ∇ℓ_i(θ_t); the penalty's ∇R(θ_t)
+        xb, yb = ctx.data.fetch(step.units)
+        rows = torch.as_tensor([ctx.row_of[u] for u in step.units], dtype=torch.long, device=ctx.device)
+        weights = step.weights.to(device=ctx.device, dtype=ctx.dtype)
+        slices = chunks(len(step.units), ctx.plan.train_chunk)
+
+        def gradients(sl: slice) -> Params:
+            raw = ctx.fm.per_sample_gradients(theta_t, ctx.loss_fn, xb[sl], _take(yb, sl), vectorize=ctx.vectorize)
+            w = weights[sl]
+            return {n: raw[n] * w.reshape(-1, *([1] * len(shapes[n]))) for n in names}
+
+        cached = [gradients(slices[0])] if len(slices) == 1 else None
+        penalty_grad = _penalty_gradient(ctx.penalty, theta_t) if ctx.penalty else None
+        scale = 1.0
+        if step.gradient is None and ctx.rescaling:
+            raise ExplaindError(f"step {t}: gradient rescaling needs the recorded gradient of the step")
+        if step.gradient is not None and ctx.rescaling:
+            total = _sum_gradients(cached if cached else (gradients(sl) for sl in slices), names)
+            scale = _recover_gradient_scale(t, total, penalty_grad, step.gradient, ctx.rtol, ctx.eps_train)
+            penalty_grad = None if penalty_grad is None else {n: v * scale for n, v in penalty_grad.items()}
+
+        # 2. the rule's table advances the buffers: A first, then every chunk's C ⊙ g (and E ⊙ g) by row
+        coefficients = {n: self._coefficients(step, n) for n in names if n in updated}
+        unit_updates = {}
+        for n in names:
+            if n in updated:
+                self.sample_buffer[n] = apply_linear(coefficients[n].A, self.sample_buffer[n])
+            unit_updates[n] = torch.zeros_like(self.sample_buffer[n])
+        summed = {n: zeros(n) for n in names}
+        for k, sl in enumerate(slices):
+            g = cached[k] if cached else gradients(sl)
+            if scale != 1.0:
+                g = {n: v * scale for n, v in g.items()}
+            for n in names:
+                summed[n] += g[n].sum(0)
+                if n not in updated:
+                    continue
+                c = coefficients[n]
+                grads = c.gradient_sign * g[n]
+                self.sample_buffer[n].index_add_(0, rows[sl], apply_linear(c.C, grads))
+                if not _is_zero(c.E):
+                    unit_updates[n].index_add_(0, rows[sl], -apply_linear(c.E, grads))
+            del g
+        cached = None
+        if checks and step.gradient is not None and not ctx.rescaling:
+            _check_gradient_sum(t, summed, penalty_grad, step.gradient, ctx.rtol, ctx.eps_train)
+        gradient_rounding = 64 * ctx.eps_train * _global_gradient_scale(summed, penalty_grad, step.gradient)
+
+        pseudo_updates: dict[str, Params] = {p: {} for p in self.pseudo_names}
+        update_rounding = {n: 0.0 for n in names}
+        for n in names:
+            if n not in updated:
+                for p in self.pseudo_names:
+                    pseudo_updates[p][n] = zeros(n)
+                continue
+            c = coefficients[n]
+            unit_updates[n] -= apply_linear(c.D, self.sample_buffer[n])
+            rounding = torch.full(shapes[n], gradient_rounding, dtype=ctx.dtype, device=ctx.device)
+            self.rounding_buffer[n] = _abs_linear(c.A, self.rounding_buffer[n]) + _abs_linear(c.C, rounding)
+            update_rounding[n] = float((_abs_linear(c.D, self.rounding_buffer[n]) + _abs_linear(c.E, rounding)).max())
+            g_decay = decay_gradient(theta_t[n], c)
+            self.decay_buffer[n] = buffer_step(self.decay_buffer[n], g_decay, c)
+            pseudo_updates["regularization"][n] = (unit_update(self.decay_buffer[n], g_decay, c)
+                                                   + decay_direct_update(theta_t[n], c))
+            if "carried_state" in pseudo_updates:
+                if n in self.carried_buffer:
+                    self.carried_buffer[n] = apply_linear(c.A, self.carried_buffer[n])
+                    pseudo_updates["carried_state"][n] = -apply_linear(c.D, self.carried_buffer[n])
+                else:
+                    pseudo_updates["carried_state"][n] = zeros(n)
+            if "penalty" in pseudo_updates:
+                g_penalty = c.gradient_sign * penalty_grad[n]
+                self.penalty_buffer[n] = buffer_step(self.penalty_buffer[n], g_penalty, c)
+                pseudo_updates["penalty"][n] = unit_update(self.penalty_buffer[n], g_penalty, c)
+
+        # 3. replay check: Σ_u update_t(u) = θ_{t+1} − θ_t
+        replay_error = 0.0
+        if checks:
+            total = {n: unit_updates[n].sum(0) + sum(pseudo_updates[p][n] for p in self.pseudo_names) for n in names}
+            replay_error = _replay_check(t, total, delta, theta_t, theta_next, ctx.rtol, ctx.eps_train, updated,
+                                         update_rounding)
+        return unit_updates, pseudo_updates, replay_error, scale
+
+
+def _take(ys: Any, sl: slice) -> Any:
+    return ys[sl]
+
+
+def _sum_gradients(parts: Iterable[Params], names: Sequence[str]) -> Params:
+    total = None
+    for g in parts:
+        s = {n: g[n].sum(0) for n in names}
+        total = s if total is None else {n: total[n] + s[n] for n in names}
+    return total
+
+
+# ==================================================================================== the contraction
+@dataclass
+class StepContribution:
+    """One step's kept influences: kernel (rows, X, [U,] O), pseudo-units (rows, X, O), Φ_t Σ_u update_t(u)."""
+
+    kernel: torch.Tensor | None
+    pseudo: dict[str, torch.Tensor | None]
+    predicted: torch.Tensor
+    nodes: int
+    probe_nodes: int
+    mode: str
+
+
+def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next: Params, f_t: torch.Tensor,
+                  f_next: torch.Tensor, unit_updates: Params, pseudo_updates: dict[str, Params]) -> StepContribution:
+    """Steps 4-5 of the module docstring for step t: nodes, then the cheapest exact contraction."""
+    names = ctx.names
+    delta = {n: theta_next[n] - theta_t[n] for n in names}
+    step = ctx.trajectory.steps[t]
+    moving = [n for n in names if n in set(step.updated)]
+    X, O = f_t.shape
+
+    def point(alpha: float) -> Params:
+        return {n: theta_t[n] + alpha * delta[n] for n in names}
+
+    # 4. nodes
+    if isinstance(ctx.quadrature, Quadrature) or not moving:
+        rule = ctx.quadrature if isinstance(ctx.quadrature, Quadrature) else ctx.quadrature.rules[0]
+        pairs, probe_nodes = rule.on_interval(0.0, 1.0), 0
+    else:
+        def probe(alphas):
+            tangent = {n: delta[n].unsqueeze(0) for n in moving}
+            return torch.stack([_directional(ctx, point(a), tangent)[0] for a in alphas])
+
+        pairs, probe_nodes = select_nodes(ctx.quadrature, probe, lambda a: ctx.targets(point(a)), f_t, f_next)
+
+    # 5. the contraction: count what each way would cost for this step
+    active = _active_rows(unit_updates, moving) if ctx.keep_units else None
+    n_active = int(active.numel()) if active is not None else 1
+    groups = sorted({_row_group(ctx, n) for n in moving}) if not ctx.per_coordinate else []
+    n_pseudo = len(pseudo_updates)
+    directions = len(groups) * (n_active + n_pseudo)
+    moving_params = sum(ctx.numel(n) for n in moving)
+    macs = O * moving_params * ((n_active + n_pseudo + 1) if ctx.keep_units else (n_pseudo + 2))
+    mode = ctx.plan.mode_for_step(directions, O, macs)
+
+    rows = ctx.num_rows
+    kernel_shape = (rows, X, len(ctx.units), O) if ctx.keep_units else (rows, X, O)
+    kernel = torch.zeros(kernel_shape, dtype=ctx.dtype, device=ctx.device)
+    pseudo = {p: torch.zeros((rows, X, O), dtype=ctx.dtype, device=ctx.device) for p in pseudo_updates}
+    predicted = torch.zeros((X, O), dtype=ctx.dtype, device=ctx.device)
+    if moving:
+        if mode == "jvp":
+            _contract_by_jvp(ctx, point, pairs, moving, groups, active, unit_updates, pseudo_updates,
+                             kernel, pseudo, predicted)
+        else:
+            _contract_by_jacobian(ctx, point, pairs, moving, active, unit_updates, pseudo_updates,
+                                  kernel, pseudo, predicted)
+    values = [kernel, predicted, *pseudo.values()]
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        raise NonFiniteError(_non_finite_message(ctx, t, point, pairs, moving, delta))
+    return StepContribution(kernel, pseudo, predicted, len(pairs), probe_nodes, mode)
+
+
+def _row_group(ctx: DecompositionContext, n: str) -> int:
+    return ctx.group_index[ctx.names.index(n)]
+
+
+def _active_rows(unit_updates: Params, moving: Sequence[str]) -> torch.Tensor:
+    """Rows (units) whose update is not zero in any parameter: only these enter the contraction."""
+    any_row = None
+    for n in moving:
+        u = unit_updates[n]
+        nz = u.reshape(u.shape[0], -1).ne(0).any(1)
+        any_row = nz if any_row is None else any_row | nz
+    return torch.nonzero(any_row).flatten() if any_row is not None else torch.zeros(0, dtype=torch.long)
+
+
+def _directional(ctx: DecompositionContext, params: Params, tangents: Params, sl: slice | None = None) -> torch.Tensor:
+    """Φ(α) v for stacked tangents v (K, X, O) at one point, over all test inputs (in chunks) or ``sl``."""
+    slices = [sl] if sl is not None else chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk)
+    parts = [ctx.fm.directional(params, ctx.xs_test[s], ctx.y_test[s], tangents,
+                                tangent_chunk_size=ctx.plan.tangent_chunk).detach() for s in slices]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _contract_by_jvp(ctx, point, pairs, moving, groups, active, unit_updates, pseudo_updates, kernel, pseudo, predicted):
+    """Φ_t(x) v for every kept direction v: each unit's update (or their sum) restricted to each parameter
+    group, and each pseudo-unit's restricted likewise; one forward-mode JVP per direction and node."""
+    shapes = ctx.shapes
+    group_names = {g: [n for n in moving if _row_group(ctx, n) == g] for g in groups}
+    blocks = []  # (group, pseudo name or None, rows or None)
+    for g in groups:
+        if ctx.keep_units:
+            size = ctx.plan.tangent_chunk or active.numel()
+            for s in range(0, active.numel(), max(1, size)):
+                blocks.append((g, None, active[s:s + size]))
+        else:
+            blocks.append((g, None, None))
+        blocks.extend((g, p, None) for p in pseudo_updates)
+
+    def vectors(block) -> Params:
+        g, p, rows = block
+        count = 1 if rows is None else rows.numel()
+        out = {}
+        for n in moving:
+            if n not in group_names[g]:
+                out[n] = torch.zeros((count, *shapes[n]), dtype=ctx.dtype, device=ctx.device)
+            elif p is not None:
+                out[n] = pseudo_updates[p][n].unsqueeze(0)
+            elif rows is None:
+                out[n] = unit_updates[n].sum(0, keepdim=True)
+            else:
+                out[n] = unit_updates[n].index_select(0, rows)
+        return out
+
+    limit = ctx.plan.tangent_chunk or sum(1 if b[2] is None else b[2].numel() for b in blocks)
+    batches, current, size = [], [], 0
+    for b in blocks:
+        count = 1 if b[2] is None else b[2].numel()
+        if current and size + count > limit:
+            batches.append(current)
+            current, size = [], 0
+        current.append(b)
+        size += count
+    if current:
+        batches.append(current)
+
+    for batch in batches:
+        parts = [vectors(b) for b in batch]
+        tangents = {n: torch.cat([v[n] for v in parts]) for n in moving}
+        del parts
+        for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
+            jv = None
+            for alpha, w in pairs:
+                value = _directional(ctx, point(alpha), tangents, sl)
+                jv = value * w if jv is None else jv.add_(value, alpha=w)  # value may be an expanded view
+            predicted[sl] += jv.sum(0)
+            k = 0
+            for g, p, rows in batch:
+                count = 1 if rows is None else rows.numel()
+                part = jv[k:k + count]
+                k += count
+                if p is not None:
+                    pseudo[p][g, sl] += part[0]
+                elif rows is None:
+                    kernel[g, sl] += part[0]
+                else:
+                    kernel[g, sl].index_add_(1, rows, part.transpose(0, 1))
+
+
+def _contract_by_jacobian(ctx, point, pairs, moving, active, unit_updates, pseudo_updates, kernel, pseudo, predicted):
+    """Φ_t(x) = Σ_k w_k ∂_θ f(x; θ_t(α_k)) for a test chunk, then I[j, x, u, o] = Φ_t(x)[o, j] update_t(u)[j]
+    summed within parameter groups (or per coordinate), and the same for every pseudo-unit."""
+    if ctx.plan.groupwise_jacobian:
+        by_group: dict = {}
+        for n in moving:
+            by_group.setdefault(n if ctx.per_coordinate else _row_group(ctx, n), []).append(n)
+        name_sets = list(by_group.values())
+    else:
+        name_sets = [moving]
+    for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
+        for wrt in name_sets:
+            phi = None
+            for alpha, w in pairs:
+                value = ctx.fm.jacobian(point(alpha), ctx.xs_test[sl], ctx.y_test[sl], wrt=wrt)
+                if phi is None:
+                    phi = {n: v.detach() * w for n, v in value.items()}  # v may be an expanded view
+                else:
+                    for n in wrt:
+                        phi[n].add_(value[n].detach(), alpha=w)
+                del value
+            for n in wrt:
+                _contract_tensor(ctx, n, phi[n], sl, active, unit_updates, pseudo_updates, kernel, pseudo, predicted)
+            del phi
+
+
+def _contract_tensor(ctx, n, phi_n, sl, active, unit_updates, pseudo_updates, kernel, pseudo, predicted):
+    """Add parameter tensor n's share of the step to the kept tensors for test chunk ``sl``."""
+    # (X, O, n_p) and (units, n_p); not flatten(2)/flatten(1), which fail for 0-dim parameters
+    J = phi_n.reshape(*phi_n.shape[:2], phi_n.shape[2:].numel())
+    U = unit_updates[n].reshape(unit_updates[n].shape[0], -1)
+    total = U.sum(0)
+    if ctx.per_coordinate:
+        rows = slice(ctx.offsets[n], ctx.offsets[n] + J.shape[2])
+        if ctx.keep_units:
+            kernel[rows, sl].index_add_(2, active, torch.einsum("xoj,aj->jxao", J, U.index_select(0, active)))
+        else:
+            kernel[rows, sl] += torch.einsum("xoj,j->jxo", J, total)
+    else:
+        g = _row_group(ctx, n)
+        if ctx.keep_units:
+            kernel[g, sl].index_add_(1, active, torch.einsum("xoj,aj->xao", J, U.index_select(0, active)))
+        else:
+            kernel[g, sl] += J @ total
+    direction = total
+    for p, updates in pseudo_updates.items():
+        R = updates[n].reshape(-1)
+        if ctx.per_coordinate:
+            pseudo[p][rows, sl] += torch.einsum("xoj,j->jxo", J, R)
+        else:
+            pseudo[p][g, sl] += J @ R
+        direction = direction + R
+    predicted[sl] += J @ direction
+
+
+def _non_finite_message(ctx, t, point, pairs, moving, delta) -> str:
+    """Name the first node where the derivative along Δθ_t is NaN or Inf (found only once one occurred)."""
+    tangent = {n: delta[n].unsqueeze(0) for n in moving}
+    bad = [alpha for alpha, _ in pairs if not bool(torch.isfinite(_directional(ctx, point(alpha), tangent)).all())]
+    where = f"at α = {bad[0]:.6g}" if bad else f"at one of the nodes α ∈ {[round(a, 6) for a, _ in pairs]}"
+    return (f"step {t}: the derivative of the decomposed quantity is NaN or Inf {where} on the segment "
+            "θ_t → θ_{t+1} (is h differentiable there?)")
+
+
+# ==================================================================================== the driver
+@dataclass
+class BlockResult:
+    """What a block of steps produced: kept tensors (per step, or summed), per-step certificates and facts."""
+
+    kernel: "_StepAccumulator"
+    pseudo: dict[str, "_StepAccumulator"]
+    residuals: list[torch.Tensor]
+    replay_errors: list[float]
+    nodes: list[int]
+    probe_nodes: list[int]
+    modes: list[str]
+    scales: list[float]
+    f_start: torch.Tensor
+    f_end: torch.Tensor
+
+
+def run_block(ctx: DecompositionContext, stage: RuleStage, steps: range, progress: bool = False) -> BlockResult:
+    """Steps ``steps`` (consecutive) from the stage's current state: rule, replay check, contraction, residual."""
+    theta_t = ctx.theta(steps.start)
+    f_t = ctx.targets(theta_t)
+    out = BlockResult(_StepAccumulator(ctx.keep_steps), {p: _StepAccumulator(ctx.keep_steps) for p in stage.pseudo_names},
+                      [], [], [], [], [], [], f_t, f_t)
+    iterator = steps
+    if progress:
+        iterator = _progress(steps, ctx)
+    for t in iterator:
+        theta_next = ctx.theta(t + 1)
+        unit_updates, pseudo_updates, replay_error, scale = stage.advance(t, theta_t, theta_next)
+        f_next = ctx.targets(theta_next)
+        if t in ctx.selected:
+            part = contract_step(ctx, t, theta_t, theta_next, f_t, f_next, unit_updates, pseudo_updates)
+        else:  # Appendix G.2: this step is left out; its change stays in the residual
+            part = StepContribution(None, {p: None for p in pseudo_updates}, torch.zeros_like(f_t), 0, 0, "skipped")
+        del unit_updates
+        out.residuals.append(f_next - f_t - part.predicted)
+        out.kernel.add(part.kernel)
+        for p in stage.pseudo_names:
+            out.pseudo[p].add(part.pseudo[p])
+        out.replay_errors.append(replay_error)
+        out.nodes.append(part.nodes)
+        out.probe_nodes.append(part.probe_nodes)
+        out.modes.append(part.mode)
+        out.scales.append(scale)
+        theta_t, f_t = theta_next, f_next
+    out.f_end = f_t
+    return out
+
+
+def _progress(steps, ctx):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("progress=True needs tqdm: pip install explaind_math[analysis]") from error
+    return tqdm(steps, desc="decomposing steps", unit="step")
 
 
 def decompose_trajectory(
@@ -119,6 +651,10 @@ def decompose_trajectory(
     test_chunk_size: int | None = None,
     train_chunk_size: int | None = None,
     vectorize: bool = True,
+    contraction: str = "auto",
+    memory_budget: int | str | None = None,
+    progress: bool = False,
+    distributed: Any = None,
 ) -> Influence:
     """Decompose f(x; θ_N) − f(x; θ_0) over the trajectory with the trajectory's optimizer rule.
 
@@ -132,18 +668,44 @@ def decompose_trajectory(
     * ``penalty``: R(θ) added to the training loss (an L1/L2 term on the parameters): its gradient is
       its own pseudo-unit, reported as ``result.penalty``;
     * ``decompose_steps``: compute Φ_t only for these steps (Appendix G.2); the others contribute
-      nothing, and the result is labelled an estimate.
+      nothing, and the result is labelled an estimate;
+    * ``contraction``: ``"auto"`` (per step, the cheaper of JVPs and Jacobians), ``"jvp"`` or ``"jacobian"``
+      (MATH.md §11; every choice is exact);
+    * ``memory_budget``: bytes (or ``"4GiB"``) for the working set: test inputs, training samples and JVP
+      tangents are processed in chunks that fit, the Jacobian is formed one parameter group at a time
+      if one test input's does not fit, and a :class:`~explaind_math.contraction.MemoryBudgetError` names
+      what cannot fit at all; ``test_chunk_size`` / ``train_chunk_size`` set the chunks directly;
+    * ``progress``: a tqdm progress bar over the steps;
+    * ``distributed``: ``True`` (the default process group) or a process group of ``torch.distributed``:
+      the steps are split into one block per rank, the buffers are carried across blocks exactly by a
+      scan, and every rank returns the whole result (:mod:`~explaind_math.distributed`).
     """
+    ctx = _build_context(
+        model, trajectory, loss_fn, train_data, test_inputs, h=h, activation=activation, test_labels=test_labels,
+        partition=partition, decompose_steps=decompose_steps, penalty=penalty, quadrature=quadrature, keep=keep,
+        params=params, dtype=dtype, device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
+        train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction, memory_budget=memory_budget)
+    if distributed not in (None, False):
+        from .distributed import run_distributed
+
+        block, steps = run_distributed(ctx, distributed, progress)
+    else:
+        block = run_block(ctx, RuleStage(ctx), range(trajectory.num_steps), progress)
+        steps = list(range(trajectory.num_steps))
+    return _finish(ctx, block, steps, theorem)
+
+
+def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, activation, test_labels, partition,
+                   decompose_steps, penalty, quadrature, keep, params, dtype, device, replay_rtol, test_chunk_size,
+                   train_chunk_size, vectorize, contraction, memory_budget):
     # the test and output axes are always kept: the certificate is per prediction
     keep = tuple(dict.fromkeys((*keep, "test", "output")))
     unknown = set(keep) - set(AXES)
     if unknown:
         raise ExplaindError(f"unknown axes {sorted(unknown)} in keep; axes are {AXES}")
-    keep_steps, keep_params, keep_units = "step" in keep, "param" in keep, "unit" in keep
-    if not keep_params:
+    if "param" not in keep:
         params = "all"
     quadrature = quadrature or gauss_legendre(8)
-    rule = trajectory.rule
     trajectory.check_model(model)
     check_deterministic_modules(model, "decomposition")
     if device is None:
@@ -152,7 +714,6 @@ def decompose_trajectory(
     device = torch.device(device)
     dtype = dtype or trajectory.dtype
     rtol = default_replay_rtol(trajectory.dtype) if replay_rtol is None else replay_rtol
-    eps_train = torch.finfo(trajectory.dtype).eps
 
     names = trajectory.parameter_names
     shapes = trajectory.shapes()
@@ -168,159 +729,65 @@ def decompose_trajectory(
             raise ExplaindError(f"{xs_test.shape[0]} test inputs but {y_test.shape[0]} test labels")
     labels, group_index = _param_groups(params, names, shapes)
     units, row_of = _unit_rows(trajectory.units(), partition)
-    n_units = len(units)
     selected = set(range(trajectory.num_steps)) if decompose_steps is None else {int(t) for t in decompose_steps}
-
-    def theta(t: int) -> Params:
-        return {n: trajectory.parameters[t][n].to(device=device, dtype=dtype) for n in names}
-
-    # buffers of the §4 template: one per unit (sample or group) and parameter, and one per pseudo-unit
-    sample_buffer = {n: torch.zeros((n_units, *shapes[n]), dtype=dtype, device=device) for n in names}
-    decay_buffer = {n: torch.zeros(shapes[n], dtype=dtype, device=device) for n in names}
-    penalty_buffer = {n: torch.zeros(shapes[n], dtype=dtype, device=device) for n in names}
-    key = rule.buffer_state_key
-    carried_buffer = {
-        n: st[key].to(device=device, dtype=dtype)
-        for n, st in trajectory.initial_state.items()
-        if key is not None and key in st
-    }
-    pseudo_names = ["regularization"] + (["carried_state"] if carried_buffer else []) + (["penalty"] if penalty else [])
-    has_buffer = {n: (n in carried_buffer) for n in names}  # the optimizer's buffer exists (rule.creates_buffer)
-    # first-order bound on how far the gradients' rounding moves each update (the replay check's floor):
-    # a buffer of |perturbations| advanced by the same table, fed 64 ε · max|g_t| per coordinate per step
-    rounding_buffer = {n: torch.zeros(shapes[n], dtype=dtype, device=device) for n in names}
-    rescaling = bool(trajectory.metadata.get("gradient_rescaling", False))
-
-    theta_t = theta(0)
-    f_t = fm.targets(theta_t, xs_test, y_test, test_chunk_size).detach()
-    f_initial = f_t.clone()
-    residuals, replay_errors, nodes_per_step, gradient_scales = [], [], [], []
-    # per-step tensors when "step" is kept, else a running sum (memory independent of the number of steps)
-    kernel_steps = _StepAccumulator(keep_steps)
-    pseudo_steps = {p: _StepAccumulator(keep_steps) for p in pseudo_names}
-
-    for t, step in enumerate(trajectory.steps):
-        theta_next = theta(t + 1)
-        delta = {n: theta_next[n] - theta_t[n] for n in names}
-        updated = set(step.updated)
-        zeros = lambda n: torch.zeros(shapes[n], dtype=dtype, device=device)
-
-        # 1. per-sample gradients, weighted: g_{t,i} = w_{t,i} ∇ℓ_i(θ_t); the penalty's ∇R(θ_t)
-        xb, yb = data.fetch(step.units)
-        rows = torch.as_tensor([row_of[u] for u in step.units], dtype=torch.long, device=device)
-        weights = step.weights.to(device=device, dtype=dtype)
-        raw = fm.per_sample_gradients(theta_t, loss_fn, xb, yb, vectorize=vectorize, chunk_size=train_chunk_size)
-        per_sample = {n: raw[n] * weights.reshape(-1, *([1] * len(shapes[n]))) for n in names}
-        penalty_grad = _penalty_gradient(penalty, theta_t) if penalty else None
-        scale = 1.0
-        if step.gradient is not None and rescaling:
-            scale = _recover_gradient_scale(t, per_sample, penalty_grad, step.gradient, rtol, eps_train)
-            per_sample = {n: v * scale for n, v in per_sample.items()}
-            penalty_grad = None if penalty_grad is None else {n: v * scale for n, v in penalty_grad.items()}
-        elif step.gradient is not None:
-            _check_gradient_sum(t, per_sample, penalty_grad, step.gradient, rtol, eps_train)
-        elif rescaling:
-            raise ExplaindError(f"step {t}: gradient rescaling needs the recorded gradient of the step")
-        gradient_scales.append(scale)
-        gradient_rounding = 64 * eps_train * _global_gradient_scale(per_sample, penalty_grad, step.gradient)
-
-        # 2. the rule's table advances the buffers and gives every unit's update
-        unit_updates = {}
-        update_rounding = {n: 0.0 for n in names}
-        pseudo_updates: dict[str, Params] = {p: {} for p in pseudo_names}
-        for n in names:
-            if n not in updated:
-                unit_updates[n] = torch.zeros_like(sample_buffer[n])
-                for p in pseudo_names:
-                    pseudo_updates[p][n] = zeros(n)
-                continue
-            hyper = step.hyperparameters[trajectory.group_of[n]]
-            state = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
-                     for k, v in step.state.get(n, {}).items()}
-            c = rule.coefficients(hyper, state, first_update=not has_buffer[n])
-            has_buffer[n] = has_buffer[n] or rule.creates_buffer(hyper)
-            grads = c.gradient_sign * per_sample[n]
-            rounding = torch.full(shapes[n], gradient_rounding, dtype=dtype, device=device)
-            rounding_buffer[n] = _abs_linear(c.A, rounding_buffer[n]) + _abs_linear(c.C, rounding)
-            update_rounding[n] = float((_abs_linear(c.D, rounding_buffer[n]) + _abs_linear(c.E, rounding)).max())
-            buf = apply_linear(c.A, sample_buffer[n])
-            buf = buf.index_add(0, rows, apply_linear(c.C, grads))
-            sample_buffer[n] = buf
-            upd = -apply_linear(c.D, buf)
-            unit_updates[n] = upd.index_add(0, rows, -apply_linear(c.E, grads))
-            g_decay = decay_gradient(theta_t[n], c)
-            decay_buffer[n] = buffer_step(decay_buffer[n], g_decay, c)
-            pseudo_updates["regularization"][n] = (unit_update(decay_buffer[n], g_decay, c)
-                                                   + decay_direct_update(theta_t[n], c))
-            if "carried_state" in pseudo_updates:
-                if n in carried_buffer:
-                    carried_buffer[n] = apply_linear(c.A, carried_buffer[n])
-                    pseudo_updates["carried_state"][n] = -apply_linear(c.D, carried_buffer[n])
-                else:
-                    pseudo_updates["carried_state"][n] = zeros(n)
-            if "penalty" in pseudo_updates:
-                g_penalty = c.gradient_sign * penalty_grad[n]
-                penalty_buffer[n] = buffer_step(penalty_buffer[n], g_penalty, c)
-                pseudo_updates["penalty"][n] = unit_update(penalty_buffer[n], g_penalty, c)
-
-        # 3. replay check: Σ_u update_t(u) = θ_{t+1} − θ_t
-        total = {n: unit_updates[n].sum(0) + sum(pseudo_updates[p][n] for p in pseudo_names) for n in names}
-        replay_errors.append(_replay_check(t, total, delta, theta_t, theta_next, rtol, eps_train, updated,
-                                           update_rounding))
-
-        # 4. test feature map by quadrature, contracted on the kept axes
-        f_next = fm.targets(theta_next, xs_test, y_test, test_chunk_size).detach()
-        kernel_total = {n: unit_updates[n].sum(0) for n in names}
-        if t not in selected:  # Appendix G.2: this step is left out; its change stays in the residual
-            k_step, p_steps = None, {p: None for p in pseudo_names}
-            predicted = torch.zeros_like(f_t)
-            nodes = 0
-        elif keep_params or keep_units:
-            phi, nodes = _integrate(fm, xs_test, y_test, theta_t, delta, f_t, f_next, quadrature,
-                                    test_chunk_size, mode="jacobian", step=t)
-            k_step, p_steps, predicted = _contract_jacobian(
-                phi, unit_updates, pseudo_updates, names, group_index, len(labels), keep_units
-            )
-        else:
-            directions = [kernel_total] + [pseudo_updates[p] for p in pseudo_names] + [delta]
-            tangents = {n: torch.stack([d[n] for d in directions]) for n in names}
-            jv, nodes = _integrate(fm, xs_test, y_test, theta_t, delta, f_t, f_next, quadrature,
-                                   test_chunk_size, mode="jvp", tangents=tangents, step=t)
-            k_step = jv[0].unsqueeze(0)
-            p_steps = {p: jv[1 + k].unsqueeze(0) for k, p in enumerate(pseudo_names)}
-            predicted = jv[: 1 + len(pseudo_names)].sum(0)
-        nodes_per_step.append(nodes)
-
-        # 5. the step residual certifies this step
-        residuals.append(f_next - f_t - predicted)
-        kernel_steps.add(k_step)
-        for p in pseudo_names:
-            pseudo_steps[p].add(p_steps[p])
-        theta_t, f_t = theta_next, f_next
-
     if not selected & set(range(trajectory.num_steps)):
         raise ExplaindError("decompose_steps selects none of the trajectory's steps")
+    numel = {n: torch.Size(shapes[n]).numel() for n in names}
+    offsets, acc = {}, 0
+    for n in names:
+        offsets[n], acc = acc, acc + numel[n]
 
-    axes = tuple(a for a in AXES if (a != "step" or keep_steps) and (a != "unit" or keep_units))
+    theta_0 = {n: trajectory.parameters[0][n].to(device=device, dtype=dtype) for n in names}
+    # O and the forward cost F of one test input, from one evaluation
+    probe_out = fm.target(theta_0, xs_test[0], y_test[0]).detach()
+    num_outputs = probe_out.numel()
+    macs = forward_macs(fm.target, theta_0, xs_test[0], y_test[0]) if contraction == "auto" else 0.0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    X, U = xs_test.shape[0], len(units)
+    kept_shape = [len(labels), X, num_outputs] + ([U] if "unit" in keep else [])
+    steps_kept = trajectory.num_steps if "step" in keep else 1
+    kept_bytes = steps_kept * (bytes_of(kept_shape, itemsize) + 3 * bytes_of(kept_shape[:3], itemsize))
+    group_sizes = ([numel[n] for n in names] if group_index is None else
+                   [sum(numel[n] for n, g in zip(names, group_index) if g == k) for k in range(len(labels))])
+    plan = plan_contraction(
+        contraction=contraction, memory_budget=parse_memory_budget(memory_budget), itemsize=itemsize,
+        num_params=sum(numel.values()), largest_group=max(group_sizes), num_units=U, num_test=X,
+        num_outputs=num_outputs, largest_batch=max((len(s.units) for s in trajectory.steps), default=1),
+        kept_bytes=kept_bytes, per_coordinate=group_index is None, forward_cost=macs,
+        test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size)
+    ctx = DecompositionContext(
+        trajectory=trajectory, fm=fm, data=data, loss_fn=loss_fn, penalty=penalty, names=names, shapes=shapes,
+        xs_test=xs_test, y_test=y_test, labels=labels, group_index=group_index, units=units, row_of=row_of,
+        keep=keep, quadrature=quadrature, plan=plan, selected=selected, dtype=dtype, device=device, rtol=rtol,
+        eps_train=torch.finfo(trajectory.dtype).eps, rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)),
+        vectorize=vectorize, num_outputs=num_outputs, offsets=offsets)
+    return ctx
+
+
+def _finish(ctx: DecompositionContext, block: BlockResult, steps: list[int], theorem: str) -> Influence:
+    """The :class:`Influence` of a run of blocks, with its axes, labels and notes."""
+    keep_units = ctx.keep_units
+    axes = tuple(a for a in AXES if (a != "step" or ctx.keep_steps) and (a != "unit" or keep_units))
+    # per-step tensors are (rows, X, [U,] O); the canonical order puts the unit axis after test
     result = Influence(
-        kernel=kernel_steps.result(), kernel_axes=axes, regularization=pseudo_steps["regularization"].result(),
-        carried_state=pseudo_steps["carried_state"].result() if "carried_state" in pseudo_steps else None,
-        penalty=pseudo_steps["penalty"].result() if "penalty" in pseudo_steps else None,
-        f_initial=f_initial, f_final=f_t, step_residuals=torch.stack(residuals),
-        replay_errors=replay_errors, steps=list(range(trajectory.num_steps)),
-        param_labels=labels, units=units, quadrature=quadrature.describe(),
-        nodes_per_step=nodes_per_step, theorem=theorem,
-        gradient_scales=gradient_scales if rescaling else None,
+        kernel=block.kernel.result(), kernel_axes=axes, regularization=block.pseudo["regularization"].result(),
+        carried_state=block.pseudo["carried_state"].result() if "carried_state" in block.pseudo else None,
+        penalty=block.pseudo["penalty"].result() if "penalty" in block.pseudo else None,
+        f_initial=block.f_start, f_final=block.f_end, step_residuals=torch.stack(block.residuals),
+        replay_errors=block.replay_errors, steps=steps, param_labels=ctx.labels, units=ctx.units,
+        quadrature=ctx.quadrature.describe(), nodes_per_step=block.nodes, theorem=theorem,
+        gradient_scales=block.scales if ctx.rescaling else None,
+        probe_nodes_per_step=block.probe_nodes, contraction_per_step=block.modes, plan=ctx.plan.describe(),
     )
-    skipped = sorted(set(range(trajectory.num_steps)) - selected)
+    skipped = sorted(set(range(ctx.trajectory.num_steps)) - ctx.selected)
     if skipped:
         result.estimated = True
         result.notes.append(
-            f"step subsampling: Φ_t computed for {trajectory.num_steps - len(skipped)} of "
-            f"{trajectory.num_steps} steps; the {len(skipped)} others contribute nothing, so the "
+            f"step subsampling: Φ_t computed for {ctx.trajectory.num_steps - len(skipped)} of "
+            f"{ctx.trajectory.num_steps} steps; the {len(skipped)} others contribute nothing, so the "
             "reconstruction is an approximation (Appendix G.2) and the residual measures what they carried"
         )
-    return _drop_axes(result, keep)
+    return _drop_axes(result, ctx.keep)
 
 
 def _drop_axes(result: Influence, keep: Sequence[str]) -> Influence:
@@ -338,93 +805,6 @@ def _drop_axes(result: Influence, keep: Sequence[str]) -> Influence:
     result.kernel_axes = tuple(a for a in result.kernel_axes if a != "param")
     result.param_labels = []
     return result
-
-
-def _integrate(fm: FunctionalModel, xs, ys, theta_t: Params, delta: Params, f_a, f_b, quadrature, chunk, *,
-               mode: str, tangents: Params | None = None, step: int = 0):
-    """∫ over [0, 1] of the Jacobian (mode "jacobian": name → (X, O, *shape)) or of the JVPs along
-    ``tangents`` (mode "jvp": (K, X, O)); returns (integral, nodes evaluated)."""
-
-    def point(alpha: float) -> Params:
-        return {n: theta_t[n] + alpha * delta[n] for n in theta_t}
-
-    def rule_on(a: float, b: float, base: Quadrature):
-        acc = None
-        for alpha, w in base.on_interval(a, b):
-            if mode == "jacobian":
-                value = fm.jacobian(point(alpha), xs, ys, chunk)
-            else:
-                value = {"jv": fm.directional(point(alpha), xs, ys, tangents, chunk)}
-            for v in value.values():
-                if not torch.isfinite(v).all():
-                    raise NonFiniteError(
-                        f"step {step}: the derivative of the decomposed quantity is NaN or Inf at α = {alpha:.6g} "
-                        "on the segment θ_t → θ_{t+1} (is h differentiable there?)"
-                    )
-            acc = _combine(acc, {k: v.detach() for k, v in value.items()}, w)
-        return acc
-
-    def predicted_change(part) -> torch.Tensor:
-        if mode == "jacobian":
-            return sum(torch.einsum("xo...,...->xo", part[n], delta[n]) for n in delta)
-        return part["jv"][-1]  # the last tangent is Δθ_t itself
-
-    if isinstance(quadrature, Quadrature):
-        result = rule_on(0.0, 1.0, quadrature)
-        nodes = quadrature.num_nodes
-    else:
-        base, result, nodes = quadrature.base, None, 0
-        stack = [(0.0, 1.0, f_a, f_b, 0)]
-        while stack:
-            a, b, fa, fb, depth = stack.pop()
-            part = rule_on(a, b, base)
-            nodes += base.num_nodes
-            err = (fb - fa - predicted_change(part)).abs().max()
-            # below the rounding error of f(θ(a)), f(θ(b)) the estimate is noise: bisecting further
-            # (tol·(b − a) shrinks, the noise does not) would split every segment down to max_depth
-            noise = 64 * torch.finfo(fa.dtype).eps * (1 + torch.maximum(fa.abs(), fb.abs()).max())
-            if err <= max(quadrature.tol * (b - a), noise) or depth >= quadrature.max_depth:
-                result = _combine(result, part)
-            else:
-                mid = 0.5 * (a + b)
-                fm_mid = fm.targets(point(mid), xs, ys, chunk).detach()
-                stack.append((a, mid, fa, fm_mid, depth + 1))
-                stack.append((mid, b, fm_mid, fb, depth + 1))
-    return (result if mode == "jacobian" else result["jv"]), nodes
-
-
-def _contract_jacobian(phi: Params, unit_updates: Params, pseudo_updates: dict[str, Params], names, group_index,
-                       n_labels, keep_units: bool):
-    """I_t[j, x, i, o] = Φ_t(x)[o, j] update_t(i)[j], summed within parameter groups (or per coordinate);
-    the same for every pseudo-unit (no unit axis). Returns (kernel, {pseudo: tensor}, Φ_t Σ_u update_t(u))."""
-    kernel_parts = []
-    pseudo_parts: dict[str, list] = {p: [] for p in pseudo_updates}
-    predicted = 0
-    per_coordinate = group_index is None
-    for n in names:
-        # (X, O, n_p) and (units, n_p); not flatten(2)/flatten(1), which fail for 0-dim parameters
-        J = phi[n].reshape(*phi[n].shape[:2], phi[n].shape[2:].numel())
-        U = unit_updates[n].reshape(unit_updates[n].shape[0], unit_updates[n].shape[1:].numel())
-        if keep_units:
-            kernel_parts.append(torch.einsum("xoj,uj->jxuo" if per_coordinate else "xoj,uj->xuo", J, U))
-        else:
-            kernel_parts.append(torch.einsum("xoj,j->jxo" if per_coordinate else "xoj,j->xo", J, U.sum(0)))
-        direction = U.sum(0)
-        for p, updates in pseudo_updates.items():
-            R = updates[n].reshape(-1)
-            pseudo_parts[p].append(torch.einsum("xoj,j->jxo" if per_coordinate else "xoj,j->xo", J, R))
-            direction = direction + R
-        predicted = predicted + torch.einsum("xoj,j->xo", J, direction)
-    if per_coordinate:
-        return torch.cat(kernel_parts), {p: torch.cat(v) for p, v in pseudo_parts.items()}, predicted
-
-    def grouped(parts):
-        out = torch.zeros((n_labels, *parts[0].shape), dtype=parts[0].dtype, device=parts[0].device)
-        for gi, part in zip(group_index, parts):
-            out[gi] += part
-        return out
-
-    return grouped(kernel_parts), {p: grouped(v) for p, v in pseudo_parts.items()}, predicted
 
 
 def _replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: Params, rtol: float,
@@ -452,8 +832,8 @@ def _replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: 
 
 
 class _StepAccumulator:
-    """Per-step tensors (stacked on a leading step axis), or their running sum when the step axis is not
-    kept. A step left out by ``decompose_steps`` is None: zeros when stacked, skipped in the sum."""
+    """Per-step tensors (rows, X, [U,] O), stacked on a leading step axis, or their running sum when the step
+    axis is not kept. A step left out by ``decompose_steps`` is None: zeros when stacked, skipped in the sum."""
 
     def __init__(self, keep_steps: bool):
         self.keep_steps, self.steps, self.total = keep_steps, [], None
@@ -471,14 +851,14 @@ class _StepAccumulator:
         return torch.stack([torch.zeros_like(template) if v is None else v for v in self.steps])
 
 
-def _global_gradient_scale(per_sample: Params | None, penalty_grad: Params | None,
+def _global_gradient_scale(summed: Params | None, penalty_grad: Params | None,
                            recorded: Mapping[str, torch.Tensor] | None) -> float:
     """max |g| over every parameter tensor of the step: the recorded ``.grad`` when there is one, else
     Σ_i w_i ∇ℓ_i (+ ∇R). The scale of the backward pass's rounding."""
     if recorded is not None:
         tensors = list(recorded.values())
     else:
-        tensors = [_with_penalty(per_sample, penalty_grad, n) for n in per_sample]
+        tensors = [_with_penalty(summed, penalty_grad, n) for n in summed]
     return max((float(g.abs().max()) for g in tensors if g.numel()), default=0.0)
 
 
@@ -503,19 +883,18 @@ def _penalty_gradient(penalty, theta_t: Params) -> Params:
     return {n: v.detach() for n, v in torch.func.grad(value)(theta_t).items()}
 
 
-def _with_penalty(per_sample: Params, penalty_grad: Params | None, n: str) -> torch.Tensor:
-    ours = per_sample[n].sum(0)
-    return ours if penalty_grad is None else ours + penalty_grad[n]
+def _with_penalty(summed: Params, penalty_grad: Params | None, n: str) -> torch.Tensor:
+    return summed[n] if penalty_grad is None else summed[n] + penalty_grad[n]
 
 
-def _recover_gradient_scale(t: int, per_sample: Params, penalty_grad: Params | None,
+def _recover_gradient_scale(t: int, summed: Params, penalty_grad: Params | None,
                             recorded: Mapping[str, torch.Tensor], rtol: float, eps_train: float) -> float:
     """c_t with recorded .grad = c_t (Σ_i w_i ∇ℓ_i + ∇R), by least squares over every recorded tensor,
     then verified coordinate-wise: clipping by norm passes, clipping by value or a non-additive loss fails."""
     num, den = 0.0, 0.0
     pairs = []
     for n, g in recorded.items():
-        ours = _with_penalty(per_sample, penalty_grad, n)
+        ours = _with_penalty(summed, penalty_grad, n)
         g = g.to(device=ours.device, dtype=ours.dtype)
         num += float((g * ours).sum())
         den += float((ours * ours).sum())
@@ -537,14 +916,14 @@ def _recover_gradient_scale(t: int, per_sample: Params, penalty_grad: Params | N
     return c
 
 
-def _check_gradient_sum(t: int, per_sample: Params, penalty_grad: Params | None,
+def _check_gradient_sum(t: int, summed: Params, penalty_grad: Params | None,
                         recorded: Mapping[str, torch.Tensor], rtol: float, eps_train: float) -> None:
     """The recorded ``.grad`` must equal Σ_i w_{t,i} ∇ℓ_i(θ_t) (+ ∇R): pinpoints a non-additive loss.
     Rounding is measured against the largest gradient of any tensor: a tensor whose true gradient is zero
     (an attention key bias) holds only the rounding of the others' backward pass."""
     overall = _global_gradient_scale(None, None, recorded)
     for n, g in recorded.items():
-        ours = _with_penalty(per_sample, penalty_grad, n)
+        ours = _with_penalty(summed, penalty_grad, n)
         g = g.to(device=ours.device, dtype=ours.dtype)
         scale = float(g.abs().max()) if g.numel() else 0.0
         err = float((ours - g).abs().max()) if g.numel() else 0.0

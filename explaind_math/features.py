@@ -102,18 +102,31 @@ class FunctionalModel:
         """F(θ) ∈ R^{X×O}: the target on every test input."""
         return vmap(self.target, in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, labels)
 
-    def jacobian(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> Params:
-        """∂_θ target(x; θ) per test input: name → (X, O, *shape)."""
-        return vmap(jacrev(self.target), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, labels)
+    def jacobian(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
+                 wrt: Sequence[str] | None = None) -> Params:
+        """∂_θ target(x; θ) per test input: name → (X, O, *shape), for the parameters ``wrt`` (default: all
+        of ``params``; the others are held fixed, so their Jacobian is never formed)."""
+        if wrt is None or set(wrt) == set(params):
+            return vmap(jacrev(self.target), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, labels)
+        fixed = {n: v for n, v in params.items() if n not in set(wrt)}
+
+        def target_of(sub: Params, x: torch.Tensor, label: Any) -> torch.Tensor:
+            return self.target({**fixed, **sub}, x, label)
+
+        sub = {n: params[n] for n in wrt}
+        return vmap(jacrev(target_of), in_dims=(None, 0, 0), chunk_size=chunk_size)(sub, xs, labels)
 
     def directional(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, tangents: Params,
-                    chunk_size: int | None = None) -> torch.Tensor:
-        """J(x; θ) v_k for tangents stacked on a leading axis K: (K, X, O) by forward-mode AD."""
+                    chunk_size: int | None = None, tangent_chunk_size: int | None = None) -> torch.Tensor:
+        """J(x; θ) v_k for tangents stacked on a leading axis K: (K, X, O) by forward-mode AD. Parameters
+        missing from ``tangents`` have tangent 0 (they are held fixed)."""
+        fixed = {n: v for n, v in params.items() if n not in tangents}
+        moving = {n: params[n] for n in tangents}
 
         def one(tangent: Params) -> torch.Tensor:
-            return jvp(lambda p: self.targets(p, xs, labels, chunk_size), (params,), (tangent,))[1]
+            return jvp(lambda p: self.targets({**fixed, **p}, xs, labels, chunk_size), (moving,), (tangent,))[1]
 
-        return vmap(one)(tangents)
+        return vmap(one, chunk_size=tangent_chunk_size)(tangents)
 
     def per_sample_gradients(
         self,

@@ -35,7 +35,10 @@ class Influence:
         step_residuals: r_t(x) = f(θ_{t+1}) − f(θ_t) − Φ_t(x) Σ_u update_t(u), shape (step, test, output).
         replay_errors: per step, max over parameters of |Σ_u update_t(u) − Δθ_t| / max |Δθ_t|.
         steps, param_labels, units: coordinates of the kept axes.
-        nodes_per_step: quadrature nodes evaluated per step (adaptive rules vary).
+        nodes_per_step: quadrature nodes of the rule used for each step (adaptive rules vary per step).
+        probe_nodes_per_step: for adaptive rules, the JVP probes along Δθ_t spent choosing each step's nodes.
+        contraction_per_step: per step, ``"jvp"`` or ``"jacobian"`` (MATH.md §11), or ``"skipped"``.
+        plan: the contraction plan (chunk sizes, memory budget) as text.
         estimated: True only when some part is an estimate (never for the exact theorems).
     """
 
@@ -57,6 +60,9 @@ class Influence:
     notes: list[str] = field(default_factory=list)
     penalty: torch.Tensor | None = None
     gradient_scales: list[float] | None = None
+    probe_nodes_per_step: list[int] = field(default_factory=list)
+    contraction_per_step: list[str] = field(default_factory=list)
+    plan: str = ""
 
     # ------------------------------------------------------------------ axes
     @property
@@ -162,7 +168,8 @@ class Influence:
             f"{self.theorem}: {len(self.steps)} steps, {len(self.units)} training samples, "
             f"{self.f_final.shape[0]} test inputs × {self.f_final.shape[1]} outputs",
             f"kernel influence axes {self.kernel_axes}, shape {tuple(self.kernel.shape)}",
-            f"quadrature {self.quadrature}, {sum(self.nodes_per_step)} nodes in all",
+            f"quadrature {self.quadrature}, {sum(self.nodes_per_step)} nodes in all"
+            + (f" (+ {sum(self.probe_nodes_per_step)} JVP probes choosing them)" if any(self.probe_nodes_per_step) else ""),
             f"max replay error (relative) {self.max_replay_error:.3e}",
             f"certified residual: max |f(θ_N) − reconstruction| = {self.max_residual:.3e} "
             f"(relative {self.relative_residual:.3e})",

@@ -8,6 +8,13 @@
 * :func:`adaptive` — composite Gauss–Legendre: a segment is bisected until the exactly computable
   step residual f(θ(b)) − f(θ(a)) − Φ_[a,b] Δθ_t falls below a tolerance. Needed for ReLU networks,
   which are only piecewise polynomial along a segment.
+* :func:`adaptive_gauss_legendre` — hp-adaptive: per step, the number of Gauss–Legendre nodes is raised
+  (p-refinement, 1 → 2 → 4 → …) until the step residual is below the tolerance, and a segment where the
+  highest order does not get there is bisected (h-refinement, for kinks).
+
+The adaptive rules choose their nodes with a cheap probe, one forward-mode JVP along Δθ_t per node,
+which gives Φ_[a,b] Δθ_t and so the residual exactly; the expensive contraction (Jacobians or one JVP
+per kept direction) then runs once, on the chosen nodes only (``decomposition.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Quadrature", "AdaptiveQuadrature", "gauss_legendre", "midpoint", "adaptive"]
+__all__ = ["Quadrature", "AdaptiveQuadrature", "gauss_legendre", "midpoint", "adaptive", "adaptive_gauss_legendre",
+           "select_nodes"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,9 @@ class Quadrature:
 
 @dataclass(frozen=True)
 class AdaptiveQuadrature:
-    """Composite rule: bisect [a, b] while max |f(θ(b)) − f(θ(a)) − Φ_[a,b] Δθ| > tol · (b − a).
+    """Composite rule: on a segment [a, b] try the rules of ``orders`` (Gauss–Legendre orders, lowest
+    first; none given: ``base`` alone) and accept the first with max |f(θ(b)) − f(θ(a)) − Φ_[a,b] Δθ| ≤
+    tol · (b − a); if none does, bisect [a, b] and start again on each half.
 
     A segment is also accepted when its residual is below the rounding noise of f(θ(a)), f(θ(b)), or
     at depth ``max_depth``. Where the integrand is smooth, the accepted segments add up to a per-step
@@ -63,10 +73,18 @@ class AdaptiveQuadrature:
     base: Quadrature
     tol: float
     max_depth: int = 30
+    orders: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
+        if self.orders:
+            return f"adaptive_gauss_legendre({','.join(map(str, self.orders))}, tol={self.tol:g})"
         return f"adaptive({self.base.name}, tol={self.tol:g})"
+
+    @property
+    def rules(self) -> tuple[Quadrature, ...]:
+        """The fixed rules tried on every segment, in order (p-refinement)."""
+        return tuple(gauss_legendre(n) for n in self.orders) if self.orders else (self.base,)
 
     def describe(self) -> str:
         return self.name
@@ -102,3 +120,60 @@ def adaptive(base: Quadrature | None = None, tol: float = 1e-10, max_depth: int 
     if tol <= 0:
         raise ValueError(f"adaptive quadrature needs a positive tolerance, got {tol!r}")
     return AdaptiveQuadrature(base or gauss_legendre(8), float(tol), int(max_depth))
+
+
+def adaptive_gauss_legendre(tol: float = 1e-10, orders: tuple[int, ...] = (1, 2, 4, 8, 16),
+                            max_depth: int = 30) -> AdaptiveQuadrature:
+    """hp-adaptive Gauss–Legendre: per step (and per segment), the first order in ``orders`` whose step
+    residual max_{x,o} |f(θ(b)) − f(θ(a)) − Φ_[a,b] Δθ_t| is ≤ ``tol`` · (b − a); bisection where even the
+    last order is not (a kink). Smooth steps take few nodes (a short step often 1 or 2), so cost follows
+    the difficulty of each step; ``Influence.nodes_per_step`` records what each step used. The total
+    residual is ≤ N · tol on smooth runs (N steps)."""
+    if tol <= 0:
+        raise ValueError(f"adaptive quadrature needs a positive tolerance, got {tol!r}")
+    orders = tuple(int(n) for n in orders)
+    if not orders or any(n < 1 for n in orders) or list(orders) != sorted(set(orders)):
+        raise ValueError(f"orders must be increasing positive integers, got {orders!r}")
+    return AdaptiveQuadrature(gauss_legendre(orders[-1]), float(tol), int(max_depth), orders)
+
+
+def select_nodes(quadrature: AdaptiveQuadrature, probe, target_at, f_a, f_b) -> tuple[list[tuple[float, float]], int]:
+    """The composite nodes (α, w) on [0, 1] that ``quadrature`` accepts for one step.
+
+    ``probe(alphas)`` returns Φ(α_k) Δθ_t stacked over the nodes (a tensor (k, X, O), from JVPs along Δθ_t);
+    ``target_at(α)`` returns f(θ_t + α Δθ_t) (X, O); ``f_a``, ``f_b`` are f at α = 0 and 1. Returns the
+    accepted nodes and the number of probe evaluations spent. A segment is accepted when its residual is
+    ≤ tol · (b − a), or below the rounding noise of f(θ(a)), f(θ(b)) (bisecting further would not lower
+    it), or at depth ``max_depth``.
+    """
+    accepted: list[tuple[float, float]] = []
+    evaluations = 0
+    stack = [(0.0, 1.0, f_a, f_b, 0)]
+    eps = None
+    while stack:
+        a, b, fa, fb, depth = stack.pop()
+        if eps is None:
+            import torch  # local: quadrature rules themselves are plain floats
+
+            eps = torch.finfo(fa.dtype).eps
+        noise = 64 * eps * (1 + float(fa.abs().max().maximum(fb.abs().max())))
+        chosen = None
+        for rule in quadrature.rules:
+            pairs = rule.on_interval(a, b)
+            values = probe([alpha for alpha, _ in pairs])
+            evaluations += len(pairs)
+            predicted = sum(w * values[k] for k, (_, w) in enumerate(pairs))
+            err = float((fb - fa - predicted).abs().max())
+            chosen = pairs
+            if err <= max(quadrature.tol * (b - a), noise):
+                break
+        else:
+            if depth < quadrature.max_depth:
+                mid = 0.5 * (a + b)
+                f_mid = target_at(mid)
+                stack.append((a, mid, fa, f_mid, depth + 1))
+                stack.append((mid, b, f_mid, fb, depth + 1))
+                continue
+        accepted.extend(chosen)
+    accepted.sort()
+    return accepted, evaluations

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import explaind_math as em
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     CONTRACTION_RTOL,
@@ -112,3 +113,100 @@ def test_all_contraction_paths_agree(spec, labels, device):
     per_unit = atomic.kernel_sum(("test", "unit", "output"))
     _close(per_unit, atomic.kernel.sum(dim=(0, 1)), scale, "kernel_sum over steps and parameters")
     _close(atomic.kernel_sum(), atomic.kernel.sum(dim=(0, 1, 3)), scale, "kernel_sum to (test, output)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Contraction planning (MATH.md §11): every way of computing a kept result — forced JVPs, forced Jacobians,
+# the per-step automatic choice, test/sample/tangent chunks, and the Jacobian formed one parameter group at
+# a time — equals the atomic tensor summed over the axes left out, to 1e-12 of its L1 mass.
+
+KEPT_CHOICES = [(), ("step",), ("unit",), ("param",), ("step", "unit"), ("step", "param"), ("param", "unit"),
+                ("step", "param", "unit")]
+
+
+def _expected_from_atomic(atomic, kept, names, coord_tensor, group_of):
+    """The atomic tensor (coordinate rows) summed to ``kept`` axes, its rows grouped by ``group_of``."""
+    kernel = atomic.kernel_sum(kept)
+    reg = atomic.regularization_sum(tuple(a for a in kept if a != "unit"))
+    if "param" in kept:
+        labels = list(dict.fromkeys(group_of[n] for n in names))
+        rows = [group_of[n] for n in coord_tensor]
+        kernel = _group_rows(kernel, kept.index("param"), rows, labels)
+        reg = _group_rows(reg, kept.index("param"), rows, labels)
+    return kernel, reg
+
+
+@es.property_settings()
+@given(spec=runs_for_contraction(), data=st.data())
+def test_planned_contractions_equal_the_atomic_tensor(spec, data, device):
+    """Random kept axes × parameter grouping × contraction ("auto", "jvp", "jacobian") × chunking: the result
+    is the atomic tensor's partial sum (1e-12 of its L1 mass), certified by the same step residuals."""
+    run = es.train_and_record(spec, device=device)
+    names = run.trajectory.parameter_names
+    shapes = run.trajectory.shapes()
+    decompose = lambda **kw: es.decompose(run, replay_rtol=REPLAY_RTOL, **kw)  # noqa: E731
+    atomic = decompose(keep=FULL, params="coordinate", contraction="jacobian")
+    scale = 1 + float(atomic.kernel.abs().sum()) + float(atomic.regularization.abs().sum())
+    coord_tensor = [n for n in names for _ in range(torch.Size(shapes[n]).numel())]
+
+    extra = data.draw(st.sampled_from(KEPT_CHOICES), label="kept axes")
+    kept = tuple(a for a in ("step", "param", "test", "unit", "output") if a in (*extra, "test", "output"))
+    labels = data.draw(st.lists(st.sampled_from(["a", "b", "c"]), min_size=len(names), max_size=len(names)),
+                       label="custom groups")
+    grouping = data.draw(st.sampled_from(["tensor", "module", "all", "custom"]), label="params")
+    group_of = {"tensor": {n: n for n in names}, "module": {n: n.rsplit(".", 1)[0] if "." in n else n for n in names},
+                "all": {n: "all" for n in names}, "custom": dict(zip(names, labels))}[grouping]
+    params = dict(zip(names, labels)) if grouping == "custom" else grouping
+    contraction = data.draw(st.sampled_from(["auto", "jvp", "jacobian"]), label="contraction")
+    chunking = data.draw(st.fixed_dictionaries({
+        "test_chunk_size": st.sampled_from([None, 1, 2]),
+        "train_chunk_size": st.sampled_from([None, 1, 3]),
+    }), label="chunks")
+
+    result = decompose(keep=kept, params=params, contraction=contraction, **chunking)
+    assert result.kernel_axes == kept
+    if contraction != "auto":
+        assert set(result.contraction_per_step) == {contraction}
+    else:
+        assert set(result.contraction_per_step) <= {"jvp", "jacobian"}
+    expected_k, expected_r = _expected_from_atomic(atomic, kept, names, coord_tensor, group_of if "param" in kept
+                                                   else {n: "all" for n in names})
+    what = f"keep={kept}, params={params!r}, contraction={contraction}, {chunking}"
+    worst = _close(result.kernel, expected_k, scale, f"kernel, {what}")
+    worst = max(worst, _close(result.regularization, expected_r, scale, f"regularization, {what}"))
+    worst = max(worst, _close(result.step_residuals, atomic.step_residuals, scale, f"step residuals, {what}"))
+    assert result.relative_residual <= SMOOTH_RTOL
+    report_residual(atomic.theorem, run.family, worst / scale, "planned contractions: max relative disagreement",
+                    steer=True)
+
+
+def test_memory_budget_chunks_and_groupwise_jacobian_are_exact():
+    """A budget too small for one test input's full Jacobian forms it one parameter group at a time, with
+    small test, sample and tangent chunks; the result equals the unbudgeted one. A budget too small for
+    the per-unit buffers is refused with an error that names them."""
+    from explaind_math.contraction import MemoryBudgetError
+    from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+
+    model, trajectory, data, X_test = recorded_blob_run(seed=4, num_test=3)
+    decompose = lambda **kw: em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test,  # noqa: E731
+                                                         dtype=torch.float64, **kw)
+    reference = decompose(keep=("step", "param", "unit"), contraction="jacobian")
+    D = sum(p.numel() for p in trajectory.parameters[0].values())
+    U, O, X, N = len(reference.units), 3, 3, trajectory.num_steps
+    itemsize = 8
+    kept = N * (len(reference.param_labels) * X * O * U + 3 * len(reference.param_labels) * X * O) * itemsize
+    fixed = (2 * U * D + 8 * D) * itemsize + kept
+    largest_group = max(p.numel() for p in trajectory.parameters[0].values())
+    # room for the Jacobian of one input over the largest tensor, not over all parameters
+    budget = fixed + 3 * 4 * O * largest_group * itemsize + 64
+    for contraction in ("jacobian", "jvp", "auto"):
+        result = decompose(keep=("step", "param", "unit"), contraction=contraction, memory_budget=budget)
+        if contraction == "jacobian":
+            assert "groupwise_jacobian" in result.plan, result.plan
+        scale = 1 + float(reference.kernel.abs().sum())
+        _close(result.kernel, reference.kernel, scale, f"kernel under a memory budget ({contraction})")
+        _close(result.regularization, reference.regularization, scale, f"regularization under a budget ({contraction})")
+    with pytest.raises(MemoryBudgetError, match=r"per-unit buffers"):
+        decompose(keep=("step", "param", "unit"), memory_budget=fixed // 2)
+    with pytest.raises(em.ExplaindError, match=r"memory_budget"):
+        decompose(memory_budget="lots")

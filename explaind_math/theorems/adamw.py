@@ -33,6 +33,10 @@ def decompose_adamw_training(
     test_chunk_size: int | None = None,
     train_chunk_size: int | None = None,
     vectorize: bool = True,
+    contraction: str = "auto",
+    memory_budget: int | str | None = None,
+    progress: bool = False,
+    distributed: Any = None,
 ) -> Influence:
     """Theorem 3.1: decompose f(x; θ_N) for a run of ``torch.optim.AdamW`` (or ``Adam``) exactly.
 
@@ -60,6 +64,14 @@ def decompose_adamw_training(
             dict of trained parameters; its influence is reported separately as ``result.penalty``.
         dtype: computation dtype (default: the trajectory's); use ``torch.float64`` to verify.
         replay_rtol: tolerance of the replay check relative to max |Δθ| per tensor.
+        contraction: ``"auto"`` (per step the cheaper exact way: one JVP per kept direction, or the Jacobian
+            and a matrix product; MATH.md §11), ``"jvp"`` or ``"jacobian"``.
+        memory_budget: bytes or a string like ``"4GiB"``: test inputs, samples and JVP tangents are processed
+            in chunks that fit (``test_chunk_size``, ``train_chunk_size`` set them directly); an error names
+            what cannot fit at all (the per-unit buffers, the kept axes).
+        progress: show a tqdm progress bar over the steps.
+        distributed: ``True`` or a ``torch.distributed`` process group: one block of steps per rank, the
+            optimizer buffers carried across blocks by an exact scan (launch with ``torchrun``).
 
     Returns:
         :class:`Influence` with I, Ψ, f(x; θ_0), f(x; θ_N), the reconstruction and its residual.
@@ -73,5 +85,6 @@ def decompose_adamw_training(
         model, trajectory, loss_fn, train_data, test_inputs,
         theorem="Theorem 3.1 (AdamW)", quadrature=quadrature, penalty=penalty, keep=keep, params=params, dtype=dtype,
         device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
-        train_chunk_size=train_chunk_size, vectorize=vectorize,
+        train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction,
+        memory_budget=memory_budget, progress=progress, distributed=distributed,
     )

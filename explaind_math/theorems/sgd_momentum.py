@@ -33,6 +33,10 @@ def decompose_sgd_momentum_training(
     test_chunk_size: int | None = None,
     train_chunk_size: int | None = None,
     vectorize: bool = True,
+    contraction: str = "auto",
+    memory_budget: int | str | None = None,
+    progress: bool = False,
+    distributed: Any = None,
 ) -> Influence:
     """Corollary 3.2: decompose f(x; θ_N) for a run of ``torch.optim.SGD`` exactly.
 
@@ -56,5 +60,6 @@ def decompose_sgd_momentum_training(
         model, trajectory, loss_fn, train_data, test_inputs,
         theorem="Corollary 3.2 (SGD with momentum)", quadrature=quadrature, penalty=penalty, keep=keep, params=params,
         dtype=dtype, device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
-        train_chunk_size=train_chunk_size, vectorize=vectorize,
+        train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction,
+        memory_budget=memory_budget, progress=progress, distributed=distributed,
     )

@@ -1,0 +1,200 @@
+"""Which exact contraction to run for the axes the caller keeps, and in what chunks (MATH.md §11).
+
+Per step t the kept influences are Φ_t(x) contracted with the updates of the kept directions: every unit
+(when units are kept) or their sum, restricted to every kept parameter group, plus the pseudo-units. Two
+exact ways compute them:
+
+* ``"jvp"`` — one forward-mode JVP per direction v: Φ_t(x) v = ∫ J(x; θ_t(α)) v dα. Cost per test input and
+  node ≈ K · c · F for K directions, with F the forward cost of one input. Memory: K tangents of size D.
+* ``"jacobian"`` — the Jacobian J(x; θ) (one reverse pass per output, O · c · F), integrated to Φ_t(x),
+  then contracted with every direction by a matrix product (O · D per direction). Memory: X · O · D.
+
+:func:`plan_contraction` fixes the chunk sizes (test inputs, training samples, tangents) from a memory
+budget; :meth:`ContractionPlan.mode_for_step` picks the cheaper way per step, because the number of
+directions changes as training proceeds (units enter the momentum buffers as they are first seen). Both
+ways compute the same numbers (to rounding: the property test ``tests/test_contraction_paths.py`` checks
+every path against the atomic tensor to 1e-12).
+
+The full atomic tensor I[t, j, x, i, o] is materialized only when asked for (``params="coordinate"`` with
+every axis kept); otherwise only the kept axes are ever held, plus the per-unit buffers of the rule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ExplaindError
+
+__all__ = ["ContractionPlan", "MemoryBudgetError", "parse_memory_budget", "plan_contraction", "forward_macs"]
+
+#: forward-mode (JVP) and reverse-mode (one vector–Jacobian product) cost, in forward passes of the model
+_PASS_COST = 3.0
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "tb": 10**12}
+
+
+class MemoryBudgetError(ExplaindError):
+    """What must be held at once (per-unit buffers, kept axes) does not fit the caller's memory budget."""
+
+
+def parse_memory_budget(budget: int | float | str | None) -> int | None:
+    """Bytes from a number or a string such as ``"4GiB"``, ``"500MB"`` (None: no budget)."""
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)):
+        value = int(budget)
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(budget))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ExplaindError(f"memory_budget must be bytes or a string like '4GiB' or '500MB', got {budget!r}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ExplaindError(f"memory_budget must be positive, got {budget!r}")
+    return value
+
+
+def forward_macs(fn, *args) -> float:
+    """Multiply–accumulates of one call ``fn(*args)`` (matrix products, convolutions, attention), counted by
+    torch's FlopCounterMode; 0 when it cannot count (the caller then falls back to D)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the counter's own imports warn about deprecated torch.jit APIs
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                fn(*args)
+        return counter.get_total_flops() / 2.0
+    except Exception:  # noqa: BLE001 — an estimate only; any failure means "unknown"
+        return 0.0
+
+
+@dataclass
+class ContractionPlan:
+    """Chunk sizes and the rule that picks the contraction per step.
+
+    Attributes:
+        contraction: what the caller asked for: ``"auto"``, ``"jvp"`` or ``"jacobian"``.
+        test_chunk: test inputs per chunk (every Jacobian or JVP batch holds at most this many).
+        train_chunk: training samples per per-sample-gradient batch (None: the whole step's batch).
+        tangent_chunk: JVP directions per batch (None: all at once).
+        groupwise_jacobian: form the Jacobian one parameter group at a time (memory X · O · D_group).
+        forward_cost: F, the multiply–accumulates of one forward pass of one test input.
+        budget: the memory budget in bytes, or None.
+        per_coordinate: the parameter axis is the atomic j (only the Jacobian path is exact and sensible).
+    """
+
+    contraction: str
+    test_chunk: int
+    train_chunk: int | None
+    tangent_chunk: int | None
+    groupwise_jacobian: bool
+    forward_cost: float
+    budget: int | None
+    per_coordinate: bool
+
+    def mode_for_step(self, directions: int, outputs: int, contraction_macs: float) -> str:
+        """``"jvp"`` if K = ``directions`` JVPs cost less than O = ``outputs`` reverse passes plus the
+        Jacobian's matrix products (``contraction_macs`` per test input), else ``"jacobian"``."""
+        if self.contraction != "auto":
+            return self.contraction
+        if self.per_coordinate:
+            return "jacobian"
+        jvp_cost = directions * _PASS_COST * self.forward_cost
+        jacobian_cost = outputs * _PASS_COST * self.forward_cost + contraction_macs
+        return "jvp" if jvp_cost <= jacobian_cost else "jacobian"
+
+    def describe(self) -> str:
+        parts = [f"contraction={self.contraction}", f"test_chunk={self.test_chunk}"]
+        if self.train_chunk is not None:
+            parts.append(f"train_chunk={self.train_chunk}")
+        if self.tangent_chunk is not None:
+            parts.append(f"tangent_chunk={self.tangent_chunk}")
+        if self.groupwise_jacobian:
+            parts.append("groupwise_jacobian")
+        if self.budget is not None:
+            parts.append(f"budget={self.budget / 2**20:.0f}MiB")
+        return ", ".join(parts)
+
+
+def plan_contraction(
+    *,
+    contraction: str,
+    memory_budget: int | None,
+    itemsize: int,
+    num_params: int,
+    largest_group: int,
+    num_units: int,
+    num_test: int,
+    num_outputs: int,
+    largest_batch: int,
+    kept_bytes: int,
+    per_coordinate: bool,
+    forward_cost: float,
+    test_chunk_size: int | None = None,
+    train_chunk_size: int | None = None,
+) -> ContractionPlan:
+    """Chunk sizes that keep the working set within ``memory_budget`` bytes.
+
+    What must be held whatever the chunks (``fixed``): the rule's per-unit buffers and the step's unit
+    updates (2 · U · D), the pseudo-unit buffers (a few D), and the kept result (``kept_bytes``). The rest
+    of the budget is split in three: per-sample gradients (3 · B_c · D: raw, weighted, the buffer input),
+    the Jacobians of a test chunk (4 · X_c · O · D: the node's value, the integral, the reverse pass's
+    intermediates, the contraction), and JVP tangents (3 · K_c · D). Explicit ``test_chunk_size`` and
+    ``train_chunk_size`` win over the budget.
+    """
+    if contraction not in ("auto", "jvp", "jacobian"):
+        raise ExplaindError(f"contraction must be 'auto', 'jvp' or 'jacobian', got {contraction!r}")
+    if per_coordinate and contraction == "jvp":
+        raise ExplaindError("contraction='jvp' with params='coordinate' would take one JVP per coordinate and unit; "
+                            "use contraction='jacobian' (or 'auto')")
+    forward_cost = forward_cost if forward_cost > 0 else float(num_params)
+    D, O = num_params, num_outputs
+    if memory_budget is None:
+        return ContractionPlan(contraction, test_chunk_size or num_test, train_chunk_size, None, False,
+                               forward_cost, None, per_coordinate)
+    fixed = (2 * num_units * D + 8 * D) * itemsize + kept_bytes
+    if fixed > memory_budget:
+        raise MemoryBudgetError(
+            f"the memory budget of {memory_budget / 2**20:.1f} MiB cannot hold what every step needs at once: "
+            f"per-unit buffers and updates 2 × {num_units} units × {D} parameters "
+            f"({2 * num_units * D * itemsize / 2**20:.1f} MiB) and the kept axes ({kept_bytes / 2**20:.1f} MiB). "
+            "Keep fewer axes (leave out 'unit' or 'step', or group parameters), group the units "
+            "(decompose_by_partition: K · D buffers, Corollary F.2), or raise memory_budget"
+        )
+    share = (memory_budget - fixed) // 3
+    train_chunk = train_chunk_size or max(1, min(largest_batch, share // max(1, 3 * D * itemsize)))
+    per_test = 4 * O * D * itemsize
+    groupwise = False
+    if test_chunk_size:
+        test_chunk = test_chunk_size
+    elif per_test <= share:
+        test_chunk = max(1, min(num_test, share // per_test))
+    else:
+        groupwise = True  # even one test input's full Jacobian does not fit: one parameter group at a time
+        per_test_group = 4 * O * largest_group * itemsize
+        if per_test_group > share:
+            raise MemoryBudgetError(
+                f"the memory budget leaves {share / 2**20:.1f} MiB per working set, but the Jacobian of one test "
+                f"input over the largest parameter group ({largest_group} parameters × {O} outputs) needs "
+                f"{per_test_group / 2**20:.1f} MiB; group parameters more finely, decompose fewer outputs "
+                "(decompose_function_of_output), or raise memory_budget"
+            )
+        test_chunk = max(1, min(num_test, share // per_test_group))
+    tangent_chunk = max(1, share // max(1, 3 * D * itemsize))
+    return ContractionPlan(contraction, test_chunk, train_chunk, tangent_chunk, groupwise, forward_cost,
+                           memory_budget, per_coordinate)
+
+
+def chunks(n: int, size: int | None):
+    """Consecutive slices covering range(n) with at most ``size`` elements each."""
+    size = n if not size else size
+    return [slice(s, min(n, s + size)) for s in range(0, n, max(1, size))]
+
+
+def bytes_of(shape, itemsize: int) -> int:
+    return int(math.prod(shape)) * itemsize
