@@ -1,0 +1,170 @@
+"""More than one process: the steps split across ``torch.distributed`` ranks (MATH.md §4, §11).
+
+The buffers of the §4 template follow a linear recurrence, buffer_t = A_t ⊙ buffer_{t−1} + C_t ⊙ g_t, so the
+state S_r entering block r (steps [a_r, b_r)) is
+
+    S_{r+1} = A_{b_r − 1} ⋯ A_{a_r} S_r  +  E_r,        S_0 = the initial state (zero, or carried in),
+
+where E_r is block r's own part: the buffers at its end when started from zero. Every rank computes its E_r
+(per-sample gradients of its own steps only), the states are passed along the ranks (a sequential scan: each
+rank applies its block's A's to the state it receives, adds E_r and sends the result on; that costs no
+gradients and works for any linear A, matrix preconditioners included), and then every rank decomposes its
+block from the exact state S_r. Every step sees exactly the buffers the single-process run sees, so results
+agree with it to rounding (the only difference is the order of the final sums over ranks).
+
+Which optimizer buffers exist at a block's start (PyTorch's SGD creates its momentum buffer at the first step
+with μ ≠ 0, undamped) depends only on hyper-parameters; it is gathered first.
+
+Launch with ``torchrun --nproc_per_node R script.py`` (gloo on CPU, NCCL on GPUs), call
+``torch.distributed.init_process_group`` in the script, and pass ``distributed=True`` to a theorem function.
+Every rank needs the model, the trajectory (an on-disk trajectory is read only where a rank needs it) and the
+data; every rank returns the whole result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decomposition import BlockResult, DecompositionContext, RuleStage, _StepAccumulator, run_block
+from .errors import ExplaindError
+
+__all__ = ["block_of_rank", "run_distributed"]
+
+_MODES = ("jvp", "jacobian", "skipped")
+
+
+def block_of_rank(num_steps: int, world_size: int, rank: int) -> range:
+    """Rank ``rank``'s consecutive steps: the first num_steps mod R ranks take one step more."""
+    base, extra = divmod(num_steps, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def run_distributed(ctx: DecompositionContext, group, progress: bool = False) -> tuple[BlockResult, list[int]]:
+    """Decompose ``ctx``'s trajectory with one block of steps per rank of ``group`` (``True``: the default
+    group); returns the whole run's :class:`BlockResult` on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ExplaindError("distributed=... needs torch.distributed.init_process_group() to have been called "
+                            "(launch the script with torchrun)")
+    group = None if group is True else group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    num_steps = ctx.trajectory.num_steps
+    blocks = [block_of_rank(num_steps, world, r) for r in range(world)]
+    mine = blocks[rank]
+
+    # 0. which optimizer buffers exist when each block starts (hyper-parameters only)
+    initial = RuleStage(ctx)
+    created = torch.zeros(len(ctx.names), dtype=torch.float64, device=comm)
+    for t in mine:
+        for n in initial.creates_buffers(ctx.trajectory.steps[t]):
+            created[ctx.names.index(n)] = 1.0
+    gathered = [torch.zeros_like(created) for _ in range(world)]
+    dist.all_gather(gathered, created, group=group)
+    before = sum((gathered[r] for r in range(rank)), torch.zeros_like(created))
+    start_flags = {n: initial.has_buffer[n] or bool(before[k] > 0) for k, n in enumerate(ctx.names)}
+
+    # 1. this block's own part E_r: its buffers at the end when started from zero
+    own = RuleStage(ctx, zero_state=True)
+    own.has_buffer = dict(start_flags)
+    theta_t = ctx.theta(mine.start) if len(mine) else None
+    for t in mine:
+        theta_next = ctx.theta(t + 1)
+        own.advance(t, theta_t, theta_next, checks=False)
+        theta_t = theta_next
+
+    # 2. the scan: receive S_r, send S_{r+1} = A_{b−1} ⋯ A_a S_r + E_r
+    stage = RuleStage(ctx)
+    stage.has_buffer = dict(start_flags)
+    if rank > 0:
+        received = []
+        for template in stage.state():
+            buffer = torch.empty(template.shape, dtype=template.dtype, device=comm)
+            dist.recv(buffer, src=_global_rank(group, rank - 1), group=group)
+            received.append(buffer.to(ctx.device))
+        stage.load_state(received)
+    if rank < world - 1:
+        carry = RuleStage(ctx)
+        carry.load_state([s.clone() for s in stage.state()])
+        carry.has_buffer = dict(start_flags)
+        for t in mine:
+            carry.propagate(t)
+        carry.add_state(own.state())
+        for tensor in carry.state():
+            dist.send(tensor.to(comm).contiguous(), dst=_global_rank(group, rank + 1), group=group)
+        del carry
+    del own
+
+    # 3. this block from the exact state, then 4. every rank gets the whole run
+    local = run_block(ctx, stage, mine, progress) if len(mine) else None
+    return _gather(ctx, local, stage.pseudo_names, blocks, rank, group, comm), list(range(num_steps))
+
+
+def _global_rank(group, rank: int) -> int:
+    import torch.distributed as dist
+
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _gather(ctx: DecompositionContext, local: BlockResult | None, pseudo_names, blocks, rank, group, comm) -> BlockResult:
+    import torch.distributed as dist
+
+    world = len(blocks)
+    longest = max(len(b) for b in blocks)
+    X, O = ctx.xs_test.shape[0], ctx.num_outputs
+    rows = ctx.num_rows
+    kernel_shape = (rows, X, len(ctx.units), O) if ctx.keep_units else (rows, X, O)
+    pseudo_shape = (rows, X, O)
+    zeros = lambda shape, dtype=ctx.dtype: torch.zeros(shape, dtype=dtype, device=comm)  # noqa: E731
+
+    def gather_steps(per_step: list[torch.Tensor], shape, dtype=ctx.dtype) -> list[torch.Tensor]:
+        """Every rank's per-step tensors, in step order (padded to the longest block for all_gather)."""
+        padded = zeros((longest, *shape), dtype)
+        for k, v in enumerate(per_step):
+            padded[k] = v.to(comm)
+        out = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(out, padded, group=group)
+        return [out[r][k].to(ctx.device) for r in range(world) for k in range(len(blocks[r]))]
+
+    def per_step_tensors(acc: _StepAccumulator | None, shape) -> list[torch.Tensor]:
+        if acc is None:
+            return []
+        return [zeros(shape) if v is None else v for v in acc.steps]
+
+    def summed(acc: _StepAccumulator | None, shape) -> torch.Tensor:
+        total = zeros(shape) if acc is None or acc.total is None else acc.total.to(comm).clone()
+        dist.all_reduce(total, group=group)
+        return total.to(ctx.device)
+
+    def numbers(values: list) -> list:
+        column = gather_steps([torch.tensor(float(v), dtype=torch.float64) for v in values], (), torch.float64)
+        return [float(v) for v in column]
+
+    kernel = _StepAccumulator(ctx.keep_steps)
+    pseudo = {p: _StepAccumulator(ctx.keep_steps) for p in pseudo_names}
+    if ctx.keep_steps:
+        kernel.steps = gather_steps(per_step_tensors(local and local.kernel, kernel_shape), kernel_shape)
+        for p in pseudo_names:
+            pseudo[p].steps = gather_steps(per_step_tensors(local and local.pseudo[p], pseudo_shape), pseudo_shape)
+    else:
+        kernel.total = summed(local and local.kernel, kernel_shape)
+        for p in pseudo_names:
+            pseudo[p].total = summed(local and local.pseudo[p], pseudo_shape)
+    residuals = gather_steps(local.residuals if local else [], (X, O))
+    replay = numbers(local.replay_errors if local else [])
+    nodes = [int(v) for v in numbers(local.nodes if local else [])]
+    probes = [int(v) for v in numbers(local.probe_nodes if local else [])]
+    modes = [_MODES[int(v)] for v in numbers([_MODES.index(m) for m in local.modes] if local else [])]
+    scales = numbers(local.scales if local else [])
+
+    def from_rank(value: torch.Tensor | None, src: int) -> torch.Tensor:
+        buffer = value.to(comm).clone() if rank == src else zeros((X, O))
+        dist.broadcast(buffer, src=_global_rank(group, src), group=group)
+        return buffer.to(ctx.device)
+
+    last = max(r for r in range(world) if len(blocks[r])) if any(len(b) for b in blocks) else 0
+    f_start = from_rank(local.f_start if local and rank == 0 else None, 0)
+    f_end = from_rank(local.f_end if local and rank == last else None, last)
+    return BlockResult(kernel, pseudo, residuals, replay, nodes, probes, modes, scales, f_start, f_end)
