@@ -103,6 +103,26 @@ def _is_zero(coefficient) -> bool:
     return not callable(coefficient) and not isinstance(coefficient, torch.Tensor) and coefficient == 0
 
 
+def _scale_in_place(buffer: torch.Tensor, coefficient) -> torch.Tensor:
+    """A ⊙ buffer written into ``buffer`` (a unit-by-parameter buffer is the largest tensor held: no copy);
+    a callable linear map A returns a new tensor."""
+    if callable(coefficient):
+        return coefficient(buffer)
+    if isinstance(coefficient, torch.Tensor) or coefficient != 1:
+        buffer.mul_(coefficient)
+    return buffer
+
+
+def _subtract_product(target: torch.Tensor, coefficient, buffer: torch.Tensor) -> None:
+    """target −= D ⊙ buffer, in place and without a buffer-sized temporary unless D is a callable map."""
+    if callable(coefficient):
+        target.sub_(coefficient(buffer))
+    elif isinstance(coefficient, torch.Tensor):
+        target.addcmul_(buffer, coefficient, value=-1)
+    elif coefficient != 0:
+        target.add_(buffer, alpha=-coefficient)
+
+
 @dataclass
 class DecompositionContext:
     """Everything about one decomposition that does not change from step to step."""
@@ -235,7 +255,7 @@ class RuleStage:
             if n not in set(step.updated):
                 continue
             c = self._coefficients(step, n)
-            self.sample_buffer[n] = apply_linear(c.A, self.sample_buffer[n])
+            self.sample_buffer[n] = _scale_in_place(self.sample_buffer[n], c.A)
             self.decay_buffer[n] = apply_linear(c.A, self.decay_buffer[n])
             self.penalty_buffer[n] = apply_linear(c.A, self.penalty_buffer[n])
             self.rounding_buffer[n] = _abs_linear(c.A, self.rounding_buffer[n])
@@ -252,7 +272,7 @@ class RuleStage:
         Returns ``(unit_updates, pseudo_updates, replay_error, gradient_scale)`` with ``unit_updates[n]`` of
         shape (units, *shape) and ``pseudo_updates[p][n]`` of the parameter's shape. With ``checks=False``
         (a block's own part on a rank, which does not start from the true state) the gradient-sum and
-        replay checks are skipped.
+        replay checks are skipped and no update is formed (``unit_updates`` is None): only the state moves.
         """
         ctx, names, shapes = self.ctx, self.ctx.names, self.ctx.shapes
         step = ctx.trajectory.steps[t]
@@ -283,11 +303,12 @@ class RuleStage:
 
         # 2. the rule's table advances the buffers: A first, then every chunk's C ⊙ g (and E ⊙ g) by row
         coefficients = {n: self._coefficients(step, n) for n in names if n in updated}
-        unit_updates = {}
+        unit_updates = {} if checks else None
         for n in names:
             if n in updated:
-                self.sample_buffer[n] = apply_linear(coefficients[n].A, self.sample_buffer[n])
-            unit_updates[n] = torch.zeros_like(self.sample_buffer[n])
+                self.sample_buffer[n] = _scale_in_place(self.sample_buffer[n], coefficients[n].A)
+            if checks:
+                unit_updates[n] = torch.zeros_like(self.sample_buffer[n])
         summed = {n: zeros(n) for n in names}
         for k, sl in enumerate(slices):
             g = cached[k] if cached else gradients(sl)
@@ -300,7 +321,7 @@ class RuleStage:
                 c = coefficients[n]
                 grads = c.gradient_sign * g[n]
                 self.sample_buffer[n].index_add_(0, rows[sl], apply_linear(c.C, grads))
-                if not _is_zero(c.E):
+                if checks and not _is_zero(c.E):
                     unit_updates[n].index_add_(0, rows[sl], -apply_linear(c.E, grads))
             del g
         cached = None
@@ -316,7 +337,8 @@ class RuleStage:
                     pseudo_updates[p][n] = zeros(n)
                 continue
             c = coefficients[n]
-            unit_updates[n] -= apply_linear(c.D, self.sample_buffer[n])
+            if checks:
+                _subtract_product(unit_updates[n], c.D, self.sample_buffer[n])
             rounding = torch.full(shapes[n], gradient_rounding, dtype=ctx.dtype, device=ctx.device)
             self.rounding_buffer[n] = _abs_linear(c.A, self.rounding_buffer[n]) + _abs_linear(c.C, rounding)
             update_rounding[n] = float((_abs_linear(c.D, self.rounding_buffer[n]) + _abs_linear(c.E, rounding)).max())
