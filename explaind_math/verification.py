@@ -28,6 +28,8 @@ Which theorem a test belongs to (first match wins):
     template            §4 optimizer template (every registered rule)
     remark_f_3          Remark F.3 checkpoints
     step_subsampling    Appendix G.2 step subsampling
+    contraction         §11 contraction planning (every path against the atomic tensor)
+    block_scan          §11 block scan across torch.distributed ranks
 
 Tests matching no key are counted in an "other tests" row (their failures still fail the command).
 A test is a proof check when its file name starts with ``check_``, a property test otherwise.
@@ -83,13 +85,15 @@ THEOREMS: dict[str, str] = {
     "template": "§4 optimizer template",
     "remark_f_3": "Remark F.3 checkpoints",
     "step_subsampling": "Appendix G.2 step subsampling",
+    "contraction": "§11 contraction planning",
+    "block_scan": "§11 block scan (distributed)",
 }
 OTHER = "other"
 #: the rows whose status needs at least one passing machine-checked proof (a file in proofs_checks/)
 #: (not the template row, whose evidence is the shared checks of every registered rule, nor Appendix G.2,
 #: an estimation procedure whose exact case q = 1 is Theorem 3.1 / Corollary 3.2)
 PROOF_REQUIRED = ("theorem_3_1", "corollary_3_2", "path_identity", "quadrature", "corollary_3_3",
-                  "corollary_f_2", "exact_crosscheck", "remark_f_3")
+                  "corollary_f_2", "exact_crosscheck", "remark_f_3", "block_scan")
 
 _ALIASES: dict[str, str] = {
     "theorem 3.1": "theorem_3_1", "thm 3.1": "theorem_3_1", "3.1": "theorem_3_1", "adamw": "theorem_3_1",

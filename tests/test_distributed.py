@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from explaind_math.testing.distributed_cases import CASES, decompose_case
 
+VERIFIES = "block_scan"
+
 AGREEMENT = 1e-12  # relative to 1 + the L1 mass of the compared tensor: only the order of sums differs
 
 
