@@ -229,8 +229,6 @@ def _check_manifest(m: Any, path: Path) -> None:
         _dtype_from_name(m["dtypes"][n], str(path))
     if not isinstance(m["metadata"], dict) or not isinstance(m["buffers"], list):
         raise TrajectoryFileError(f"{path}: metadata must be an object and buffers a list")
-    if not all(isinstance(i, int) for i in m["units"]) or m["units"] != sorted(set(m["units"])):
-        raise TrajectoryFileError(f"{path}: units must be distinct sorted integers")
     stop = 0
     for entry in m["shards"]:
         first, last, size, crc = entry
@@ -274,7 +272,7 @@ def _manifest_from_initial(directory: Path) -> dict:
         raise TrajectoryFileError(f"{path}: its description lacks {exc.args[0]!r}") from None
     return {
         "format": DIRECTORY_FORMAT, "version": DIRECTORY_VERSION, **d, "generation": generation,
-        "num_steps": 0, "units": [], "initial": [INITIAL_NAME, path.stat().st_size, _file_crc32(path)],
+        "num_steps": 0, "initial": [INITIAL_NAME, path.stat().st_size, _file_crc32(path)],
         "shards": [],
     }
 
@@ -347,7 +345,6 @@ def _recover_locked(directory: Path) -> dict | None:
             break
         manifest["shards"].append([key[0], key[1], path.stat().st_size, _file_crc32(path)])
         manifest["num_steps"] = key[1]
-        manifest["units"] = sorted(set(manifest["units"]).union(*(s.units for s in shard.steps)))
         listed.add(key)
         changed = True
     if changed:
@@ -416,12 +413,7 @@ def truncate_trajectory_directory(directory: str | os.PathLike, num_steps: int) 
                 thetas = [shard.thetas[t - first] for t in range(first, n)]
                 size, crc = _write_shard(directory, first, steps, thetas, generation)
                 kept.append([first, n, size, crc])
-        units: set[int] = set()
         manifest = {**manifest, "generation": generation, "num_steps": n, "shards": kept}
-        # the units of the kept steps: read from the kept shards' headers (no tensor is touched)
-        for first, stop, _, _ in kept:
-            units.update(i for s in _shard_header(directory / shard_name(first, stop))["steps"] for i in s["units"])
-        manifest["units"] = sorted(units)
         _write_manifest(directory, manifest)
         for name in dropped:
             if not any(shard_name(e[0], e[1]) == name for e in kept):
@@ -432,14 +424,26 @@ def truncate_trajectory_directory(directory: str | os.PathLike, num_steps: int) 
         lock.release()
 
 
-def _shard_header(path: Path) -> dict:
-    from safetensors import safe_open
-
+def _read_header(path: Path) -> dict:
+    """Our JSON description from a safetensors header, without mapping the file: 8 bytes (the header's
+    length, little-endian), then the header, whose ``__metadata__`` holds it."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return json.loads((fh.metadata() or {})[_META_KEY])
-    except Exception as exc:
-        raise TrajectoryFileError(f"{path}: header cannot be read: {exc}") from None
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if length > path.stat().st_size - 8:
+                raise TrajectoryFileError(f"{path}: truncated (its header claims {length} bytes)")
+            header = json.loads(fh.read(length))
+    except FileNotFoundError:
+        raise TrajectoryFileError(f"{path}: missing (the manifest lists it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrajectoryFileError(f"{path}: not a readable safetensors header: {exc}") from None
+    try:
+        d = json.loads(header["__metadata__"][_META_KEY])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise TrajectoryFileError(f"{path}: not part of an explaind_math trajectory") from None
+    if not isinstance(d, dict) or d.get("format") != SHARD_FORMAT or d.get("version") != DIRECTORY_VERSION:
+        raise TrajectoryFileError(f"{path}: not a shard of this format version")
+    return d
 
 
 # ---------------------------------------------------------------------- one shard
@@ -602,7 +606,7 @@ class TrajectoryShardWriter:
                                      "generation": 0})
             manifest = {
                 "format": DIRECTORY_FORMAT, "version": DIRECTORY_VERSION, **description, "generation": 0,
-                "num_steps": 0, "units": [], "initial": [INITIAL_NAME, size, crc], "shards": [],
+                "num_steps": 0, "initial": [INITIAL_NAME, size, crc], "shards": [],
             }
             self._initial = None
             if not self._pending:
@@ -620,7 +624,6 @@ class TrajectoryShardWriter:
             **manifest,
             "shards": [*manifest["shards"], [first, stop, size, crc]],
             "num_steps": stop,
-            "units": sorted(set(manifest["units"]).union(*(s.units for s in steps))),
         }
         _write_manifest(self.directory, updated)
         self.manifest = updated
@@ -742,6 +745,7 @@ class ShardedTrajectory(Trajectory):
         self._dtypes = {n: _dtype_from_name(manifest["dtypes"][n], str(self.directory)) for n in self.parameter_names}
         self._firsts = [e[0] for e in manifest["shards"]]
         self._cache: OrderedDict[int, _Shard] = OrderedDict()
+        self._units: list[int] | None = None
         self.shards_read = 0
         self._read_initial()
         self.parameters = _LazyParameters(self)
@@ -793,7 +797,19 @@ class ShardedTrajectory(Trajectory):
         return self._dtypes[self.parameter_names[0]]
 
     def units(self) -> list[int]:
-        return list(self._manifest["units"])
+        """Every training-sample id used by any step, sorted: read from the shards' JSON headers (a few
+        kB each; no tensor is read), once."""
+        if self._units is None:
+            units: set[int] = set()
+            for path in self.shard_files:
+                try:
+                    units.update(int(i) for s in _read_header(path)["steps"] for i in s["units"])
+                except TrajectoryFileError:
+                    raise
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise TrajectoryFileError(f"{path}: malformed description ({type(exc).__name__}: {exc})") from None
+            self._units = sorted(units)
+        return list(self._units)
 
     @property
     def shard_files(self) -> list[Path]:
@@ -802,7 +818,7 @@ class ShardedTrajectory(Trajectory):
     def __repr__(self) -> str:
         return (
             f"ShardedTrajectory({str(self.directory)!r}, optimizer={self.optimizer!r}, steps={self.num_steps}, "
-            f"shards={len(self._firsts)}, parameters={len(self.parameter_names)} tensors, units={len(self.units())})"
+            f"shards={len(self._firsts)}, parameters={len(self.parameter_names)} tensors)"
         )
 
     # ------------------------------------------------------------------ shards
@@ -814,13 +830,6 @@ class ShardedTrajectory(Trajectory):
         first, stop, size, crc = self._manifest["shards"][k]
         shard = _Shard.read(self.directory / shard_name(first, stop), self._manifest, first, stop,
                             size=size, crc32=crc if self.verify_checksums else None)
-        units = set(self._manifest["units"])
-        for j, step in enumerate(shard.steps):
-            if not units.issuperset(step.units):
-                raise TrajectoryFileError(
-                    f"{self.directory / shard_name(first, stop)}: step {first + j} uses sample ids "
-                    f"{sorted(set(step.units) - units)} that the manifest does not list"
-                )
         self.shards_read += 1
         self._cache[k] = shard
         while len(self._cache) > self.cache_shards:
