@@ -86,6 +86,9 @@ class TrajectoryRecorder:
         steps_per_shard: with ``directory``, write one shard per this many steps (a crash loses at
             most the steps not yet written: ``steps_per_shard − 1``). Call :meth:`close` (or use
             ``with``) at the end so that the last, partial shard is written.
+        write_in_background: with ``directory``, write shards from a background thread while training
+            goes on (at most one shard queued behind the one being written); a crash then also loses
+            the shards not yet committed, never the consistency of the directory.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class TrajectoryRecorder:
         grad_scaler: Any = None,
         directory: str | os.PathLike | None = None,
         steps_per_shard: int = 1,
+        write_in_background: bool = False,
     ):
         if gradient_rescaling and not record_gradients:
             raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
@@ -139,7 +143,8 @@ class TrajectoryRecorder:
         if directory is not None:
             from .shards import TrajectoryShardWriter
 
-            self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard)
+            self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard,
+                                                 background=write_in_background)
             try:
                 if self._writer.has_trajectory:
                     self._resume()
@@ -192,6 +197,7 @@ class TrajectoryRecorder:
             if metadata is not None:
                 self._writer.set_metadata({**metadata, "gradient_rescaling": self.gradient_rescaling})
             self._writer.flush()
+            self._writer.wait()
             return ShardedTrajectory(self._writer.directory)
         return Trajectory(
             optimizer=self.rule.name,
@@ -215,9 +221,11 @@ class TrajectoryRecorder:
         return None if self._writer is None else self._writer.directory
 
     def flush(self) -> None:
-        """With ``directory``: write the steps not yet on disk now (a shorter shard)."""
+        """With ``directory``: write the steps not yet on disk now (a shorter shard), and wait until
+        they are committed."""
         if self._writer is not None:
             self._writer.flush()
+            self._writer.wait()
 
     def close(self) -> None:
         """Remove the hooks (the optimizer is left exactly as the user made it); with ``directory``,

@@ -60,11 +60,12 @@ def reference():
 # the directory form equals the in-memory form, and so does its decomposition
 
 
-@pytest.mark.parametrize("steps_per_shard", [1, 3])
+@pytest.mark.parametrize("steps_per_shard, background", [(1, False), (3, False), (2, True)],
+                         ids=["1-step-shards", "3-step-shards", "2-step-shards-background"])
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_directory_recording_decomposes_bit_for_bit(kind, steps_per_shard, reference, tmp_path):
+def test_directory_recording_decomposes_bit_for_bit(kind, steps_per_shard, background, reference, tmp_path):
     model, in_memory, X, Y = reference[kind]
-    model_d, on_disk, _, _ = record(kind, STEPS, tmp_path, steps_per_shard=steps_per_shard)
+    model_d, on_disk, _, _ = record(kind, STEPS, tmp_path, steps_per_shard=steps_per_shard, background=background)
     assert isinstance(on_disk, ShardedTrajectory)
     for a, b in zip(model.parameters(), model_d.parameters()):
         assert torch.equal(a, b)
@@ -143,6 +144,8 @@ CRASHES = {  # crash point, steps per shard, steps listed in the manifest after 
     "exit-mid-training": ("after-step:4", 3, 3, None),  # steps 3 and 4 were pending in memory: lost
     "kill-between-shard-and-manifest": ("before-manifest:4", 2, 4, "steps-00000004-00000006.safetensors"),
     "kill-while-writing-a-shard": ("mid-shard:5", 1, 5, ".steps-00000005-00000006.safetensors."),
+    # shards written by a thread: any prefix of the 6 finished steps may be committed
+    "exit-with-background-writes": ("background:after-step:5", 1, None, None),
 }
 
 
@@ -172,6 +175,9 @@ def test_crash_then_resume_equals_an_uninterrupted_run(scenario, crashed_directo
         assert any(name.startswith(leftover) for name in os.listdir(directory)), _files(directory)
     # what the crash left is a readable trajectory of the steps listed in the manifest
     crashed = ShardedTrajectory(directory)
+    if on_disk is None:
+        on_disk = crashed.num_steps
+        assert on_disk <= 6
     assert crashed.num_steps == on_disk
     _, in_memory, X, Y = reference["adamw"]
     for t in range(on_disk):
@@ -181,7 +187,8 @@ def test_crash_then_resume_equals_an_uninterrupted_run(scenario, crashed_directo
     assert recover_trajectory_directory(directory) == on_disk + adopted
     assert not any(name.endswith(".tmp") for name in os.listdir(directory))
     # resume: the model and optimizer restored to the last finished step (here: recomputed), then record on
-    model, resumed, _, _ = record("adamw", STEPS, directory, steps_per_shard=steps_per_shard, resume=True)
+    model, resumed, _, _ = record("adamw", STEPS, directory, steps_per_shard=steps_per_shard, resume=True,
+                                  background=crash.startswith("background"))
     assert_trajectories_identical(in_memory, resumed)
     a, b = _decompose(model, in_memory, X, Y), _decompose(model, resumed, X, Y)
     assert torch.equal(a.kernel, b.kernel) and torch.equal(a.step_residuals, b.step_residuals)

@@ -85,7 +85,7 @@ def train_step(model, optimizer, scheduler, X, Y, t: int, recorder=None) -> None
 
 
 def record(kind: str, steps: int, directory=None, *, steps_per_shard: int = 1, resume: bool = False,
-           crash: str | None = None):
+           crash: str | None = None, background: bool = False):
     """Train ``steps`` steps with a recorder (in memory, or into ``directory``); returns
     (model, trajectory, X, Y). ``resume``: recover the directory, replay the steps it holds without a
     recorder (the user's checkpoint, recomputed), then record the rest into it."""
@@ -98,7 +98,8 @@ def record(kind: str, steps: int, directory=None, *, steps_per_shard: int = 1, r
             train_step(model, optimizer, scheduler, X, Y, t)
     if crash is not None:
         _arm_crash(crash)
-    recorder = TrajectoryRecorder(model, optimizer, directory=directory, steps_per_shard=steps_per_shard)
+    recorder = TrajectoryRecorder(model, optimizer, directory=directory, steps_per_shard=steps_per_shard,
+                                  write_in_background=background)
     with recorder:
         for t in range(start, steps):
             train_step(model, optimizer, scheduler, X, Y, t, recorder)
@@ -185,15 +186,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--run", action="append", required=True, help="DIRECTORY:STEPS_PER_SHARD:CRASH")
+    parser.add_argument("--run", action="append", required=True,
+                        help="DIRECTORY:STEPS_PER_SHARD:CRASH, or DIRECTORY:STEPS_PER_SHARD:background:CRASH")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    import safetensors.torch  # noqa: F401  (imported once, before forking)
+
+    record(args.optimizer, 2)  # warm up (first-call costs of torch.optim and autograd) once, before forking
     failed = []
     for spec in args.run:
         directory, k, crash = spec.split(":", 2)
+        background = crash.startswith("background:")
+        crash = crash.removeprefix("background:")
 
-        def run(directory=directory, k=k, crash=crash):
-            record(args.optimizer, args.steps, directory, steps_per_shard=int(k), crash=crash)
+        def run(directory=directory, k=k, crash=crash, background=background):
+            record(args.optimizer, args.steps, directory, steps_per_shard=int(k), crash=crash, background=background)
             os._exit(0)  # the crash did not happen
 
         pid = os.fork()  # one interpreter start for all runs (single-threaded, so fork is safe)
