@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
 from .optimizers import rule_for_optimizer
-from .trajectory import StepRecord, Trajectory, weights_for
+from .trajectory import StepRecord, Trajectory, all_finite, weights_for
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
 
@@ -367,15 +367,15 @@ class TrajectoryRecorder:
                     f"{where}: buffer {n!r} changed during training (a BatchNorm running statistic?); "
                     "the decomposition needs a model whose buffers stay fixed"
                 )
-        theta = self._snapshot()
         if t == 0 and self.resumed_from is None:
+            theta = self._snapshot()
             self._snapshots = [theta]  # (re)set: a refused first step must not leave a second θ_0 behind
             self._initial_state = self._carried_state()
             self._last_theta = theta
         else:
-            previous = self._last_theta
-            for n in theta:
-                if not torch.equal(theta[n], previous[n]):
+            previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
+            for n, p, _ in self._params:
+                if not torch.equal(p.detach().cpu(), previous[n]):
                     raise RecordingError(
                         f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
                         "outside optimizer.step(); such changes cannot be attributed"
@@ -387,7 +387,7 @@ class TrajectoryRecorder:
                 continue
             if p.grad.is_sparse:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
-            if not torch.isfinite(p.grad).all():
+            if not all_finite(p.grad):
                 raise NonFiniteError(f"{where}: the gradient of parameter {n!r} contains NaN or Inf")
             updated.append(n)
             if self.record_gradients:
@@ -403,7 +403,7 @@ class TrajectoryRecorder:
         self._pending = {}
         theta = self._snapshot()
         for n, v in theta.items():
-            if not torch.isfinite(v).all():
+            if not all_finite(v):
                 raise NonFiniteError(
                     f"step {t}: parameter {n!r} became NaN or Inf; the {t} steps before it are kept "
                     "(recorder.trajectory())"
