@@ -448,7 +448,7 @@ def all_finite(x: torch.Tensor) -> bool:
     """Whether every entry of ``x`` is finite. A NaN or ±Inf entry makes the sum NaN or ±Inf, so a finite
     sum settles it in one reduction (about 14× faster than ``isfinite(x).all()`` on a CPU); only a
     non-finite sum, which overflow can also produce, is checked entry by entry. Exact either way."""
-    if not x.is_floating_point() or x.numel() == 0:
+    if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
         return True
     if bool(torch.isfinite(x.sum())):
         return True

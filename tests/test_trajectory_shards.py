@@ -425,6 +425,25 @@ def test_reading_a_directory_never_unpickles(recorded, monkeypatch):
     ShardedTrajectory(directory).validate()
 
 
+@pytest.mark.parametrize(
+    "values, finite",
+    [([1.0, 2.0], True), ([1.0, float("nan")], False), ([float("inf"), 1.0], False),
+     ([float("-inf"), float("inf")], False), ([1e308, 1e308], True), ([], True)],
+    ids=["finite", "nan", "inf", "inf-minus-inf", "sum-overflows", "empty"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.complex128])
+def test_all_finite_is_exact(values, finite, dtype):
+    """The recorder's and the shards' finiteness check: one reduction, exact also when the sum overflows."""
+    from explaind_math.trajectory import all_finite
+
+    x = torch.tensor(values, dtype=torch.float64)
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4).where(x.isfinite(), x)  # 1e308 → the largest float16 (the sum still overflows)
+    x = x.to(dtype)
+    assert all_finite(x) is finite
+    assert all_finite(x.reshape(-1, 1)) is finite
+
+
 # ---------------------------------------------------------------------------------------------
 # larger than memory: opening reads nothing, reading keeps a bounded working set
 
