@@ -291,7 +291,8 @@ class TrajectoryRecorder:
                 f"{where}: the model's parameters are not the recorded θ_{n}: {', '.join(differing)}. Restore "
                 f"the model and optimizer from the checkpoint taken after step {n - 1} (θ_{n}); if your "
                 "checkpoint is of an earlier step s, first call "
-                "explaind_math.shards.truncate_trajectory_directory(directory, s)"
+                "explaind_math.shards.truncate_trajectory_directory(directory, s); to record a new "
+                "trajectory, give an empty or new directory"
             )
         self._check_resumed_optimizer_state(existing, where)
         self._count = n
