@@ -37,6 +37,7 @@ from .theorems import (
     theorem_3_1,
 )
 from .trajectory import StepRecord, Trajectory
+from .shards import ShardedTrajectory
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "theorem_3_1",
     "corollary_3_2",
     "Trajectory",
+    "ShardedTrajectory",
     "StepRecord",
     "TrajectoryRecorder",
     "Influence",

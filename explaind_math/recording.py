@@ -9,6 +9,13 @@
         scheduler.step()
     trajectory = recorder.trajectory()
 
+Given ``directory=``, the recorder writes the trajectory to disk as training runs, one safetensors
+shard per ``steps_per_shard`` steps (:mod:`explaind_math.shards`), and keeps only the pending steps
+and the last θ in memory; ``recorder.trajectory()`` then returns a
+:class:`~explaind_math.shards.ShardedTrajectory`. Opening a recorder on a directory that already holds
+a trajectory resumes it after its last finished step, once the model and optimizer are checked to
+be exactly where that step left them.
+
 Before each step the recorder refuses (and the step does not happen, so nothing is lost): a missing
 batch, a closure, BatchNorm in training mode or active dropout, changed buffers, parameters changed
 outside ``optimizer.step()``, NaN/Inf gradients, and optimizer flags with no exact rule. A refused
@@ -17,6 +24,7 @@ step discards the batch recorded for it: call ``record_batch`` again before step
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -24,7 +32,7 @@ from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
 from .optimizers import rule_for_optimizer
-from .trajectory import StepRecord, Trajectory, weights_for
+from .trajectory import StepRecord, Trajectory, all_finite, weights_for
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
 
@@ -67,6 +75,20 @@ class TrajectoryRecorder:
             and is refused) and folds c_t into the weights. Needs ``record_gradients=True``.
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop; a step it skips (inf/NaN
             gradients) is then detected and its batch dropped instead of merged into the next step.
+        directory: write the trajectory there as it is recorded (a directory of shards, see
+            :mod:`explaind_math.shards`) instead of keeping it in memory. If the directory already
+            holds a trajectory, recording resumes after its last finished step: the model's
+            parameters must equal the last recorded θ exactly, its buffers the recorded ones, and the
+            optimizer's state (step counts and the recorded state tensors) what was recorded last,
+            otherwise :class:`RecordingError` names what differs. Restore model and optimizer from
+            your checkpoint first (or :func:`~explaind_math.shards.truncate_trajectory_directory` to
+            your checkpoint's step).
+        steps_per_shard: with ``directory``, write one shard per this many steps (a crash loses at
+            most the steps not yet written: ``steps_per_shard − 1``). Call :meth:`close` (or use
+            ``with``) at the end so that the last, partial shard is written.
+        write_in_background: with ``directory``, write shards from a background thread while training
+            goes on (at most one shard queued behind the one being written); a crash then also loses
+            the shards not yet committed, never the consistency of the directory.
     """
 
     def __init__(
@@ -78,6 +100,9 @@ class TrajectoryRecorder:
         check_modules: bool = True,
         gradient_rescaling: bool = False,
         grad_scaler: Any = None,
+        directory: str | os.PathLike | None = None,
+        steps_per_shard: int = 1,
+        write_in_background: bool = False,
     ):
         if gradient_rescaling and not record_gradients:
             raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
@@ -111,6 +136,21 @@ class TrajectoryRecorder:
         self._initial_state: dict[str, dict] = {}
         self._pending: dict[int, float] = {}
         self._current: dict | None = None
+        self._count = 0  # steps recorded, including those found on disk when resuming
+        self._last_theta: dict[str, torch.Tensor] | None = None  # θ_t, to catch changes between steps
+        self._writer = None
+        self.resumed_from: int | None = None
+        if directory is not None:
+            from .shards import TrajectoryShardWriter
+
+            self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard,
+                                                 background=write_in_background)
+            try:
+                if self._writer.has_trajectory:
+                    self._resume()
+            except BaseException:
+                self._writer.abandon()
+                raise
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -143,9 +183,22 @@ class TrajectoryRecorder:
             self._pending[i] = self._pending.get(i, 0.0) + wi
 
     def trajectory(self, metadata: dict | None = None) -> Trajectory:
-        """The steps recorded so far (θ_0 … θ_N and N step records)."""
-        if not self._steps:
+        """The steps recorded so far (θ_0 … θ_N and N step records).
+
+        With ``directory``: writes the pending steps (a shard, possibly shorter than
+        ``steps_per_shard``), stores ``metadata`` in the manifest when given, and returns the directory
+        opened as a :class:`~explaind_math.shards.ShardedTrajectory`.
+        """
+        if self._count == 0:
             raise RecordingError("no optimizer step was recorded yet")
+        if self._writer is not None:
+            from .shards import ShardedTrajectory
+
+            if metadata is not None:
+                self._writer.set_metadata({**metadata, "gradient_rescaling": self.gradient_rescaling})
+            self._writer.flush()
+            self._writer.wait()
+            return ShardedTrajectory(self._writer.directory)
         return Trajectory(
             optimizer=self.rule.name,
             parameter_names=[n for n, _, _ in self._params],
@@ -159,19 +212,131 @@ class TrajectoryRecorder:
 
     @property
     def num_steps(self) -> int:
-        return len(self._steps)
+        """Steps recorded (with ``directory``: including those found there when resuming)."""
+        return self._count
+
+    @property
+    def directory(self):
+        """Where the trajectory is written (``None`` when it is kept in memory)."""
+        return None if self._writer is None else self._writer.directory
+
+    def flush(self) -> None:
+        """With ``directory``: write the steps not yet on disk now (a shorter shard), and wait until
+        they are committed."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.wait()
 
     def close(self) -> None:
-        """Remove the hooks; the optimizer is left exactly as the user made it."""
+        """Remove the hooks (the optimizer is left exactly as the user made it); with ``directory``,
+        write the pending steps and release the directory."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._writer is not None and not self._writer.closed:
+            self._writer.close()
 
     def __enter__(self) -> "TrajectoryRecorder":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ resuming a directory
+    def _resume(self) -> None:
+        """Continue the trajectory found in the directory after its last finished step N, once the model
+        (parameters = θ_N, buffers) and the optimizer (state after step N − 1) are checked against it."""
+        from .shards import ShardedTrajectory
+
+        existing = ShardedTrajectory(self._writer.directory, cache_shards=1)
+        n = existing.num_steps
+        where = f"cannot resume recording in {self._writer.directory} ({n} finished steps)"
+        names = [name for name, _, _ in self._params]
+        if existing.optimizer != self.rule.name:
+            raise RecordingError(
+                f"{where}: it was recorded with the {existing.optimizer!r} rule, this optimizer uses {self.rule.name!r}"
+            )
+        if existing.parameter_names != names:
+            raise RecordingError(
+                f"{where}: it records parameters {existing.parameter_names}, the optimizer holds {names}"
+            )
+        moved = [name for name, _, gi in self._params if existing.group_of[name] != gi]
+        if moved:
+            raise RecordingError(f"{where}: parameters {moved} are in other param groups than when recorded")
+        shapes, dtypes = existing.shapes(), existing._dtypes
+        for name, p, _ in self._params:
+            if tuple(p.shape) != shapes[name] or p.dtype != dtypes[name]:
+                raise RecordingError(
+                    f"{where}: parameter {name!r} is {p.dtype} of shape {tuple(p.shape)}, recorded as "
+                    f"{dtypes[name]} of shape {shapes[name]}"
+                )
+        if sorted(existing.buffers) != sorted(self._buffers) or any(
+            not torch.equal(self._buffers[b], existing.buffers[b]) for b in existing.buffers
+        ):
+            raise RecordingError(f"{where}: the model's buffers differ from those recorded")
+        if bool(existing.metadata.get("gradient_rescaling", False)) != self.gradient_rescaling:
+            raise RecordingError(
+                f"{where}: it was recorded with gradient_rescaling={not self.gradient_rescaling}, this recorder "
+                f"has gradient_rescaling={self.gradient_rescaling}"
+            )
+        theta = self._snapshot()
+        last = existing.parameters[n]
+        differing = []
+        for name in names:
+            if not torch.equal(theta[name], last[name]):
+                gap = float((theta[name].double() - last[name].double()).abs().max())
+                differing.append(f"{name!r} (max |difference| {gap:.3g})")
+        if differing:
+            raise RecordingError(
+                f"{where}: the model's parameters are not the recorded θ_{n}: {', '.join(differing)}. Restore "
+                f"the model and optimizer from the checkpoint taken after step {n - 1} (θ_{n}); if your "
+                "checkpoint is of an earlier step s, first call "
+                "explaind_math.shards.truncate_trajectory_directory(directory, s); to record a new "
+                "trajectory, give an empty or new directory"
+            )
+        self._check_resumed_optimizer_state(existing, where)
+        self._count = n
+        self._last_theta = theta
+        self.resumed_from = n
+
+    def _check_resumed_optimizer_state(self, existing, where: str) -> None:
+        """The optimizer's state must be what the last recorded step of each parameter left: its step
+        count and the state tensors the rule reads (the first-moment / momentum buffer is not recorded
+        per step; a wrong one would surface as a replay mismatch in the decomposition)."""
+        expected: dict[str, dict] = {}
+        remaining = {name for name, _, _ in self._params}
+        for t in range(existing.num_steps - 1, -1, -1):
+            if not remaining:
+                break
+            step = existing.steps[t]
+            for name in step.updated:
+                if name in remaining:
+                    expected[name] = dict(step.state.get(name, {}))
+                    remaining.discard(name)
+        for name in remaining:  # never updated by a recorded step: the state carried into step 0
+            expected[name] = dict(existing.initial_state.get(name, {}))
+        problems = []
+        for name, p, _ in self._params:
+            st = self.optimizer.state.get(p, {})
+            want = expected[name]
+            have_step = None
+            if "step" in st:
+                have_step = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
+            if want.get("step") != have_step:
+                problems.append(f"{name!r}: step count {have_step}, recorded {want.get('step')}")
+            for key, value in want.items():
+                if key == "step":
+                    continue
+                if key not in st:
+                    problems.append(f"{name!r}: no {key!r} in the optimizer state, one was recorded")
+                elif not torch.equal(st[key].detach().cpu(), value):
+                    problems.append(f"{name!r}: {key!r} differs from the recorded one")
+        if problems:
+            raise RecordingError(
+                f"{where}: the optimizer's state is not the one recorded after the last step: "
+                + "; ".join(problems[:8]) + ("; …" if len(problems) > 8 else "")
+                + ". Restore the optimizer (optimizer.load_state_dict) from the same checkpoint as the model"
+            )
 
     # ------------------------------------------------------------------ hooks
     def _snapshot(self) -> dict[str, torch.Tensor]:
@@ -187,7 +352,7 @@ class TrajectoryRecorder:
             raise
 
     def _check_and_prepare(self, optimizer, args, kwargs) -> None:
-        t = len(self._steps)
+        t = self._count
         where = f"step {t}"
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
         if closure is not None:
@@ -203,14 +368,15 @@ class TrajectoryRecorder:
                     f"{where}: buffer {n!r} changed during training (a BatchNorm running statistic?); "
                     "the decomposition needs a model whose buffers stay fixed"
                 )
-        theta = self._snapshot()
-        if t == 0:
+        if t == 0 and self.resumed_from is None:
+            theta = self._snapshot()
             self._snapshots = [theta]  # (re)set: a refused first step must not leave a second θ_0 behind
             self._initial_state = self._carried_state()
+            self._last_theta = theta
         else:
-            previous = self._snapshots[-1]
-            for n in theta:
-                if not torch.equal(theta[n], previous[n]):
+            previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
+            for n, p, _ in self._params:
+                if not torch.equal(p.detach().cpu(), previous[n]):
                     raise RecordingError(
                         f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
                         "outside optimizer.step(); such changes cannot be attributed"
@@ -222,7 +388,7 @@ class TrajectoryRecorder:
                 continue
             if p.grad.is_sparse:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
-            if not torch.isfinite(p.grad).all():
+            if not all_finite(p.grad):
                 raise NonFiniteError(f"{where}: the gradient of parameter {n!r} contains NaN or Inf")
             updated.append(n)
             if self.record_gradients:
@@ -233,12 +399,12 @@ class TrajectoryRecorder:
                          "gradient": gradient if self.record_gradients else None}
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        t = len(self._steps)
+        t = self._count
         current, self._current = self._current, None
         self._pending = {}
         theta = self._snapshot()
         for n, v in theta.items():
-            if not torch.isfinite(v).all():
+            if not all_finite(v):
                 raise NonFiniteError(
                     f"step {t}: parameter {n!r} became NaN or Inf; the {t} steps before it are kept "
                     "(recorder.trajectory())"
@@ -254,10 +420,23 @@ class TrajectoryRecorder:
             for key in self.rule.state_keys(current["hyper"][gi]):
                 entry[key] = st[key].detach().cpu().clone()
             state[n] = entry
-        self._steps.append(
-            StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state, current["gradient"])
-        )
-        self._snapshots.append(theta)
+        record = StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
+                            current["gradient"])
+        self._count += 1
+        self._last_theta = theta
+        if self._writer is None:
+            self._steps.append(record)
+            self._snapshots.append(theta)
+            return
+        if not self._writer.has_trajectory:
+            self._writer.begin(
+                optimizer=self.rule.name, parameter_names=[n for n, _, _ in self._params],
+                group_of={n: gi for n, _, gi in self._params}, theta_0=self._snapshots[0],
+                initial_state=self._initial_state, buffers=self._buffers,
+                metadata={"gradient_rescaling": self.gradient_rescaling},
+            )
+            self._snapshots = []
+        self._writer.append(record, theta)  # writes a shard (then the manifest) every steps_per_shard steps
 
     def _carried_state(self) -> dict[str, dict]:
         """Optimizer state that existed before the first recorded step (a checkpoint resumed)."""

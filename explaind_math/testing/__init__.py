@@ -7,6 +7,8 @@
   and a log of the residuals achieved per model family.
 * :mod:`explaind_math.testing.rule_checks` — the shared checks every optimizer rule must pass
   (``python -m explaind_math verify-rule``); not imported here.
+* :mod:`explaind_math.testing.sharded_runs` — a small recorded run that can crash at a chosen moment
+  (``os._exit``) and be resumed from its trajectory directory; not imported here.
 
 Importing this package requires ``hypothesis`` (the ``test`` extra).
 """
