@@ -5,9 +5,14 @@ Per step t the kept influences are Φ_t(x) contracted with the updates of the ke
 exact ways compute them:
 
 * ``"jvp"`` — one forward-mode JVP per direction v: Φ_t(x) v = ∫ J(x; θ_t(α)) v dα. Cost per test input and
-  node ≈ K · c · F for K directions, with F the forward cost of one input. Memory: K tangents of size D.
-* ``"jacobian"`` — the Jacobian J(x; θ) (one reverse pass per output, O · c · F), integrated to Φ_t(x),
-  then contracted with every direction by a matrix product (O · D per direction). Memory: X · O · D.
+  node: K directions × the cost of one. Memory: K tangents of size D.
+* ``"jacobian"`` — the Jacobian J(x; θ) (one reverse pass per output: O × the cost of one), integrated to
+  Φ_t(x), then contracted with every direction by a matrix product (O · D multiply–accumulates per
+  direction). Memory: X · O · D.
+
+The three unit costs are measured once per decomposition on one test input (:func:`measure_path_costs`, a few
+milliseconds); counting operations instead misleads on small models, where element-wise work (LayerNorm,
+softmax) dominates what a FLOP counter sees.
 
 :func:`plan_contraction` fixes the chunk sizes (test inputs, training samples, tangents) from a memory
 budget; :meth:`ContractionPlan.mode_for_step` picks the cheaper way per step, because the number of
@@ -23,17 +28,16 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ExplaindError
 
-__all__ = ["ContractionPlan", "MemoryBudgetError", "parse_memory_budget", "plan_contraction", "forward_macs"]
+__all__ = ["ContractionPlan", "PathCosts", "MemoryBudgetError", "parse_memory_budget", "plan_contraction",
+           "measure_path_costs"]
 
-#: forward-mode (JVP) and reverse-mode (one vector–Jacobian product) cost, in forward passes of the model
-_PASS_COST = 3.0
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "tb": 10**12}
 
@@ -58,19 +62,45 @@ def parse_memory_budget(budget: int | float | str | None) -> int | None:
     return value
 
 
-def forward_macs(fn, *args) -> float:
-    """Multiply–accumulates of one call ``fn(*args)`` (matrix products, convolutions, attention), counted by
-    torch's FlopCounterMode; 0 when it cannot count (the caller then falls back to D)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the counter's own imports warn about deprecated torch.jit APIs
-            from torch.utils.flop_counter import FlopCounterMode
+@dataclass(frozen=True)
+class PathCosts:
+    """Measured costs of the two ways, per test input and node: one JVP direction, one output's reverse pass
+    of the Jacobian, one multiply–accumulate of the Jacobian's contraction (seconds)."""
 
-            with FlopCounterMode(display=False) as counter:
-                fn(*args)
-        return counter.get_total_flops() / 2.0
-    except Exception:  # noqa: BLE001 — an estimate only; any failure means "unknown"
-        return 0.0
+    per_direction: float
+    per_output: float
+    per_mac: float
+
+    def describe(self) -> str:
+        return (f"measured: JVP {self.per_direction * 1e6:.0f} µs/direction, Jacobian {self.per_output * 1e6:.0f} "
+                f"µs/output, contraction {self.per_mac * 1e9:.2f} ns/MAC")
+
+
+def measure_path_costs(fm, params, x, label, num_outputs: int) -> PathCosts:
+    """Time, on one test input at θ_0, a JVP with 4 directions, the Jacobian, and a matrix product (best of 3
+    after a warm-up): the constants of :meth:`ContractionPlan.mode_for_step`. A few milliseconds."""
+    device = next(iter(params.values())).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    xs, ys = x.unsqueeze(0), label.unsqueeze(0)
+    tangents = {n: torch.randn((4, *v.shape), dtype=v.dtype, device=device) for n, v in params.items()}
+    a = torch.randn(256, 256, dtype=next(iter(params.values())).dtype, device=device)
+    b = torch.randn(256, 64, dtype=a.dtype, device=device)
+
+    def best(fn) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    per_direction = best(lambda: fm.directional(params, xs, ys, tangents)) / 4
+    per_output = best(lambda: fm.jacobian(params, xs, ys)) / max(1, num_outputs)
+    per_mac = best(lambda: a @ b) / (256 * 256 * 64)
+    return PathCosts(per_direction, per_output, per_mac)
 
 
 @dataclass
@@ -83,7 +113,7 @@ class ContractionPlan:
         train_chunk: training samples per per-sample-gradient batch (None: the whole step's batch).
         tangent_chunk: JVP directions per batch (None: all at once).
         groupwise_jacobian: form the Jacobian one parameter group at a time (memory X · O · D_group).
-        forward_cost: F, the multiply–accumulates of one forward pass of one test input.
+        costs: measured costs of the two ways (``contraction="auto"`` only).
         budget: the memory budget in bytes, or None.
         per_coordinate: the parameter axis is the atomic j (only the Jacobian path is exact and sensible).
     """
@@ -93,19 +123,19 @@ class ContractionPlan:
     train_chunk: int | None
     tangent_chunk: int | None
     groupwise_jacobian: bool
-    forward_cost: float
+    costs: PathCosts | None
     budget: int | None
     per_coordinate: bool
 
     def mode_for_step(self, directions: int, outputs: int, contraction_macs: float) -> str:
         """``"jvp"`` if K = ``directions`` JVPs cost less than O = ``outputs`` reverse passes plus the
-        Jacobian's matrix products (``contraction_macs`` per test input), else ``"jacobian"``."""
+        Jacobian's matrix products (``contraction_macs`` per test input), with the measured costs."""
         if self.contraction != "auto":
             return self.contraction
-        if self.per_coordinate:
+        if self.per_coordinate or self.costs is None:
             return "jacobian"
-        jvp_cost = directions * _PASS_COST * self.forward_cost
-        jacobian_cost = outputs * _PASS_COST * self.forward_cost + contraction_macs
+        jvp_cost = directions * self.costs.per_direction
+        jacobian_cost = outputs * self.costs.per_output + contraction_macs * self.costs.per_mac
         return "jvp" if jvp_cost <= jacobian_cost else "jacobian"
 
     def describe(self) -> str:
@@ -118,6 +148,8 @@ class ContractionPlan:
             parts.append("groupwise_jacobian")
         if self.budget is not None:
             parts.append(f"budget={self.budget / 2**20:.0f}MiB")
+        if self.costs is not None:
+            parts.append(self.costs.describe())
         return ", ".join(parts)
 
 
@@ -134,7 +166,7 @@ def plan_contraction(
     largest_batch: int,
     kept_bytes: int,
     per_coordinate: bool,
-    forward_cost: float,
+    costs: PathCosts | None,
     test_chunk_size: int | None = None,
     train_chunk_size: int | None = None,
 ) -> ContractionPlan:
@@ -152,11 +184,10 @@ def plan_contraction(
     if per_coordinate and contraction == "jvp":
         raise ExplaindError("contraction='jvp' with params='coordinate' would take one JVP per coordinate and unit; "
                             "use contraction='jacobian' (or 'auto')")
-    forward_cost = forward_cost if forward_cost > 0 else float(num_params)
     D, O = num_params, num_outputs
     if memory_budget is None:
         return ContractionPlan(contraction, test_chunk_size or num_test, train_chunk_size, None, False,
-                               forward_cost, None, per_coordinate)
+                               costs, None, per_coordinate)
     fixed = (2 * num_units * D + 8 * D) * itemsize + kept_bytes
     if fixed > memory_budget:
         raise MemoryBudgetError(
@@ -186,7 +217,7 @@ def plan_contraction(
             )
         test_chunk = max(1, min(num_test, share // per_test_group))
     tangent_chunk = max(1, share // max(1, 3 * D * itemsize))
-    return ContractionPlan(contraction, test_chunk, train_chunk, tangent_chunk, groupwise, forward_cost,
+    return ContractionPlan(contraction, test_chunk, train_chunk, tangent_chunk, groupwise, costs,
                            memory_budget, per_coordinate)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .contraction import ContractionPlan, bytes_of, chunks, forward_macs, parse_memory_budget, plan_contraction
+from .contraction import ContractionPlan, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
 from .errors import ExplaindError, NonFiniteError, ReplayMismatchError, TrajectoryMismatchError
 from .features import FunctionalModel, TrainingData
 from .influence import AXES, Influence
@@ -770,7 +770,9 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
     # O and the forward cost F of one test input, from one evaluation
     probe_out = fm.target(theta_0, xs_test[0], y_test[0]).detach()
     num_outputs = probe_out.numel()
-    macs = forward_macs(fm.target, theta_0, xs_test[0], y_test[0]) if contraction == "auto" else 0.0
+    costs = None
+    if contraction == "auto" and group_index is not None:
+        costs = measure_path_costs(fm, theta_0, xs_test[0], y_test[0], num_outputs)
     itemsize = torch.empty((), dtype=dtype).element_size()
     X, U = xs_test.shape[0], len(units)
     kept_shape = [len(labels), X, num_outputs] + ([U] if "unit" in keep else [])
@@ -781,8 +783,8 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
     plan = plan_contraction(
         contraction=contraction, memory_budget=parse_memory_budget(memory_budget), itemsize=itemsize,
         num_params=sum(numel.values()), largest_group=max(group_sizes), num_units=U, num_test=X,
-        num_outputs=num_outputs, largest_batch=max((len(s.units) for s in trajectory.steps), default=1),
-        kept_bytes=kept_bytes, per_coordinate=group_index is None, forward_cost=macs,
+        num_outputs=num_outputs, largest_batch=trajectory.largest_batch(),
+        kept_bytes=kept_bytes, per_coordinate=group_index is None, costs=costs,
         test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size)
     ctx = DecompositionContext(
         trajectory=trajectory, fm=fm, data=data, loss_fn=loss_fn, penalty=penalty, names=names, shapes=shapes,

@@ -869,15 +869,24 @@ class ShardedTrajectory(Trajectory):
         kB each; no tensor is read), once."""
         if self._units is None:
             units: set[int] = set()
+            largest = 0
             for path in self.shard_files:
                 try:
-                    units.update(int(i) for s in _read_header(path)["steps"] for i in s["units"])
+                    for s in _read_header(path)["steps"]:
+                        units.update(int(i) for i in s["units"])
+                        largest = max(largest, len(s["units"]))
                 except TrajectoryFileError:
                     raise
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise TrajectoryFileError(f"{path}: malformed description ({type(exc).__name__}: {exc})") from None
             self._units = sorted(units)
+            self._largest_batch = largest
         return list(self._units)
+
+    def largest_batch(self) -> int:
+        """The most units any step used (from the shards' headers, like :meth:`units`)."""
+        self.units()
+        return self._largest_batch
 
     @property
     def shard_files(self) -> list[Path]:

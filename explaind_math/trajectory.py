@@ -92,6 +92,10 @@ class Trajectory:
         """Every training-sample id used by any step, sorted."""
         return sorted({i for s in self.steps for i in s.units})
 
+    def largest_batch(self) -> int:
+        """The most units any step used (sizes the per-sample-gradient chunks under a memory budget)."""
+        return max((len(s.units) for s in self.steps), default=1)
+
     def __repr__(self) -> str:
         return (
             f"Trajectory(optimizer={self.optimizer!r}, steps={self.num_steps}, "
