@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import explaind_math as em
 
@@ -254,6 +254,8 @@ class Row:
     relative_residual: float
     nodes_per_step: list
     note: str = ""
+    probe_nodes_per_step: list = None
+    contraction_per_step: list = None
 
 
 def tune_adaptive(run: Run, base_nodes: int, target: float) -> tuple[object, str]:
@@ -271,9 +273,21 @@ def tune_adaptive(run: Run, base_nodes: int, target: float) -> tuple[object, str
     return quad, f"target {target:.0e} not reached (tol down to {tol * 10:.0e})"
 
 
+def tune_hp_adaptive(run: Run, target: float) -> tuple[object, str]:
+    """tol for adaptive_gauss_legendre(tol): per-step errors ≤ tol add up to ≤ N·tol, so tol = target / N
+    meets the target by construction where the residual is above rounding (checked, untimed)."""
+    tol = target / run.trajectory.num_steps
+    quad = em.adaptive_gauss_legendre(tol, orders=(1, 2, 3, 4, 6, 8))
+    result, _ = decompose(run.model, run.trajectory, run.X, run.Y, run.X_test, quad, run.dtype)
+    ok = result.relative_residual <= target
+    return quad, f"tol = target / N = {tol:.0e}" + ("" if ok else f" (target missed: {result.relative_residual:.1e})")
+
+
 def fidelity_rows(run: Run, repeats: int, include_adaptive: bool = True, adaptive_bases=(2, 4)) -> list[Row]:
     rules: list[tuple[str, object, str]] = [(f"gauss_legendre({n})", em.gauss_legendre(n), "") for n in (2, 3, 4, 8)]
     if include_adaptive:
+        quad, note = tune_hp_adaptive(run, TARGET_RESIDUAL)
+        rules.append((f"adaptive_GL({quad.tol:.0e})", quad, "hp, JVP-probed; " + note))
         for n in adaptive_bases:
             quad, note = tune_adaptive(run, n, TARGET_RESIDUAL)
             rules.append((f"adaptive(GL({n}), {quad.tol:.0e})", quad, note))
@@ -285,7 +299,8 @@ def fidelity_rows(run: Run, repeats: int, include_adaptive: bool = True, adaptiv
             result, seconds = decompose(run.model, run.trajectory, run.X, run.Y, run.X_test, quad, run.dtype)
             best = min(best, seconds)
         rows.append(Row(label, quad, best, sum(result.nodes_per_step), result.max_residual,
-                        result.relative_residual, list(result.nodes_per_step), note))
+                        result.relative_residual, list(result.nodes_per_step), note,
+                        list(result.probe_nodes_per_step), list(result.contraction_per_step)))
     return rows
 
 
@@ -343,8 +358,10 @@ def fidelity_verdict(rows: list[Row], dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------- table 2
 def bare_evaluation_seconds(run: Run, row: Row) -> tuple[float, float]:
     """(torch.func seconds, contraction seconds) for the evaluations the decomposition of ``row`` needed:
-    vmap(grad) per-sample gradients over every step's batch, vmap(jacrev) at every node it evaluated;
-    and the einsum Φ·update per step with the shapes of the kept axes."""
+    vmap(grad) per-sample gradients over every step's batch, vmap(jacrev) at every node it contracted, and
+    for adaptive rules one JVP along Δθ_t (vmap over test inputs of jvp) per probe node; and the einsum
+    Φ·update per step with the shapes of the kept axes."""
+    assert set(row.contraction_per_step) == {"jacobian"}, "this benchmark keeps units: the Jacobian path"
     model, dtype = run.model, run.dtype
     names = run.trajectory.parameter_names
     thetas = [{n: run.trajectory.parameters[t][n].to(dtype) for n in names} for t in range(run.trajectory.num_steps + 1)]
@@ -363,14 +380,19 @@ def bare_evaluation_seconds(run: Run, row: Row) -> tuple[float, float]:
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
     jacobian = vmap(jacrev(output), in_dims=(None, 0))
+    along = lambda p, v, xs: jvp(lambda q: vmap(output, in_dims=(None, 0))(q, xs), (p,), (v,))[1]  # noqa: E731
+    probes = row.probe_nodes_per_step or [0] * len(batches)
     per_sample(thetas[0], *batches[0])  # warm-up
     jacobian(thetas[0], run.X_test)
+    along(thetas[0], thetas[0], run.X_test)
     t0 = time.perf_counter()
     for t, (xb, yb) in enumerate(batches):
         per_sample(thetas[t], xb, yb)
         delta = {n: thetas[t + 1][n] - thetas[t][n] for n in names}
         for alpha in alphas[t]:
             jacobian({n: thetas[t][n] + alpha * delta[n] for n in names}, run.X_test)
+        for k in range(probes[t]):
+            along({n: thetas[t][n] + (k + 0.5) / probes[t] * delta[n] for n in names}, delta, run.X_test)
     func_seconds = time.perf_counter() - t0
 
     # contraction: I_t[j, x, i, o] = Φ_t(x)[o, j] · update_t(i)[j] per tensor, units = all training samples

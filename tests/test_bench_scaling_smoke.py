@@ -32,8 +32,9 @@ def test_fidelity_and_overhead_tables_on_the_smallest_transformer(bench):
     rows = bench.fidelity_rows(run, repeats=1)
     labels = [r.label for r in rows]
     assert labels[:4] == ["gauss_legendre(2)", "gauss_legendre(3)", "gauss_legendre(4)", "gauss_legendre(8)"]
-    assert [lab.split(",")[0] for lab in labels[4:6]] == ["adaptive(GL(2)", "adaptive(GL(4)"]
-    assert labels[6:] == ["midpoint(10)", "midpoint(100)"]
+    assert labels[4].startswith("adaptive_GL(")  # hp-adaptive, nodes chosen by JVP probes
+    assert [lab.split(",")[0] for lab in labels[5:7]] == ["adaptive(GL(2)", "adaptive(GL(4)"]
+    assert labels[7:] == ["midpoint(10)", "midpoint(100)"]
     steps = run.trajectory.num_steps
     fixed = [r.nodes for r in rows if not r.label.startswith("adaptive")]
     assert fixed == [n * steps for n in (2, 3, 4, 8, 10, 100)]
@@ -48,7 +49,7 @@ def test_fidelity_and_overhead_tables_on_the_smallest_transformer(bench):
     assert "midpoint(100)" in bench.fidelity_verdict(rows, torch.float64)
 
     overhead = bench.overhead_rows(run, rows, ("gauss_legendre(8)", "adaptive"))
-    assert [o[0] for o in overhead] == [labels[3], labels[4], labels[5]]
+    assert [o[0] for o in overhead] == [labels[3], labels[4], labels[5], labels[6]]
     assert len(bench.format_overhead(overhead).splitlines()) == 1 + len(overhead)
 
 
