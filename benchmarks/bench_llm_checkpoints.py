@@ -8,7 +8,7 @@ What is built and measured (MATH.md §8, Remark F.3; issue 7, "Toward LLMs"):
   256 byte values (no bias). No dropout, no BatchNorm. The query/key/value projection has no bias: the
   key bias has gradient 0 up to rounding (softmax is invariant to it), which would only make the
   library's per-tensor gradient-sum check compare rounding noise with rounding noise. Full mode:
-  d_model 384, 6 layers, 6 heads, context 64 bytes: 10,783,104 trained parameters (printed exactly).
+  d_model 384, 6 layers, 6 heads, context 64 bytes: 10,861,824 trained parameters (printed).
 * The data, without any download: a byte-level corpus (vocabulary 256) made of the source files of a
   fixed list of Python standard-library modules, read at run time through ``inspect.getsourcefile``
   (so the bytes depend on the Python version; where no source is found, the module is skipped, and if
@@ -26,21 +26,30 @@ What is built and measured (MATH.md §8, Remark F.3; issue 7, "Toward LLMs"):
   change of the held-out loss, h(f(x; θ)) = mean token cross-entropy of sequence x
   (``h=targets.per_sample_loss(loss_fn)``, ``test_labels`` = the held-out next bytes), kept per layer
   (``params`` = name → "embed" | "block.k" | "head") and per training sequence of the batch
-  (``keep=("param", "test", "unit", "output")``), Gauss–Legendre quadrature with ``--nodes`` nodes.
-  The batch is the one training took from that checkpoint, so the simulated update is the real one:
-  the column "sim−live" is max |h(f(x; θ_after)) simulated − the live model's after its real step|.
-* Reported per checkpoint and dtype (float32, and float64 where asked): wall time of the call, peak
-  memory (CPU: peak resident set size during the call minus the RSS just before it — VmHWM reset via
-  /proc/self/clear_refs, glibc malloc told to map every block above 128 KiB separately through
-  MALLOC_MMAP_THRESHOLD_ so the RSS follows the live tensors, as in bench_scaling.py; CUDA:
-  torch.cuda.max_memory_allocated during the call minus memory_allocated before it), the certified
-  residual max |f(θ_after) − reconstruction| (absolute and relative to 1 + |Δf|), the replay error, and
-  the share of the time spent in per-sample gradients (vmap∘grad over the batch), in Jacobians of the
-  target at the quadrature nodes (vmap∘jacrev over the held-out batch), in forward evaluations of the
-  target, and in the contraction Φ_t · update_t per layer and sequence; the rest ("other": the deep
-  copy of the model, the simulated AdamW step, the recorder's snapshots, the buffer updates of the
-  AdamW table, the replay check) is the remainder. The shares come from timers wrapped around those
-  four library functions for the duration of the call (torch.cuda.synchronize around each on CUDA).
+  (``keep=("param", "test", "unit", "output")``). Quadrature: ``adaptive(gauss_legendre(4), 1e-8)``
+  (4 nodes when the update is tame, bisected where it is not; ``--tol 0`` for the fixed rule
+  ``gauss_legendre(--nodes)``). The batch is the one training took from that checkpoint, so the
+  simulated update is the real one: the column "sim−live" is max |h(f(x; θ_after)) simulated − the live
+  model's after its real step|. Every checkpoint in float32; in float64 the first (``--float64 first``,
+  the default), all or none.
+* Reported per checkpoint and dtype: wall time of the call (after a warm-up on one sequence, one test
+  input and one node, in the same process); peak memory — CPU: peak resident set size during warm-up and
+  call minus the RSS before them (VmHWM reset through /proc/self/clear_refs); CUDA:
+  torch.cuda.max_memory_allocated minus memory_allocated before them; the certified residual
+  max |f(θ_after) − reconstruction| (absolute and relative to 1 + |Δf|); the replay error; and the share
+  of the time spent in per-sample gradients (vmap∘grad over the batch), in Jacobians of the target at
+  the quadrature nodes (vmap∘jacrev over the held-out batch), in forward evaluations of the target, and
+  in the contraction Φ_t · update_t per layer and sequence; "other" is the remainder (the copy of the
+  model, the simulated AdamW step and its recording, the AdamW table's per-unit buffer arithmetic, the
+  finiteness checks and the quadrature sum, the replay check). The shares come from timers wrapped
+  around those four library functions during the call (torch.cuda.synchronize around each on CUDA).
+  The first float32 call also runs under cProfile: its functions with the most own time are printed.
+* CPU memory and glibc: with the default allocator, memory freed by the warm-up or by earlier tensors
+  is partly reused from the heap, so the RSS peak is an approximation of the peak of live tensors (on
+  the full model it read about 10–15 % above it). ``--mmap-every-block`` runs the workers with
+  MALLOC_MMAP_THRESHOLD_=128 KiB (as bench_scaling.py's memory runs do): every block above 128 KiB is
+  then mapped and unmapped by itself and the RSS follows the live tensors, but each fresh block is
+  page-faulted in, which roughly doubled the times here — use it for memory, not for time.
 * Then, per checkpoint, the decomposition itself (float32): the held-out batch's mean loss change split
   into the batch's sequences (kernel), the first-moment unit (carried_state: the stored exp_avg) and
   weight decay, per layer.
@@ -49,11 +58,13 @@ The tensor sizes that bound memory are printed too: D (parameters), B·D (per-sa
 per-unit buffers and updates of the AdamW table), X·D (the Jacobian of the held-out batch at one node,
 and its running quadrature sum), in the dtype of the run.
 
-Run (CPU: --threads intra-op threads, default 2; nothing is asserted about time):
+Run (CPU: --threads intra-op threads, default 2 — on a loaded machine use 1: two OpenMP threads on two
+busy cores ran up to 6× slower than one here; nothing is asserted about time):
 
     python benchmarks/bench_llm_checkpoints.py                  # full: ≥ 10M parameters, 3 checkpoints
     python benchmarks/bench_llm_checkpoints.py --quick          # ~1M parameters, 1 checkpoint, < 1 min
-    python benchmarks/bench_llm_checkpoints.py --device cuda    # the same on a GPU
+    python benchmarks/bench_llm_checkpoints.py --device cuda --float64 all    # the same on a GPU
+    python benchmarks/bench_llm_checkpoints.py --device cuda --d-model 768 --layers 12 --heads 12 --float64 none
 
 Times on a shared machine are preliminary.
 """
@@ -429,6 +440,12 @@ def top_functions(profile: cProfile.Profile, seconds: float, count: int = 12) ->
     return sorted(rows, key=lambda r: -r["seconds"])[:count]
 
 
+def _max_abs_difference(ours: torch.Tensor, live: torch.Tensor) -> float:
+    """max |ours − live| over the held-out sequences (NaN when the held-out batch is not the one training saw)."""
+    ours = ours.double().cpu()
+    return float((ours - live).abs().max()) if ours.shape == live.shape else float("nan")
+
+
 def decompose_checkpoint(model: nn.Module, entry: dict, data: Data, cfg: LLMConfig, dtype: torch.dtype,
                          device: torch.device, *, warm_up: bool = True, profile: bool = False) -> tuple[dict, em.Influence]:
     """decompose_from_checkpoints on one checkpoint: the held-out batch's per-sequence loss, per layer and
@@ -472,8 +489,8 @@ def decompose_checkpoint(model: nn.Module, entry: dict, data: Data, cfg: LLMConf
         "before_mb": memory.before_mb, "memory_method": memory.method,
         "max_residual": result.max_residual, "relative_residual": result.relative_residual,
         "replay_error": result.max_replay_error,
-        "sim_vs_live": float((result.f_final[:, 0].double().cpu() - entry["live_after"]).abs().max()),
-        "initial_vs_live": float((result.f_initial[:, 0].double().cpu() - entry["live_before"]).abs().max()),
+        "sim_vs_live": _max_abs_difference(result.f_final[:, 0], entry["live_after"]),
+        "initial_vs_live": _max_abs_difference(result.f_initial[:, 0], entry["live_before"]),
         "loss_before": float(result.f_initial.mean()), "loss_after": float(result.f_final.mean()),
         "parts": dict(parts),
         "sizes_mb": {"D": D * itemsize / 2**20, "B·D": len(result.units) * D * itemsize / 2**20,
@@ -601,6 +618,8 @@ def machine_line(device: torch.device, threads: int) -> str:
             f"{platform.python_version()}, torch {torch.__version__}, torch.set_num_threads({threads})")
     if device.type == "cuda":
         line += f", GPU {torch.cuda.get_device_name(device)}"
+    if hasattr(os, "getloadavg"):
+        line += f"; load average {os.getloadavg()[0]:.1f} (a load above the CPU count slows every timing here)"
     return line
 
 
@@ -684,6 +703,12 @@ def main(argv=None) -> int:
                         help="adaptive quadrature tolerance (default 1e-8); 0 for the fixed rule gauss_legendre(nodes)")
     parser.add_argument("--float64", choices=["none", "first", "all"], default=None,
                         help="checkpoints also decomposed in float64 (default: first; quick: all)")
+    parser.add_argument("--d-model", type=int, default=None, help="model width (full: 384)")
+    parser.add_argument("--layers", type=int, default=None, help="number of blocks (full: 6)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (full: 6)")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length in bytes (full: 64)")
+    parser.add_argument("--train-batch", type=int, default=None, help="B: sequences per training step (full: 8)")
+    parser.add_argument("--test-batch", type=int, default=None, help="X: held-out sequences (full: 8)")
     parser.add_argument("--no-profile", action="store_true", help="do not run the first float32 call under cProfile")
     parser.add_argument("--mmap-every-block", action="store_true",
                         help="workers run with MALLOC_MMAP_THRESHOLD_=128 KiB: the RSS follows the live tensors "
@@ -711,6 +736,9 @@ def main(argv=None) -> int:
         cfg = replace(cfg, tol=args.tol or None)
     if args.float64 is not None:
         cfg = replace(cfg, float64=args.float64)
+    sizes = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "seq_len": args.seq_len,
+             "train_batch": args.train_batch, "test_batch": args.test_batch}
+    cfg = replace(cfg, **{k: v for k, v in sizes.items() if v is not None})
     t0 = time.perf_counter()
     print(machine_line(device, args.threads))
     print(f"mode: {'quick' if args.quick else 'full'} (times are preliminary on a shared machine; nothing is asserted)")
