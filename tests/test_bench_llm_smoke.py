@@ -29,9 +29,17 @@ def bench():
         sys.modules.pop(spec.name, None)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module (CI machines are small and shared), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(bench):
-    torch.set_num_threads(1)
     cfg = replace(bench.SMOKE, train_steps=4, checkpoint_steps=(1, 3))  # two checkpoints, float64 for both
     rows, text = bench.run_benchmark(cfg, torch.device("cpu"), threads=1, subprocesses=False, profile=True,
                                      echo=lambda line: None)
@@ -91,7 +99,6 @@ def test_printed_table_has_one_row_per_checkpoint_and_dtype(bench, smoke_run):
 
 def test_checkpoint_only_worker_in_a_fresh_process(bench, tmp_path):
     """The default path: the checkpoint goes to disk and a fresh process decomposes it."""
-    torch.set_num_threads(1)
     cfg = replace(bench.SMOKE, float64="none")
     data = bench.make_data(cfg)
     model = bench.build_model(cfg, torch.device("cpu"))
