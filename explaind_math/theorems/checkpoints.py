@@ -161,8 +161,14 @@ def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reducti
     recorder.record_batch(ids, weights=w)
     optimizer.step()
     recorder.close()
+    trajectory = recorder.trajectory()
+    # the trajectory holds its own copies of θ, the gradient and the state: free the live ones (3 copies of
+    # θ: .grad, exp_avg, exp_avg_sq) before the decomposition, whose peak comes later
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()
+    del out, loss, optimizer, recorder
     return decompose_with_rule(
-        work, recorder.trajectory(), loss_fn, train_data, test_inputs,
+        work, trajectory, loss_fn, train_data, test_inputs,
         statement="Remark F.3, checkpoint update", **options,
     )
 
