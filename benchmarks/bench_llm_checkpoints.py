@@ -38,11 +38,12 @@ What is built and measured (MATH.md §8, Remark F.3; issue 7, "Toward LLMs"):
   torch.cuda.max_memory_allocated minus memory_allocated before them; the certified residual
   max |f(θ_after) − reconstruction| (absolute and relative to 1 + |Δf|); the replay error; and the share
   of the time spent in per-sample gradients (vmap∘grad over the batch), in Jacobians of the target at
-  the quadrature nodes (vmap∘jacrev over the held-out batch), in forward evaluations of the target, and
-  in the contraction Φ_t · update_t per layer and sequence; "other" is the remainder (the copy of the
-  model, the simulated AdamW step and its recording, the AdamW table's per-unit buffer arithmetic, the
-  finiteness checks and the quadrature sum, the replay check). The shares come from timers wrapped
-  around those four library functions during the call (torch.cuda.synchronize around each on CUDA).
+  the quadrature nodes (vmap∘jacrev over the held-out batch), in JVPs (the adaptive rule's probes along
+  Δθ_t, or the JVP contraction path), in forward evaluations of the target, and in the contraction
+  Φ_t · update_t per layer and sequence; "other" is the remainder (the copy of the model, the simulated
+  AdamW step and its recording, the AdamW table's per-unit buffer arithmetic, the quadrature sum, the
+  replay check). The shares come from timers wrapped around those five library functions during the call
+  (torch.cuda.synchronize around each on CUDA).
   The first float32 call also runs under cProfile: its functions with the most own time are printed.
 * CPU memory and glibc: with the default allocator, memory freed by the warm-up or by earlier tensors
   is partly reused from the heap, so the RSS peak is an approximation of the peak of live tensors (on
@@ -385,8 +386,9 @@ class PeakMemory:
 PROFILED = {
     "per-sample grads": (FunctionalModel, "per_sample_gradients"),
     "Jacobians": (FunctionalModel, "jacobian"),
-    "forward": (FunctionalModel, "targets"),
-    "contraction": (em_decomposition, "_contract_jacobian"),
+    "JVPs": (em_decomposition, "_directional"),  # adaptive rules' probes along Δθ_t, and the JVP path
+    "forward": (em_decomposition.DecompositionContext, "targets"),
+    "contraction": (em_decomposition, "_contract_tensor"),
 }
 
 
@@ -569,7 +571,7 @@ def format_rows(rows: list[dict]) -> str:
     """One line per (checkpoint, dtype)."""
     out = [f"  {'ckpt':>4s} {'dtype':7s} {'params D':>11s} {'B':>3s} {'X':>3s} {'nodes':>5s} {'time (s)':>9s} "
            f"{'peak Δ MB':>10s} {'max |r|':>9s} {'rel r':>9s} {'replay':>8s} {'sim−live':>9s} "
-           f"{'psg %':>6s} {'jac %':>6s} {'fwd %':>6s} {'contr %':>7s} {'other %':>7s}"]
+           f"{'psg %':>6s} {'jac %':>6s} {'jvp %':>6s} {'fwd %':>6s} {'contr %':>7s} {'other %':>7s}"]
     for r in rows:
         total = r["seconds"]
         share = {k: 100 * v / total for k, v in r["parts"].items()}
@@ -577,7 +579,7 @@ def format_rows(rows: list[dict]) -> str:
         out.append(f"  {r['step']:4d} {r['dtype']:7s} {r['num_params']:11,d} {r['units']:3d} {r['tests']:3d} "
                    f"{r['nodes']:5d} {total:9.2f} {r['peak_mb']:10.1f} {r['max_residual']:9.2e} "
                    f"{r['relative_residual']:9.2e} {r['replay_error']:8.1e} {r['sim_vs_live']:9.2e} "
-                   f"{share['per-sample grads']:6.1f} {share['Jacobians']:6.1f} {share['forward']:6.1f} "
+                   f"{share['per-sample grads']:6.1f} {share['Jacobians']:6.1f} {share['JVPs']:6.1f} {share['forward']:6.1f} "
                    f"{share['contraction']:7.1f} {other:7.1f}")
     return "\n".join(out)
 
@@ -670,8 +672,8 @@ def run_benchmark(cfg: LLMConfig, device: torch.device, *, threads: int = 2, sub
     say("")
     say(f"[1] per checkpoint: one simulated AdamW update decomposed (Remark F.3). peak Δ = {rows[0]['memory_method']}; "
         "nodes = quadrature nodes evaluated; rel r = max |r| / (1 + |Δf|); replay = max |Σ_u update(u) − Δθ| / max |Δθ|; "
-        "sim−live = |simulated − real| held-out loss after the step; psg/jac/fwd/contr/other = share of the time in "
-        "per-sample gradients / Jacobians at the nodes / forward evaluations / contraction Φ·update / the rest")
+        "sim−live = |simulated − real| held-out loss after the step; psg/jac/jvp/fwd/contr/other = share of the time in "
+        "per-sample gradients / Jacobians at the nodes / JVPs / forward evaluations / contraction Φ·update / the rest")
     say(format_rows(rows))
     say("")
     say("[2] memory against the tensor sizes D (parameters), B·D (per-sample gradients; per-unit buffers and updates), "

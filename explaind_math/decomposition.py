@@ -296,7 +296,7 @@ class RuleStage:
         def gradients(sl: slice) -> Params:
             raw = ctx.fm.per_sample_gradients(theta_t, ctx.loss_fn, xb[sl], _take(yb, sl), vectorize=ctx.vectorize)
             w = weights[sl]
-            return {n: raw[n] * w.reshape(-1, *([1] * len(shapes[n]))) for n in names}
+            return {n: _weighted(raw[n], w) for n in names}
 
         cached = [gradients(slices[0])] if len(slices) == 1 else None
         penalty_grad = _penalty_gradient(ctx.penalty, theta_t) if ctx.penalty else None
@@ -326,7 +326,7 @@ class RuleStage:
                 if n not in updated:
                     continue
                 c = coefficients[n]
-                grads = c.gradient_sign * g[n]
+                grads = g[n] if c.gradient_sign == 1 else -g[n]
                 _add_rows(self.sample_buffer[n], rows[sl], apply_linear(c.C, grads))
                 if checks and not _is_zero(c.E):
                     _add_rows(unit_updates[n], rows[sl], -apply_linear(c.E, grads))
@@ -371,6 +371,16 @@ class RuleStage:
             replay_error = _replay_check(t, total, delta, theta_t, theta_next, ctx.rtol, ctx.eps_train, updated,
                                          update_rounding)
         return unit_updates, pseudo_updates, replay_error, scale
+
+
+def _weighted(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """w_i ∇ℓ_i, written into the per-sample gradients (B · D, the step's largest temporary) where they own
+    their memory; a gradient that vmap returned as an expanded view (a parameter the loss ignores) is copied."""
+    w = weights.reshape(-1, *([1] * (per_sample.dim() - 1)))
+    try:
+        return per_sample.mul_(w)
+    except RuntimeError:
+        return per_sample * w
 
 
 def _take(ys: Any, sl: slice) -> Any:
