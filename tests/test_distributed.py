@@ -73,3 +73,18 @@ def test_distributed_without_a_process_group_is_refused():
 
     with pytest.raises(em.ExplaindError, match="init_process_group"):
         decompose_case("adamw_one_step", distributed=True)
+
+
+def test_the_distributed_example_runs_under_torchrun():
+    """examples/distributed.py: rank 0 records to a trajectory directory, two ranks decompose it, rank 0
+    compares with one process (the step axis is gathered, so the scores are equal bit for bit)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build of torch")
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "distributed.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", example,
+               "--steps", "5"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("max |I(ranks) − I(one process)|"))
+    assert float(line.split("= ")[1].split()[0]) <= 1e-12
