@@ -186,27 +186,29 @@ class _ResidualBlock(nn.Module):
 class SmallResidualCNN(nn.Module):
     """A convolution stem and two residual blocks (a ResNet-9 of the paper's CIFAR-2 row, scaled down):
 
-        conv 3×3 (1 → c) → act → block → act → avgpool 2 (8×8 → 4×4) → block → act
-        → global average pool → linear (c → 10)   (``output``, the logits)
+        conv 3×3 (1 → c) → act → block → act → avgpool 2 (8×8 → 4×4) → block → act → avgpool 2 (4×4 → 2×2)
+        → flatten → linear (4·c → 10)   (``output``, the logits)
 
-    with block(x) = x + conv(act(conv(x))). Smooth activation and average pooling, as :class:`SmallCNN`.
+    with block(x) = x + conv(act(conv(x))). Smooth activation and average pooling, as :class:`SmallCNN`; the
+    default is tanh, not GELU: with GELU (slope 1/2 at 0) this net barely left chance level in 45 steps of
+    SGD + momentum on the digits at any step size tried (0.02–0.5), with tanh it reaches ≈ 0.8 test accuracy.
     """
 
     output_layer = ("output.",)
 
-    def __init__(self, channels: int = 8, activation: str = "gelu"):
+    def __init__(self, channels: int = 8, activation: str = "tanh"):
         super().__init__()
         self.stem = nn.Conv2d(1, channels, 3, padding=1)
         self.block1 = _ResidualBlock(channels, activation)
         self.block2 = _ResidualBlock(channels, activation)
-        self.output = nn.Linear(channels, NUM_CLASSES)
+        self.output = nn.Linear(4 * channels, NUM_CLASSES)
         self.act1, self.act2, self.act3 = _activation(activation), _activation(activation), _activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.stem(x))
         x = F.avg_pool2d(self.act2(self.block1(x)), 2)
-        x = self.act3(self.block2(x))
-        return self.output(x.mean(dim=(-2, -1)))
+        x = F.avg_pool2d(self.act3(self.block2(x)), 2)
+        return self.output(x.flatten(-3))
 
 
 def make_model(model_class: Callable[..., nn.Module] = SmallCNN, *, seed: int = 0,
@@ -228,12 +230,12 @@ def digits_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def default_adamw(params) -> torch.optim.Optimizer:
     """AdamW as in the paper's CNN (Appendix E.1: torch defaults otherwise), with a step size for 8×8 digits."""
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=2e-2, weight_decay=1e-2)
 
 
 def default_sgd_momentum(params) -> torch.optim.Optimizer:
     """SGD with momentum 0.9 and coupled weight decay (the paper's ResNet row, Appendix E.1)."""
-    return torch.optim.SGD(params, lr=5e-2, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=5e-4)
 
 
 @dataclass
