@@ -26,6 +26,26 @@ coordinate's position (a stable sort), so every run prunes the same coordinates.
 
 The paper (Figure 2, MNIST CNN) found its importance pruning competitive with Li et al.'s in accuracy
 over 10–90 % sparsity and much closer to the unpruned model in KL divergence.
+
+What the full mode measured here (one run, seed 0, on a shared 2-core machine: 45 AdamW steps on 1297
+samples, importance from 100 inputs with GL(8), certified relative residual 7.6e-15; evaluated on 400
+held-out inputs; unpruned accuracy 0.787):
+
+    sparsity   importance acc / KL   magnitude acc / KL   random acc / KL
+    0.1        0.795 / 0.008         0.785 / 0.001        0.807 / 0.072
+    0.3        0.708 / 0.149         0.775 / 0.005        0.445 / 0.759
+    0.5        0.670 / 0.362         0.772 / 0.067        0.235 / 1.371
+    0.7        0.588 / 0.750         0.723 / 0.434        0.117 / 1.711
+    0.9        0.087 / 1.866         0.407 / 1.573        0.117 / 1.828
+
+The importance scores find parameters that matter — far better than random at every sparsity from 0.3
+on — but here one-shot magnitude pruning kept both accuracy and KL closer to the unpruned model at
+every sparsity ≥ 0.2; we do not reproduce the paper's KL advantage (its baseline retrains, ours does
+not; its model is a larger ReLU CNN on MNIST). Ranking by the total importance (kernel and weight
+decay, ``source="total"``) or resetting pruned coordinates to θ_0 instead of 0 changed little (measured
+once: at 0.5 sparsity 0.670 / 0.377 and 0.685 / 0.319). Imp(j) measures how much coordinate j's
+movement during training changed the outputs (a path integral along the training trajectory), not
+what setting θ_N[j] to 0 does; the two need not agree.
 """
 
 from __future__ import annotations
