@@ -1,0 +1,89 @@
+"""examples/table1_revisited.py --quick: the paper's Table 1 (Section 3.1) on three recorded models.
+
+What must hold, and why:
+- GL(8) and adaptive GL(8): relative residual ≤ 1e-9 (README "Tolerances", smooth models; the quick runs'
+  steps are small; the adaptive rule's per-step tolerance 1e-11 over 5 steps bounds the total by 5e-11).
+- Wherever the relative residual δ is below 1e-9: EPK accuracy 1 and KL ≤ max|residual|²/2 + 1e-14
+  (Hoeffding's lemma: KL(p ‖ softmax(z + r)) ≤ (max r − min r)²/8 ≤ max|r|²/2; 1e-14 covers the
+  float64 rounding of log-softmax at logits of size O(10)).
+- The midpoint rule is second order: its error ∝ 1/n², so going from 10 to 100 nodes divides the
+  residual by ≈ 100 (asserted within [50, 200]) while it is above rounding.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+SMOOTH_TOLERANCE = 1e-9
+PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "table1_revisited.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("table1_revisited", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def example():
+    return _load()
+
+
+@pytest.fixture(scope="module")
+def rows(example):
+    return example.main(["--quick"])
+
+
+def _row(rows, model_prefix, rule):
+    matches = [r for r in rows if r["model"].startswith(model_prefix) and r["rule"] == rule]
+    assert len(matches) == 1, (model_prefix, rule)
+    return matches[0]
+
+
+MODELS = ("CNN", "Transformer", "ResNet")
+
+
+def test_one_row_per_model_and_rule(example, rows):
+    assert len(rows) == len(MODELS) * len(example.RULES)
+    for model in MODELS:
+        for label, _ in example.RULES:
+            row = _row(rows, model, label)
+            assert row["seconds"] > 0 and 0.0 <= row["epk_accuracy"] <= 1.0
+    for label, n in [("midpoint(10)", 10), ("midpoint(100)", 100), ("gauss_legendre(2)", 2),
+                     ("gauss_legendre(4)", 4), ("gauss_legendre(8)", 8)]:
+        assert all(_row(rows, m, label)["nodes_per_step"] == n for m in MODELS)
+    assert all(_row(rows, m, "adaptive GL(8)")["nodes_per_step"] >= 8 for m in MODELS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_gauss_legendre_8_and_adaptive_reach_the_smooth_tolerance(rows, model):
+    for rule in ("gauss_legendre(8)", "adaptive GL(8)"):
+        assert _row(rows, model, rule)["relative_residual"] <= SMOOTH_TOLERANCE, rule
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tiny_residual_means_same_decisions_and_distributions(rows, model):
+    tiny = [r for r in rows if r["model"].startswith(model) and r["relative_residual"] <= SMOOTH_TOLERANCE]
+    assert tiny  # at least GL(8)
+    for r in tiny:
+        assert r["epk_accuracy"] == 1.0, r["rule"]
+        assert abs(r["kl"]) <= r["max_residual"] ** 2 / 2 + 1e-14, r["rule"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_midpoint_rule_is_second_order(rows, model):
+    coarse, fine = _row(rows, model, "midpoint(10)"), _row(rows, model, "midpoint(100)")
+    if fine["max_residual"] < 1e-12:
+        pytest.skip("midpoint(100) already at rounding level")
+    assert 50 <= coarse["max_residual"] / fine["max_residual"] <= 200
+
+
+def test_unknown_model_is_refused(example):
+    with pytest.raises(SystemExit):
+        example.parse_args(["--models", "cnn,vgg"])
