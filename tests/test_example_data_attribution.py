@@ -5,6 +5,7 @@ No test asserts which method wins (that is a measurement, reported by the exampl
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ def _load_example():
     path = Path(__file__).resolve().parents[1] / "examples" / "data_attribution.py"
     spec = importlib.util.spec_from_file_location("example_data_attribution", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
@@ -159,10 +161,15 @@ def test_lds_is_one_for_the_exact_linear_datamodel_and_minus_one_for_its_negatio
     scores = torch.randn(4, 30, generator=g, dtype=torch.float64)
     subsets = at.random_subsets(30, 0.5, 12, g)
     outputs = 3.0 + subsets.double() @ scores.T  # f_o(x; θ_S) exactly linear in the subset
-    assert at.linear_datamodeling_score(scores, subsets, outputs).value == pytest.approx(1.0, abs=1e-12)
+    exact = at.linear_datamodeling_score(scores, subsets, outputs, resamples=50)
+    assert exact.value == pytest.approx(1.0, abs=1e-12)
+    assert exact.standard_error == pytest.approx(0.0, abs=1e-12)  # every resample is exactly linear too
     assert at.linear_datamodeling_score(-scores, subsets, outputs).value == pytest.approx(-1.0, abs=1e-12)
-    result = at.linear_datamodeling_score(scores, subsets, torch.randn(12, 4, generator=g, dtype=torch.float64))
+    result = at.linear_datamodeling_score(scores, subsets, torch.randn(12, 4, generator=g, dtype=torch.float64),
+                                          resamples=50)
     assert -1.0 <= result.value <= 1.0 and result.per_test.shape == (4,)
+    assert 0.0 < result.standard_error < 1.0
+    assert math.isnan(at.linear_datamodeling_score(scores, subsets, outputs).standard_error)  # none asked for
 
 
 def test_lds_refuses_bad_shapes():
@@ -262,6 +269,7 @@ def test_example_quick_table(quick_table):
         for row in rows:
             for column in table["columns"]:
                 assert -1.0 <= row[column] <= 1.0, (protocol, row["method"], column, row[column])
+                assert 0.0 <= row["standard errors"][column] < 1.0
         assert all(s > 0 for s in table["retraining seconds"][protocol].values())
     assert all(s > 0 for s in table["score seconds"].values())
     certificate = table["certificate"]

@@ -23,7 +23,6 @@ between f_o(x; θ_S) and the linear prediction Σ_{i∈S} score(x, i), averaged 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -52,6 +51,9 @@ __all__ = [
     "trak_kernel",
     "trak_package_available",
     "trak_package_scores",
+    "per_sample_gradients",
+    "true_class_output",
+    "margin_output",
     "spearman_per_row",
     "linear_datamodeling_score",
     "LDSResult",
@@ -280,19 +282,20 @@ def explaind_data_scores(
     **options,
 ):
     """ExPLAIND data scores score(x, i) = Σ_t Σ_j I[t, j, x, i, o] for o = the true class of x
-    (MATH.md §5, the paper's Appendix G.1), from the exact decomposition of the recorded AdamW run
-    (Theorem 3.1), keeping the axes (test, unit, output).
+    (MATH.md §5, the paper's Appendix G.1), from the exact decomposition of the recorded run
+    (Theorem 3.1 for AdamW; any registered rule otherwise), keeping the axes (test, unit, output).
 
     With ``true_class_only`` (default) the decomposed function is h(f) = f_o with o = ``test_labels[x]``
     (Corollary 3.3 i, :func:`~explaind_math.decompose_function_of_output`): h is linear, so its
     influences are exactly the o-th output's I, and the unit contraction costs 1/O of keeping every
-    output. ``true_class_only=False`` runs :func:`~explaind_math.decompose_adamw_training` with
-    keep=("test", "unit", "output") and selects o afterwards (the same numbers; tests compare them).
+    output. ``true_class_only=False`` runs :func:`~explaind_math.decompose_adamw_training` (or
+    :func:`~explaind_math.decompose_training` for other optimizers) with keep=("test", "unit",
+    "output") and selects o afterwards (the same numbers; the tests compare them).
 
     Returns ``(scores, influence)``: scores (test, M) in float64 with a zero column for a sample no
     step used, and the :class:`~explaind_math.Influence` with its certified residual.
     """
-    from .. import decompose_adamw_training, decompose_function_of_output  # the public theorem functions
+    from .. import decompose_adamw_training, decompose_function_of_output, decompose_training
 
     keep = ("test", "unit", "output")
     num_train = train_data[0].shape[0]
@@ -304,7 +307,8 @@ def explaind_data_scores(
         )
         per_unit = influence.kernel_sum(("test", "unit", "output"))[:, :, 0]
     else:
-        influence = decompose_adamw_training(model, trajectory, loss_fn, train_data, test_inputs, keep=keep, **options)
+        decompose = decompose_adamw_training if trajectory.optimizer == "adamw" else decompose_training
+        influence = decompose(model, trajectory, loss_fn, train_data, test_inputs, keep=keep, **options)
         full = influence.kernel_sum(("test", "unit", "output"))
         per_unit = full[torch.arange(full.shape[0]), :, labels]
     scores = torch.zeros(test_inputs.shape[0], num_train, dtype=torch.float64)
@@ -410,7 +414,7 @@ def trak_style_scores(
     test_labels: torch.Tensor,
     *,
     projection_dim: int = 512,
-    ridge: float = 1e-3,
+    ridge: float = 0.1,
     seed: int = 0,
     projections: Sequence[torch.Tensor] | None = None,
     test_output: ScalarOfOutput = true_class_output,
@@ -552,21 +556,38 @@ def spearman_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class LDSResult:
     """Linear datamodeling score: ``per_test[x]`` the Spearman correlation over subsets between
     f_o(x; θ_S) and Σ_{i∈S} score(x, i); ``value`` their mean over test inputs (NaN rows dropped,
-    counted in ``undefined``)."""
+    counted in ``undefined``); ``standard_error`` the bootstrap standard deviation of ``value`` over
+    subsets resampled with replacement (an ESTIMATE; NaN when no resamples were asked for)."""
 
     value: float
     per_test: np.ndarray
     undefined: int = 0
+    standard_error: float = float("nan")
     predictions: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
 
-def linear_datamodeling_score(scores: torch.Tensor, subsets: torch.Tensor, outputs: torch.Tensor) -> LDSResult:
+def _mean_spearman(predictions: np.ndarray, outputs: np.ndarray) -> tuple[float, np.ndarray]:
+    rho = spearman_per_row(predictions.T, outputs.T)
+    defined = ~np.isnan(rho)
+    return (float(rho[defined].mean()) if defined.any() else float("nan")), rho
+
+
+def linear_datamodeling_score(
+    scores: torch.Tensor,
+    subsets: torch.Tensor,
+    outputs: torch.Tensor,
+    *,
+    resamples: int = 0,
+    seed: int = 0,
+) -> LDSResult:
     """LDS (Ilyas et al., 2022; Park et al., 2023; MATH.md §10): with predictions
     g_k(x) = Σ_{i∈S_k} scores[x, i] and ground truth ``outputs[k, x]`` = f_o(x; θ_{S_k}),
 
         LDS = mean_x  Spearman_k( g_k(x), f_o(x; θ_{S_k}) ).
 
-    ``scores`` (test, M), ``subsets`` boolean (K, M), ``outputs`` (K, test)."""
+    ``scores`` (test, M), ``subsets`` boolean (K, M), ``outputs`` (K, test). With ``resamples`` > 0,
+    the standard error is estimated by a bootstrap over the K subsets (all test inputs share the
+    subsets, so their correlations are not independent and the spread over test inputs understates it)."""
     scores = torch.as_tensor(scores, dtype=torch.float64)
     subsets = torch.as_tensor(subsets)
     outputs = torch.as_tensor(outputs, dtype=torch.float64)
@@ -582,26 +603,13 @@ def linear_datamodeling_score(scores: torch.Tensor, subsets: torch.Tensor, outpu
     if subsets.shape[0] < 3:
         raise ExplaindError(f"a rank correlation over subsets needs at least 3 subsets, got {subsets.shape[0]}")
     predictions = (subsets.double() @ scores.T).numpy()  # (K, test)
-    rho = spearman_per_row(predictions.T, outputs.numpy().T)
-    defined = ~np.isnan(rho)
-    value = float(rho[defined].mean()) if defined.any() else float("nan")
-    return LDSResult(value=value, per_test=rho, undefined=int((~defined).sum()), predictions=predictions)
-
-
-class Stopwatch:
-    """Wall-clock seconds of named phases (``with watch("name"): ...``), accumulated."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        watch = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                watch.seconds[name] = watch.seconds.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Phase()
+    truth = outputs.numpy()
+    value, rho = _mean_spearman(predictions, truth)
+    standard_error = float("nan")
+    if resamples > 0:
+        rng = np.random.default_rng(seed)
+        k = predictions.shape[0]
+        draws = [_mean_spearman(predictions[idx], truth[idx])[0] for idx in rng.integers(0, k, size=(resamples, k))]
+        standard_error = float(np.nanstd(draws, ddof=1))
+    return LDSResult(value=value, per_test=rho, undefined=int(np.isnan(rho).sum()),
+                     standard_error=standard_error, predictions=predictions)
