@@ -57,24 +57,26 @@ class Config:
     resamples: int = 200  # bootstrap resamples of the subsets for the LDS standard error
     ensemble: int = 3  # models in the TRAK-style ensemble (the first is the recorded run)
     protocols: tuple[str, ...] = ("restricted", "zero-weight", "reshuffled")
-    threads: int = 1  # torch intra-op threads: these models are tiny, and 2 threads on a shared 2-core machine ran 30× slower
+    threads: int = 1  # torch intra-op threads: the models are tiny; 2 threads on a busy 2-core machine ran 30× slower
     seed: int = 0
 
 
 FULL = Config()
 QUICK = Config(num_train=160, num_test=16, steps=10, batch_size=32, subsets_per_fraction=6, leave_one_out=6,
-               nodes=4, test_chunk_size=None, projection_dim=128, ensemble=2, protocols=("restricted", "reshuffled"), resamples=50)
+               nodes=4, test_chunk_size=None, projection_dim=128, ensemble=2, protocols=("restricted", "reshuffled"),
+               resamples=50)
 
 
 @dataclass
 class Experiment:
-    """Everything one run produced: the table, the score matrices, the decomposition and the timings."""
+    """Everything one run produced: the table (with the timings), the score matrices (test × train) by
+    method, the decomposition, and the ground truth f_o(x; θ_S) by (protocol, subset label)."""
 
     config: Config
     table: dict
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     influence: em.Influence | None = None
-    ground_truth: dict[str, torch.Tensor] = field(default_factory=dict)
+    ground_truth: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -97,14 +99,16 @@ def run_experiment(config: Config, *, log=print) -> Experiment:
     recorded_training_seconds = time.perf_counter() - t0
     model, trajectory = run.model, run.trajectory
     theta_0 = {n: p.clone() for n, p in trajectory.parameters[0].items()}
-    accuracy = float((model(test_x).argmax(1) == test_y).double().mean())
+    with torch.no_grad():
+        accuracy = float((model(test_x).argmax(1) == test_y).double().mean())
     log(f"recorded AdamW run: {config.steps} steps of {config.batch_size} on {M} digits, "
         f"test accuracy {accuracy:.3f} on {config.num_test} test inputs")
 
     # replaying the recorded schedule must reproduce θ_N: the retraining loop is the recorded loop
     recorded = at.recorded_schedule(trajectory)
     replay = at.train_on_schedule(_loaded(new_model(), theta_0), _optimizer, digits.digits_loss, data.train, recorded)
-    replay_error = max(float((p.detach() - trajectory.parameters[-1][n]).abs().max()) for n, p in replay.named_parameters())
+    replay_error = max(float((p.detach() - trajectory.parameters[-1][n]).abs().max())
+                       for n, p in replay.named_parameters())
 
     scores: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
@@ -130,7 +134,8 @@ def run_experiment(config: Config, *, log=print) -> Experiment:
         model, trajectory, digits.digits_loss, data.train, test_x, test_y, checkpoints)
     seconds[f"TracInCP ({len(checkpoints)} epoch-end checkpoints)"] = time.perf_counter() - t0
 
-    # TRAK: the recorded model, plus independently trained ones (fresh initialization and batch order)
+    # TRAK: the recorded model, plus independently trained ones (fresh initialization and batch order);
+    # the ensemble's seconds include training those extra models
     final_params = [{n: p.detach() for n, p in model.named_parameters()}]
     t0 = time.perf_counter()
     for e in range(1, config.ensemble):
@@ -163,9 +168,9 @@ def run_experiment(config: Config, *, log=print) -> Experiment:
     ground_truth, retrain_seconds = {}, {}
     for protocol in config.protocols:
         for label, masks in subsets.items():
-            schedules = [at.counterfactual_schedule(recorded, mask, protocol, batch_size=config.batch_size,
-                                                    generator=torch.Generator().manual_seed(config.seed + 7919 * (k + 1)))
-                         for k, mask in enumerate(masks)]
+            orders = [torch.Generator().manual_seed(config.seed + 7919 * (k + 1)) for k in range(len(masks))]
+            schedules = [at.counterfactual_schedule(recorded, mask, protocol, batch_size=config.batch_size, generator=g)
+                         for mask, g in zip(masks, orders)]
             t0 = time.perf_counter()
             ground_truth[protocol, label] = at.retrain_outputs(theta_0, new_model, _optimizer, digits.digits_loss,
                                                                data.train, schedules, test_x, test_y)
@@ -213,7 +218,8 @@ def format_table(table: dict) -> str:
     lines = []
     for protocol, rows in table["lds"].items():
         gt = ", ".join(f"{c} {s:.1f} s" for c, s in table["retraining seconds"][protocol].items())
-        lines += [f"ground truth: {protocol} retraining from θ_0 ({gt})", head + f"{'score s':>10}", "-" * (len(head) + 10)]
+        lines += [f"ground truth: {protocol} retraining from θ_0 ({gt})", head + f"{'score s':>10}",
+                  "-" * (len(head) + 10)]
         for row in rows:
             cells = "".join(f"{row[c]:>9.3f} ±{row['standard errors'][c]:<4.2f}" for c in columns)
             lines.append(f"{row['method']:<38}{cells}{table['score seconds'][row['method']]:>10.1f}")

@@ -227,6 +227,22 @@ def test_counterfactual_schedules():
         at.counterfactual_schedule(recorded, keep, "bootstrap")
 
 
+def test_recorded_schedule_refuses_a_run_that_is_not_mean_reduced():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    recorder = em.TrajectoryRecorder(model, optimizer)
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    optimizer.zero_grad()
+    (weights * F.cross_entropy(model(X[:3]), Y[:3], reduction="none")).sum().backward()
+    recorder.record_batch(torch.arange(3), weights=weights)
+    optimizer.step()
+    recorder.close()
+    with pytest.raises(ExplaindError, match="not a mean-reduced batch loss"):
+        at.recorded_schedule(recorder.trajectory())
+
+
 # ---------------------------------------------------------------------------------------------- ExPLAIND
 def test_explaind_scores_are_the_decompositions_kernel_influence():
     from explaind_math.experiments import digits

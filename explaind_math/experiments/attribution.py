@@ -87,7 +87,9 @@ def recorded_schedule(trajectory: Trajectory) -> Schedule:
     for t, record in enumerate(trajectory.steps):
         w = torch.as_tensor(record.weights, dtype=torch.float64)
         if not torch.allclose(w, torch.full_like(w, 1.0 / w.numel()), rtol=1e-12, atol=0.0):
-            raise ExplaindError(f"step {t} of the recorded run is not a mean-reduced batch loss (weights {w.tolist()[:4]}…)")
+            raise ExplaindError(
+                f"step {t} of the recorded run is not a mean-reduced batch loss (weights {w.tolist()[:4]}…)"
+            )
         steps.append(ScheduledStep(torch.as_tensor(record.units, dtype=torch.long)))
     return steps
 
@@ -452,7 +454,8 @@ def trak_style_scores(
         if projections is not None:
             P = projections[m].to(dtype)
         else:
-            P = torch.randn(g_train.shape[1], projection_dim, generator=generator, dtype=dtype) / math.sqrt(projection_dim)
+            P = torch.randn(g_train.shape[1], projection_dim, generator=generator, dtype=dtype)
+            P = P / math.sqrt(projection_dim)
         phi_train, phi_test = g_train @ P, g_test @ P
         kernel_sum += phi_test @ trak_kernel(phi_train, ridge) @ phi_train.T
         with torch.no_grad():
@@ -598,7 +601,8 @@ def linear_datamodeling_score(
         )
     if outputs.shape != (subsets.shape[0], scores.shape[0]):
         raise ExplaindError(
-            f"outputs must have shape (subsets, test) = {(subsets.shape[0], scores.shape[0])}, got {tuple(outputs.shape)}"
+            f"outputs must have shape (subsets, test) = {(subsets.shape[0], scores.shape[0])}, "
+            f"got {tuple(outputs.shape)}"
         )
     if subsets.shape[0] < 3:
         raise ExplaindError(f"a rank correlation over subsets needs at least 3 subsets, got {subsets.shape[0]}")
