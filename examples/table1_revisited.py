@@ -10,7 +10,9 @@ Three models, each trained by a real torch.optim optimizer and recorded, then de
     (c) a small residual CNN on the digits, SGD + momentum in mini-batches     Corollary 3.2
 
 One row per rule — midpoint(10), midpoint(100) (the paper's two settings), Gauss–Legendre with 2, 4
-and 8 nodes, and adaptive GL(8) (bisects a step until its exactly computed residual is below 1e-11) —
+and 8 nodes, adaptive GL(8) (bisects a step until its exactly computed residual is below 1e-11) and
+hp-adaptive GL (per step the lowest of 1, 2, 4, …, 32 nodes whose residual is below 1e-11, chosen by
+JVP probes; bisection only where 32 do not suffice) —
 with the average nodes per step, the EPK accuracy (argmax of the reconstruction = argmax of f(x; θ_N)),
 the KL divergence KL(softmax f(θ_N) ‖ softmax reconstruction) averaged over test inputs (MATH.md §10),
 the certified float64 residual max |f(θ_N) − reconstruction|, absolute and relative to
@@ -73,6 +75,7 @@ RULES: tuple[tuple[str, Callable[[], object]], ...] = (
     ("gauss_legendre(4)", lambda: em.gauss_legendre(4)),
     ("gauss_legendre(8)", lambda: em.gauss_legendre(8)),
     ("adaptive GL(8)", lambda: em.adaptive(em.gauss_legendre(8), tol=ADAPTIVE_TOLERANCE)),
+    ("hp-adaptive GL", lambda: em.adaptive_gauss_legendre(ADAPTIVE_TOLERANCE, orders=(1, 2, 4, 8, 16, 32))),
 )
 MODELS = ("cnn", "transformer", "resnet")
 

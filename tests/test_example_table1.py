@@ -59,11 +59,12 @@ def test_one_row_per_model_and_rule(example, rows):
                      ("gauss_legendre(4)", 4), ("gauss_legendre(8)", 8)]:
         assert all(_row(rows, m, label)["nodes_per_step"] == n for m in MODELS)
     assert all(_row(rows, m, "adaptive GL(8)")["nodes_per_step"] >= 8 for m in MODELS)
+    assert all(_row(rows, m, "hp-adaptive GL")["nodes_per_step"] >= 1 for m in MODELS)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_gauss_legendre_8_and_adaptive_reach_the_smooth_tolerance(rows, model):
-    for rule in ("gauss_legendre(8)", "adaptive GL(8)"):
+    for rule in ("gauss_legendre(8)", "adaptive GL(8)", "hp-adaptive GL"):
         assert _row(rows, model, rule)["relative_residual"] <= SMOOTH_TOLERANCE, rule
 
 
