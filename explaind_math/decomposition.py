@@ -159,6 +159,7 @@ class DecompositionContext:
     vectorize: bool
     num_outputs: int
     offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
+    workspace: dict = field(default_factory=dict)  # buffers reused from step to step (see _workspace)
 
     @property
     def keep_steps(self) -> bool:
@@ -222,6 +223,8 @@ class RuleStage:
         # first-order bound on how far the gradients' rounding moves each update (the replay check's floor):
         # a buffer of |perturbations| advanced by the same table, fed 64 ε · max|g_t| per coordinate per step
         self.rounding_buffer = {n: zeros(shapes[n]) for n in names}
+        # units whose buffer has been fed (C ≠ 0) at some step: only their rows can hold non-zero updates
+        self.touched = torch.zeros(len(ctx.units), dtype=torch.bool, device=ctx.device)
 
     # ---------------------------------------------------------------- state, for blocks of steps
     def state(self) -> list[torch.Tensor]:
@@ -240,6 +243,9 @@ class RuleStage:
                 next(it), next(it), next(it), next(it))
             if n in self.carried_buffer:
                 self.carried_buffer[n] = next(it)
+        for n in self.ctx.names:  # rows fed in earlier blocks
+            b = self.sample_buffer[n]
+            self.touched |= b.reshape(b.shape[0], -1).ne(0).any(1)
 
     def _coefficients(self, step, n: str):
         hyper = step.hyperparameters[self.ctx.trajectory.group_of[n]]
@@ -273,18 +279,15 @@ class RuleStage:
         self.load_state([a + b for a, b in zip(self.state(), other)])
 
     # ---------------------------------------------------------------- one step
-    def advance(self, t: int, theta_t: Params, theta_next: Params, *, checks: bool = True):
-        """Step t: per-sample gradients, the buffers advanced, every unit's update.
+    def advance(self, t: int, theta_t: Params, theta_next: Params, *, checks: bool = True) -> "StepUpdates":
+        """Step t: per-sample gradients, the buffers advanced, every unit's update (:class:`StepUpdates`).
 
-        Returns ``(unit_updates, pseudo_updates, replay_error, gradient_scale)`` with ``unit_updates[n]`` of
-        shape (units, *shape) and ``pseudo_updates[p][n]`` of the parameter's shape. With ``checks=False``
-        (a block's own part on a rank, which does not start from the true state) the gradient-sum and
-        replay checks are skipped and no update is formed (``unit_updates`` is None): only the state moves.
+        With ``checks=False`` (a block's own part on a rank, which does not start from the true state) the
+        gradient-sum and replay checks are skipped and no update is formed: only the state moves.
         """
         ctx, names, shapes = self.ctx, self.ctx.names, self.ctx.shapes
         step = ctx.trajectory.steps[t]
         updated = set(step.updated)
-        delta = {n: theta_next[n] - theta_t[n] for n in names}
         zeros = lambda n: torch.zeros(shapes[n], dtype=ctx.dtype, device=ctx.device)  # noqa: E731
 
         # 1. per-sample gradients in chunks, weighted: g_{t,i} = w_{t,i} ∇ℓ_i(θ_t); the penalty's ∇R(θ_t)
@@ -310,12 +313,12 @@ class RuleStage:
 
         # 2. the rule's table advances the buffers: A first, then every chunk's C ⊙ g (and E ⊙ g) by row
         coefficients = {n: self._coefficients(step, n) for n in names if n in updated}
-        unit_updates = {} if checks else None
-        for n in names:
-            if n in updated:
-                self.sample_buffer[n] = _scale_in_place(self.sample_buffer[n], coefficients[n].A)
-            if checks:
-                unit_updates[n] = torch.zeros_like(self.sample_buffer[n])
+        direct = {n: checks and n in updated and not _is_zero(coefficients[n].E) for n in names}
+        unit_updates = {n: torch.zeros_like(self.sample_buffer[n]) for n in names if direct[n]} if checks else None
+        for n in updated:
+            self.sample_buffer[n] = _scale_in_place(self.sample_buffer[n], coefficients[n].A)
+        if any(not _is_zero(coefficients[n].C) for n in updated):
+            self.touched[rows] = True
         summed = {n: zeros(n) for n in names}
         for k, sl in enumerate(slices):
             g = cached[k] if cached else gradients(sl)
@@ -327,8 +330,9 @@ class RuleStage:
                     continue
                 c = coefficients[n]
                 grads = g[n] if c.gradient_sign == 1 else -g[n]
-                _add_rows(self.sample_buffer[n], rows[sl], apply_linear(c.C, grads))
-                if checks and not _is_zero(c.E):
+                if not _is_zero(c.C):
+                    _add_rows(self.sample_buffer[n], rows[sl], apply_linear(c.C, grads))
+                if direct[n]:
                     _add_rows(unit_updates[n], rows[sl], -apply_linear(c.E, grads))
             del g
         cached = None
@@ -339,13 +343,16 @@ class RuleStage:
         pseudo_updates: dict[str, Params] = {p: {} for p in self.pseudo_names}
         update_rounding = {n: 0.0 for n in names}
         for n in names:
-            if n not in updated:
+            if n not in updated:  # PyTorch skipped it: every update is 0 (units: no tensor is formed)
                 for p in self.pseudo_names:
                     pseudo_updates[p][n] = zeros(n)
                 continue
             c = coefficients[n]
-            if checks:
-                _subtract_product(unit_updates[n], c.D, self.sample_buffer[n])
+            if checks:  # update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ g_{t,u})
+                if direct[n]:
+                    _subtract_product(unit_updates[n], c.D, self.sample_buffer[n])
+                else:
+                    unit_updates[n] = _negated_product(c.D, self.sample_buffer[n])
             rounding = torch.full(shapes[n], gradient_rounding, dtype=ctx.dtype, device=ctx.device)
             self.rounding_buffer[n] = _abs_linear(c.A, self.rounding_buffer[n]) + _abs_linear(c.C, rounding)
             update_rounding[n] = float((_abs_linear(c.D, self.rounding_buffer[n]) + _abs_linear(c.E, rounding)).max())
@@ -363,14 +370,40 @@ class RuleStage:
                 g_penalty = c.gradient_sign * penalty_grad[n]
                 self.penalty_buffer[n] = buffer_step(self.penalty_buffer[n], g_penalty, c)
                 pseudo_updates["penalty"][n] = unit_update(self.penalty_buffer[n], g_penalty, c)
+        if not checks:
+            return StepUpdates(None, None, pseudo_updates, None, 0.0, scale)
 
         # 3. replay check: Σ_u update_t(u) = θ_{t+1} − θ_t
-        replay_error = 0.0
-        if checks:
-            total = {n: unit_updates[n].sum(0) + sum(pseudo_updates[p][n] for p in self.pseudo_names) for n in names}
-            replay_error = _replay_check(t, total, delta, theta_t, theta_next, ctx.rtol, ctx.eps_train, updated,
-                                         update_rounding)
-        return unit_updates, pseudo_updates, replay_error, scale
+        unit_totals = {n: unit_updates[n].sum(0) if n in unit_updates else zeros(n) for n in names}
+        delta = {n: theta_next[n] - theta_t[n] for n in names}
+        total = {n: unit_totals[n] + sum(pseudo_updates[p][n] for p in self.pseudo_names) for n in names}
+        replay_error = _replay_check(t, total, delta, theta_t, theta_next, ctx.rtol, ctx.eps_train, updated,
+                                     update_rounding)
+        # rows that can hold a non-zero update: every unit whose buffer was ever fed, and this step's batch
+        active = torch.nonzero(self.touched.clone().index_fill_(0, rows, True)).flatten()
+        return StepUpdates(unit_updates, unit_totals, pseudo_updates, active, replay_error, scale)
+
+
+@dataclass
+class StepUpdates:
+    """What the rule gives for one step: every unit's update (units, *shape) per parameter, their sum over
+    units, every pseudo-unit's update, the rows that can be non-zero, the replay error, the clip factor."""
+
+    units: Params | None
+    unit_totals: Params | None
+    pseudo: dict[str, Params]
+    active: torch.Tensor | None
+    replay_error: float
+    gradient_scale: float
+
+
+def _negated_product(coefficient, buffer: torch.Tensor) -> torch.Tensor:
+    """−D ⊙ buffer as one new tensor (no zero-filled intermediate)."""
+    if callable(coefficient):
+        return -coefficient(buffer)
+    if isinstance(coefficient, torch.Tensor):
+        return torch.mul(buffer, coefficient).neg_()
+    return buffer * (-coefficient)
 
 
 def _weighted(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -409,8 +442,9 @@ class StepContribution:
 
 
 def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next: Params, f_t: torch.Tensor,
-                  f_next: torch.Tensor, unit_updates: Params, pseudo_updates: dict[str, Params]) -> StepContribution:
+                  f_next: torch.Tensor, updates: StepUpdates) -> StepContribution:
     """Steps 4-5 of the module docstring for step t: nodes, then the cheapest exact contraction."""
+    pseudo_updates = updates.pseudo
     names = ctx.names
     delta = {n: theta_next[n] - theta_t[n] for n in names}
     step = ctx.trajectory.steps[t]
@@ -432,7 +466,7 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
         pairs, probe_nodes = select_nodes(ctx.quadrature, probe, lambda a: ctx.targets(point(a)), f_t, f_next)
 
     # 5. the contraction: count what each way would cost for this step
-    active = _active_rows(unit_updates, moving) if ctx.keep_units else None
+    active = updates.active if ctx.keep_units else None
     n_active = int(active.numel()) if active is not None else 1
     groups = sorted({_row_group(ctx, n) for n in moving}) if not ctx.per_coordinate else []
     n_pseudo = len(pseudo_updates)
@@ -448,11 +482,9 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
     predicted = torch.zeros((X, O), dtype=ctx.dtype, device=ctx.device)
     if moving:
         if mode == "jvp":
-            _contract_by_jvp(ctx, point, pairs, moving, groups, active, unit_updates, pseudo_updates,
-                             kernel, pseudo, predicted)
+            _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel, pseudo, predicted)
         else:
-            _contract_by_jacobian(ctx, point, pairs, moving, active, unit_updates, pseudo_updates,
-                                  kernel, pseudo, predicted)
+            _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted)
     values = [kernel, predicted, *pseudo.values()]
     if not all(bool(torch.isfinite(v).all()) for v in values):
         raise NonFiniteError(_non_finite_message(ctx, t, point, pairs, moving, delta))
@@ -463,16 +495,6 @@ def _row_group(ctx: DecompositionContext, n: str) -> int:
     return ctx.group_index[ctx.names.index(n)]
 
 
-def _active_rows(unit_updates: Params, moving: Sequence[str]) -> torch.Tensor:
-    """Rows (units) whose update is not zero in any parameter: only these enter the contraction."""
-    any_row = None
-    for n in moving:
-        u = unit_updates[n]
-        nz = u.reshape(u.shape[0], -1).ne(0).any(1)
-        any_row = nz if any_row is None else any_row | nz
-    return torch.nonzero(any_row).flatten() if any_row is not None else torch.zeros(0, dtype=torch.long)
-
-
 def _directional(ctx: DecompositionContext, params: Params, tangents: Params, sl: slice | None = None) -> torch.Tensor:
     """Φ(α) v for stacked tangents v (K, X, O) at one point, over all test inputs (in chunks) or ``sl``."""
     slices = [sl] if sl is not None else chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk)
@@ -481,10 +503,11 @@ def _directional(ctx: DecompositionContext, params: Params, tangents: Params, sl
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def _contract_by_jvp(ctx, point, pairs, moving, groups, active, unit_updates, pseudo_updates, kernel, pseudo, predicted):
+def _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel, pseudo, predicted):
     """Φ_t(x) v for every kept direction v: each unit's update (or their sum) restricted to each parameter
     group, and each pseudo-unit's restricted likewise; one forward-mode JVP per direction and node."""
     shapes = ctx.shapes
+    unit_updates, pseudo_updates = updates.units, updates.pseudo
     group_names = {g: [n for n in moving if _row_group(ctx, n) == g] for g in groups}
     blocks = []  # (group, pseudo name or None, rows or None)
     for g in groups:
@@ -506,7 +529,7 @@ def _contract_by_jvp(ctx, point, pairs, moving, groups, active, unit_updates, ps
             elif p is not None:
                 out[n] = pseudo_updates[p][n].unsqueeze(0)
             elif rows is None:
-                out[n] = unit_updates[n].sum(0, keepdim=True)
+                out[n] = updates.unit_totals[n].unsqueeze(0)
             else:
                 out[n] = unit_updates[n].index_select(0, rows)
         return out
@@ -546,9 +569,10 @@ def _contract_by_jvp(ctx, point, pairs, moving, groups, active, unit_updates, ps
                     kernel[g, sl].index_add_(1, rows, part.transpose(0, 1))
 
 
-def _contract_by_jacobian(ctx, point, pairs, moving, active, unit_updates, pseudo_updates, kernel, pseudo, predicted):
+def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted):
     """Φ_t(x) = Σ_k w_k ∂_θ f(x; θ_t(α_k)) for a test chunk, then I[j, x, u, o] = Φ_t(x)[o, j] update_t(u)[j]
-    summed within parameter groups (or per coordinate), and the same for every pseudo-unit."""
+    summed within parameter groups (or per coordinate), and the same for every pseudo-unit. The quadrature
+    sum is written into one buffer per parameter tensor and chunk size, reused from step to step."""
     if ctx.plan.groupwise_jacobian:
         by_group: dict = {}
         for n in moving:
@@ -558,41 +582,63 @@ def _contract_by_jacobian(ctx, point, pairs, moving, active, unit_updates, pseud
         name_sets = [moving]
     for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
         for wrt in name_sets:
-            phi = None
-            for alpha, w in pairs:
+            phi = {}
+            for k, (alpha, w) in enumerate(pairs):
                 value = ctx.fm.jacobian(point(alpha), ctx.xs_test[sl], ctx.y_test[sl], wrt=wrt)
-                if phi is None:
-                    phi = {n: v.detach() * w for n, v in value.items()}  # v may be an expanded view
-                else:
-                    for n in wrt:
-                        phi[n].add_(value[n].detach(), alpha=w)
+                for n in wrt:
+                    v = value[n].detach()
+                    if k == 0:
+                        phi[n] = torch.mul(v, w, out=_workspace(ctx, n, v))
+                    else:
+                        phi[n].add_(v, alpha=w)
                 del value
             for n in wrt:
-                _contract_tensor(ctx, n, phi[n], sl, active, unit_updates, pseudo_updates, kernel, pseudo, predicted)
+                _contract_tensor(ctx, n, phi[n], sl, active, updates, kernel, pseudo, predicted)
             del phi
 
 
-def _contract_tensor(ctx, n, phi_n, sl, active, unit_updates, pseudo_updates, kernel, pseudo, predicted):
+def _workspace(ctx: DecompositionContext, n: str, like: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped like ``like`` for tensor n, kept between steps (one per chunk size): the quadrature
+    sum of a Jacobian is written into it instead of a freshly allocated (and page-faulted) tensor."""
+    key = (n, tuple(like.shape))
+    buffer = ctx.workspace.get(key)
+    if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device:
+        buffer = ctx.workspace[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+    return buffer
+
+
+def _contract_tensor(ctx, n, phi_n, sl, active, updates, kernel, pseudo, predicted):
     """Add parameter tensor n's share of the step to the kept tensors for test chunk ``sl``."""
     # (X, O, n_p) and (units, n_p); not flatten(2)/flatten(1), which fail for 0-dim parameters
     J = phi_n.reshape(*phi_n.shape[:2], phi_n.shape[2:].numel())
-    U = unit_updates[n].reshape(unit_updates[n].shape[0], -1)
-    total = U.sum(0)
+    total = updates.unit_totals[n].reshape(-1)
+    if ctx.keep_units:
+        U = updates.units[n].reshape(updates.units[n].shape[0], -1)
+        every_row = active.numel() == U.shape[0]
+        U_active = U if every_row else U.index_select(0, active)
     if ctx.per_coordinate:
         rows = slice(ctx.offsets[n], ctx.offsets[n] + J.shape[2])
         if ctx.keep_units:
-            kernel[rows, sl].index_add_(2, active, torch.einsum("xoj,aj->jxao", J, U.index_select(0, active)))
+            part = torch.einsum("xoj,aj->jxao", J, U_active)
+            if every_row:
+                kernel[rows, sl] += part
+            else:
+                kernel[rows, sl].index_add_(2, active, part)
         else:
             kernel[rows, sl] += torch.einsum("xoj,j->jxo", J, total)
     else:
         g = _row_group(ctx, n)
         if ctx.keep_units:
-            kernel[g, sl].index_add_(1, active, torch.einsum("xoj,aj->xao", J, U.index_select(0, active)))
+            part = torch.einsum("xoj,aj->xao", J, U_active)
+            if every_row:
+                kernel[g, sl] += part
+            else:
+                kernel[g, sl].index_add_(1, active, part)
         else:
             kernel[g, sl] += J @ total
     direction = total
-    for p, updates in pseudo_updates.items():
-        R = updates[n].reshape(-1)
+    for p, pseudo_update in updates.pseudo.items():
+        R = pseudo_update[n].reshape(-1)
         if ctx.per_coordinate:
             pseudo[p][rows, sl] += torch.einsum("xoj,j->jxo", J, R)
         else:
@@ -638,13 +684,14 @@ def run_block(ctx: DecompositionContext, stage: RuleStage, steps: range, progres
         iterator = _progress(steps, ctx)
     for t in iterator:
         theta_next = ctx.theta(t + 1)
-        unit_updates, pseudo_updates, replay_error, scale = stage.advance(t, theta_t, theta_next)
+        updates = stage.advance(t, theta_t, theta_next)
         f_next = ctx.targets(theta_next)
         if t in ctx.selected:
-            part = contract_step(ctx, t, theta_t, theta_next, f_t, f_next, unit_updates, pseudo_updates)
+            part = contract_step(ctx, t, theta_t, theta_next, f_t, f_next, updates)
         else:  # Appendix G.2: this step is left out; its change stays in the residual
-            part = StepContribution(None, {p: None for p in pseudo_updates}, torch.zeros_like(f_t), 0, 0, "skipped")
-        del unit_updates
+            part = StepContribution(None, {p: None for p in updates.pseudo}, torch.zeros_like(f_t), 0, 0, "skipped")
+        replay_error, scale = updates.replay_error, updates.gradient_scale
+        del updates
         out.residuals.append(f_next - f_t - part.predicted)
         out.kernel.add(part.kernel)
         for p in stage.pseudo_names:
