@@ -56,15 +56,16 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool = False) ->
     mine = blocks[rank]
 
     # 0. which optimizer buffers exist when each block starts (hyper-parameters only)
-    initial = RuleStage(ctx)
+    stage = RuleStage(ctx)  # the initial state S_0; rank r > 0 replaces it by the S_r it receives
     created = torch.zeros(len(ctx.names), dtype=torch.float64, device=comm)
     for t in mine:
-        for n in initial.creates_buffers(ctx.trajectory.steps[t]):
+        for n in stage.creates_buffers(ctx.trajectory.steps[t]):
             created[ctx.names.index(n)] = 1.0
     gathered = [torch.zeros_like(created) for _ in range(world)]
     dist.all_gather(gathered, created, group=group)
     before = sum((gathered[r] for r in range(rank)), torch.zeros_like(created))
-    start_flags = {n: initial.has_buffer[n] or bool(before[k] > 0) for k, n in enumerate(ctx.names)}
+    start_flags = {n: stage.has_buffer[n] or bool(before[k] > 0) for k, n in enumerate(ctx.names)}
+    stage.has_buffer = dict(start_flags)
 
     # 1. this block's own part E_r: its buffers at the end when started from zero
     own = RuleStage(ctx, zero_state=True)
@@ -76,8 +77,6 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool = False) ->
         theta_t = theta_next
 
     # 2. the scan: receive S_r, send S_{r+1} = A_{b−1} ⋯ A_a S_r + E_r
-    stage = RuleStage(ctx)
-    stage.has_buffer = dict(start_flags)
     if rank > 0:
         received = []
         for template in stage.state():
