@@ -82,9 +82,10 @@ def measure_path_costs(fm, params, x, label, num_outputs: int) -> PathCosts:
     device = next(iter(params.values())).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     xs, ys = x.unsqueeze(0), label.unsqueeze(0)
-    tangents = {n: torch.randn((4, *v.shape), dtype=v.dtype, device=device) for n, v in params.items()}
-    a = torch.randn(256, 256, dtype=next(iter(params.values())).dtype, device=device)
-    b = torch.randn(256, 64, dtype=a.dtype, device=device)
+    # constant values: timing does not depend on them, and the caller's random stream stays untouched
+    tangents = {n: torch.full((4, *v.shape), 0.5, dtype=v.dtype, device=device) for n, v in params.items()}
+    a = torch.full((256, 256), 0.5, dtype=next(iter(params.values())).dtype, device=device)
+    b = torch.full((256, 64), 0.5, dtype=a.dtype, device=device)
 
     def best(fn) -> float:
         fn()

@@ -210,3 +210,17 @@ def test_memory_budget_chunks_and_groupwise_jacobian_are_exact():
         decompose(keep=("step", "param", "unit"), memory_budget=fixed // 2)
     with pytest.raises(em.ExplaindError, match=r"memory_budget"):
         decompose(memory_budget="lots")
+
+
+def test_planning_leaves_the_random_stream_alone():
+    """contraction="auto" times the two ways on one test input; it must not draw from torch's global RNG
+    (a user who seeds, decomposes and then trains would otherwise get a different run)."""
+    from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+
+    model, trajectory, data, X_test = recorded_blob_run(seed=2, num_test=2, steps=2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    result = em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, keep=("param",))
+    assert "measured" in result.plan
+    assert torch.equal(torch.rand(3), expected)
