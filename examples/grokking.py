@@ -11,11 +11,11 @@ WHOLE run is recorded and decomposed, every step, at step × layer granularity:
 buffer instead of one per sample), with the certified residual. Then:
 
 1. kernel vs regularization importance per layer over training (paper Figure 3a): influence_over_steps.png;
-2. cosine-similarity matrices of the test inputs' influence vectors in three windows, per layer
-   (Figure 5): similarity.png. The test inputs are (a, b₀) for every a and one fixed b₀, ordered by a,
+2. cosine-similarity matrices of the test inputs' influence vectors in three windows, for the layers
+   of the paper's Figure 5 (attention encoder and decoder, linear 2, decoder): similarity.png. The test inputs are (a, b₀) for every a and one fixed b₀, ordered by a,
    so a − a′ is the difference of the sums a + b₀;
 3. the cosine features of the similarity matrix (Appendix Figure 12): for each layer, in the last
-   window, the off-diagonal similarities S[a, a′] are regressed (least squares, with an intercept) on
+   window, the similarities S[a, a′] are regressed (least squares, with an intercept) on
    cos(2π k (a − a′)/p), k = 1 … ⌊p/2⌋; reported: the dominant frequency k (the largest fraction of
    variance explained by cos(2π k (a − a′)/p) alone) and that fraction, and the R² of all frequencies
    together (the paper fits a Lasso on cosines and sines; S is symmetric, so the sines carry nothing);
@@ -32,7 +32,7 @@ step size), and at those steps f is far from polynomial along θ_t → θ_{t+1},
 by O(1); GELU, not ReLU, so that Gauss–Legendre converges (README, "Tolerances"); a split of unordered
 pairs {a, b} (without positional encoding [a, b, =] and [b, a, =] are one input); float64 throughout.
 
-    python examples/grokking.py --out grokking_out            # full: about 10 minutes on 2 CPU cores
+    python examples/grokking.py --out grokking_out            # full: about 9 minutes on one CPU core
     python examples/grokking.py --quick --out /tmp/grok_quick  # every step exercised, well under a minute
 
 ``main(argv)`` returns the results as a dict and prints them.
@@ -57,6 +57,7 @@ from explaind_math.experiments import modular_addition as ma
 from explaind_math.trajectory import Trajectory
 
 KEEP = ("step", "param", "test", "output")  # units summed: one unit (Corollary F.2 with one group)
+SIMILARITY_LAYERS = ("attention encoder", "attention decoder", "linear 2", "decoder")  # the paper's Figure 5
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,12 @@ class GrokkingConfig:
     extra_steps: int = 100
     eval_every: int = 10
     test_b: int = 0  # test inputs: (a, test_b) for every a
-    nodes: int = 2  # Gauss–Legendre nodes per (sub)segment
-    tol: float | None = 1e-9  # adaptive(gauss_legendre(nodes), tol); None: fixed gauss_legendre(nodes)
+    nodes: int = 3  # Gauss–Legendre nodes per (sub)segment
+    tol: float | None = 1e-7  # adaptive(gauss_legendre(nodes), tol); None: fixed gauss_legendre(nodes)
     window_fraction: float = 0.05  # width of a similarity window, as a fraction of the steps
     seed: int = 0
-    threads: int = 2
-    compare_steps: int = 5  # steps on which per-sample units vs one unit (partition "all") are timed; 0: skip
+    threads: int = 1  # intra-op threads for the decomposition (training always runs on one: its tensors are tiny)
+    compare_steps: int = 0  # first steps on which per-sample units vs one unit (partition "all") are timed; 0: skip
 
     def quadrature(self):
         base = em.gauss_legendre(self.nodes)
@@ -218,20 +219,24 @@ def windows_of(history, num_steps: int, fraction: float) -> list[tuple[int, int]
 
 
 def cosine_features(similarity: np.ndarray) -> dict:
-    """Least-squares fit of the off-diagonal similarities S[a, a′] (a ≠ a′) on an intercept and
-    cos(2π k (a − a′)/p), k = 1 … ⌊p/2⌋ (Appendix Figure 12). Returns the coefficients, the R² of the
-    full fit, per k the fraction of variance explained by cos(2π k (a − a′)/p) alone (R² of the
-    one-feature fit with intercept), and the dominant k. ``None`` when S holds NaNs (a zero vector)."""
+    """Least-squares fit of the similarity matrix S[a, a′] (test inputs ordered by a) on an intercept and
+    cos(2π k (a − a′)/p), k = 1 … ⌊p/2⌋ (Appendix Figure 12; S is symmetric, so sines carry nothing).
+
+    Every entry is fitted, the diagonal (S[a, a] = 1) included: off the diagonal alone the cosines sum
+    to the constant −1/2 and the intercept would not be identifiable. Together the ⌊p/2⌋ cosines and the
+    intercept span every function of a − a′ mod p, so the R² of the full fit measures how far S depends on
+    a − a′ only. Per k, the fraction of variance explained by cos(2π k (a − a′)/p) alone is the R² of the
+    one-feature fit with intercept; the dominant k is the largest. Returns None when S holds NaNs (a
+    zero influence vector) or is constant."""
     p = similarity.shape[0]
     if not np.isfinite(similarity).all():
         return None
     a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
-    off = a != b
-    y = similarity[off]
+    y = similarity.reshape(-1)
     freqs = np.arange(1, p // 2 + 1)
-    features = np.cos(2 * np.pi * freqs[None, :] * (a[off] - b[off])[:, None] / p)
+    features = np.cos(2 * np.pi * freqs[None, :] * (a - b).reshape(-1)[:, None] / p)
     total = float(((y - y.mean()) ** 2).sum())
-    if total == 0.0:
+    if total <= 1e-300:
         return None
 
     def r_squared(columns):
@@ -293,14 +298,26 @@ def plot_cosine_features(fits: dict, embedding: dict, history, path: Path, windo
 
 # ---------------------------------------------------------------------------------------------- main
 def run_experiment(cfg: GrokkingConfig, out: Path) -> dict:
-    torch.set_num_threads(cfg.threads)
+    """Train, decompose, analyse and plot; the caller's intra-op thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_experiment(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_experiment(cfg: GrokkingConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     walls = {}
     start_all = time.perf_counter()
 
     print(f"[1/5] training: p = {cfg.p}, train fraction {cfg.train_fraction} of the unordered pairs, full-batch "
           f"AdamW lr {cfg.lr}, weight decay {cfg.weight_decay}, up to {cfg.max_steps} steps", flush=True)
-    run, tokens, labels, train_ids, test_ids = train(cfg)
+    torch.set_num_threads(1)
+    try:
+        run, tokens, labels, train_ids, test_ids = train(cfg)
+    finally:
+        torch.set_num_threads(cfg.threads)
     walls["training"] = run.seconds
     trajectory, model = run.trajectory, run.model
     N = trajectory.num_steps
@@ -336,7 +353,8 @@ def run_experiment(cfg: GrokkingConfig, out: Path) -> dict:
         "cosine_features": out / "cosine_features.png",
     }
     plots.plot_influence_over_steps(result, groups=None, path=paths["influence_over_steps"])
-    plots.plot_similarity_matrices(result, windows, groups=None, path=paths["similarity"])
+    shown = [name for name in SIMILARITY_LAYERS if name in layer_names]
+    plots.plot_similarity_matrices(result, windows, layers=shown, groups=None, path=paths["similarity"])
     last = windows[-1]
     similarities, fits = {}, {}
     for name in layer_names:
@@ -449,10 +467,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--tol", type=float, help="adaptive tolerance per step (≤ 0: fixed Gauss–Legendre)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--compare-units", type=int, dest="compare_steps",
+                        help="time per-sample units against one unit on this many first steps (0: skip)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     overrides = {k: v for k, v in (("p", args.p), ("max_steps", args.max_steps), ("nodes", args.nodes),
-                                   ("threads", args.threads), ("seed", args.seed)) if v is not None}
+                                   ("threads", args.threads), ("seed", args.seed),
+                                   ("compare_steps", args.compare_steps)) if v is not None}
     if args.tol is not None:
         overrides["tol"] = args.tol if args.tol > 0 else None
     cfg = replace(cfg, **overrides)
