@@ -11,9 +11,10 @@ WHOLE run is recorded and decomposed, every step, at step × layer granularity:
 buffer instead of one per sample), with the certified residual. Then:
 
 1. kernel vs regularization importance per layer over training (paper Figure 3a): influence_over_steps.png;
-2. cosine-similarity matrices of the test inputs' influence vectors in three windows, for the layers
-   of the paper's Figure 5 (attention encoder and decoder, linear 2, decoder): similarity.png. The test inputs are (a, b₀) for every a and one fixed b₀, ordered by a,
-   so a − a′ is the difference of the sums a + b₀;
+2. cosine-similarity matrices of the test inputs' influence vectors in three windows (after
+   memorization, at generalization, the last), for the layers of the paper's Figure 5 (attention
+   encoder and decoder, linear 2, decoder): similarity.png. The test inputs are (a, b₀) for every a
+   and one fixed b₀, ordered by a, so a − a′ is the difference of the sums a + b₀;
 3. the cosine features of the similarity matrix (Appendix Figure 12): for each layer, in the last
    window, the similarities S[a, a′] are regressed (least squares, with an intercept) on
    cos(2π k (a − a′)/p), k = 1 … ⌊p/2⌋; reported: the dominant frequency k (the largest fraction of
@@ -30,10 +31,12 @@ Choices (and why): no LayerNorm (``norm="none"``, as Nanda et al.) — with post
 run had loss spikes (weight decay shrinks the weights before a LayerNorm, which raises the effective
 step size), and at those steps f is far from polynomial along θ_t → θ_{t+1}, so fixed quadrature missed
 by O(1); GELU, not ReLU, so that Gauss–Legendre converges (README, "Tolerances"); a split of unordered
-pairs {a, b} (without positional encoding [a, b, =] and [b, a, =] are one input); float64 throughout.
+pairs {a, b} (without positional encoding [a, b, =] and [b, a, =] are one input); float64 throughout;
+adaptive(gauss_legendre(3), 1e-7): almost every step is exact to rounding with 3 nodes, and the few
+violent ones (a loss spike) are bisected; one intra-op thread by default (``--threads``).
 
     python examples/grokking.py --out grokking_out            # full: about 9 minutes on one CPU core
-    python examples/grokking.py --quick --out /tmp/grok_quick  # every step exercised, well under a minute
+    python examples/grokking.py --quick --out grokking_quick  # every step exercised, well under a minute
 
 ``main(argv)`` returns the results as a dict and prints them.
 """
