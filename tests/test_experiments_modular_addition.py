@@ -22,16 +22,25 @@ def test_data_covers_every_pair_once_with_the_sum_mod_p_as_label():
         assert int(labels[row]) == (a + b) % p
 
 
-def test_split_is_seeded_disjoint_and_sized_by_the_fraction():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_split_is_seeded_disjoint_and_sized_by_the_fraction(symmetric):
     p = 11
-    train, test = ma.train_test_split(p, 0.3, seed=5)
-    assert train.numel() == round(0.3 * p * p) and train.numel() + test.numel() == p * p
+    train, test = ma.train_test_split(p, 0.3, seed=5, symmetric=symmetric)
     assert set(train.tolist()).isdisjoint(test.tolist())
     assert set(train.tolist()) | set(test.tolist()) == set(range(p * p))
+    assert torch.equal(train, train.sort().values) and torch.equal(test, test.sort().values)
+    if symmetric:  # unordered pairs {a, b}, each in both orders on one side
+        def unordered(ids):
+            return {(min(int(i) // p, int(i) % p), max(int(i) // p, int(i) % p)) for i in ids}
+        assert len(unordered(train)) == round(0.3 * p * (p + 1) / 2)
+        for i in train.tolist():
+            assert ma.sample_id(i % p, i // p, p) in set(train.tolist())  # (b, a) is with (a, b)
+    else:
+        assert train.numel() == round(0.3 * p * p)
     torch.manual_seed(123)  # the global random state must not matter
-    again_train, again_test = ma.train_test_split(p, 0.3, seed=5)
+    again_train, again_test = ma.train_test_split(p, 0.3, seed=5, symmetric=symmetric)
     assert torch.equal(train, again_train) and torch.equal(test, again_test)
-    other, _ = ma.train_test_split(p, 0.3, seed=6)
+    other, _ = ma.train_test_split(p, 0.3, seed=6, symmetric=symmetric)
     assert not torch.equal(train, other)
 
 
