@@ -139,7 +139,24 @@ class FunctionalModel:
         chunk_size: int | None = None,
     ) -> Params:
         """∇_θ ℓ_i(θ) for every sample of a batch: name → (B, *shape), unweighted."""
+        if vectorize:
+            return vmap(grad(self._checked_loss(loss_fn)), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, ys)
+        loss_one = self._checked_loss(loss_fn)
+        rows = [grad(loss_one)(params, xs[i], _index(ys, i)) for i in range(xs.shape[0])]
+        return {n: torch.stack([r[n] for r in rows]) for n in params}
 
+    def group_gradients(self, params: Params, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor], xs: torch.Tensor,
+                        ys: Any, group_weights: torch.Tensor) -> Params:
+        """Σ_i W[k, i] ∇_θ ℓ_i(θ) for every row k of ``group_weights`` (K, B): one gradient of a weighted
+        batch loss per group (Corollary F.2: a partition needs only its groups' sums, not every sample's)."""
+        loss_one = self._checked_loss(loss_fn)
+
+        def weighted(p: Params, w: torch.Tensor) -> torch.Tensor:
+            return (vmap(loss_one, in_dims=(None, 0, 0))(p, xs, ys) * w).sum()
+
+        return vmap(grad(weighted), in_dims=(None, 0))(params, group_weights)
+
+    def _checked_loss(self, loss_fn):
         def loss_one(p: Params, x: torch.Tensor, y: Any) -> torch.Tensor:
             value = loss_fn(self.output(p, x), y)
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
@@ -149,10 +166,7 @@ class FunctionalModel:
                 )
             return value.reshape(())
 
-        if vectorize:
-            return vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, ys)
-        rows = [grad(loss_one)(params, xs[i], _index(ys, i)) for i in range(xs.shape[0])]
-        return {n: torch.stack([r[n] for r in rows]) for n in params}
+        return loss_one
 
 
 def _index(ys: Any, i: int) -> Any:

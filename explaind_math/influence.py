@@ -39,6 +39,7 @@ class Influence:
         probe_nodes_per_step: for adaptive rules, the JVP probes along Δθ_t spent choosing each step's nodes.
         contraction_per_step: per step, ``"jvp"`` or ``"jacobian"`` (MATH.md §11), or ``"skipped"``.
         plan: the contraction plan (chunk sizes, memory budget) as text.
+        unit_kind: what the unit axis indexes: ``"training samples"``, or ``"partition groups"`` (Corollary F.2).
         estimated: True only when some part is an estimate (never for the exact theorems).
     """
 
@@ -60,6 +61,7 @@ class Influence:
     notes: list[str] = field(default_factory=list)
     penalty: torch.Tensor | None = None
     gradient_scales: list[float] | None = None
+    unit_kind: str = "training samples"
     probe_nodes_per_step: list[int] = field(default_factory=list)
     contraction_per_step: list[str] = field(default_factory=list)
     plan: str = ""
@@ -165,7 +167,7 @@ class Influence:
 
     def summary(self) -> str:
         lines = [
-            f"{self.theorem}: {len(self.steps)} steps, {len(self.units)} training samples, "
+            f"{self.theorem}: {len(self.steps)} steps, {len(self.units)} {self.unit_kind}, "
             f"{self.f_final.shape[0]} test inputs × {self.f_final.shape[1]} outputs",
             f"kernel influence axes {self.kernel_axes}, shape {tuple(self.kernel.shape)}",
             f"quadrature {self.quadrature}, {sum(self.nodes_per_step)} nodes in all"

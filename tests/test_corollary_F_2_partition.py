@@ -124,3 +124,35 @@ def test_partition_that_misses_ids_names_them(kind, device):
     message = str(info.value)
     assert "partition" in message
     assert str(missing[:10]) in message, message
+
+
+def test_one_group_uses_the_batch_gradient_and_matches_per_sample_buffers():
+    """partition="all" takes one weighted-loss gradient per step instead of every sample's (Corollary F.2
+    needs only the group sums); the influences equal the per-sample decomposition summed over units, and a
+    float32 computation of a float64 run gets the float32 replay tolerance."""
+    from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+    from explaind_math.features import FunctionalModel
+
+    model, trajectory, data, X_test = recorded_blob_run(seed=5, num_test=3)
+    calls = {"per_sample": 0, "group": 0}
+    per_sample, group = FunctionalModel.per_sample_gradients, FunctionalModel.group_gradients
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    FunctionalModel.per_sample_gradients = counted("per_sample", per_sample)
+    FunctionalModel.group_gradients = counted("group", group)
+    try:
+        grouped = em.decompose_by_partition(model, trajectory, blob_loss, data, X_test, "all", keep=("step", "param"))
+    finally:
+        FunctionalModel.per_sample_gradients, FunctionalModel.group_gradients = per_sample, group
+    assert calls == {"per_sample": 0, "group": trajectory.num_steps}
+    assert "1 partition groups" in grouped.summary()
+    single = em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, keep=("step", "param"))
+    scale = 1 + float(single.kernel.abs().sum())
+    assert float((grouped.kernel - single.kernel).abs().max()) <= 1e-12 * scale
+    low = em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, keep=("step",), dtype=torch.float32)
+    assert low.relative_residual <= 1e-4
