@@ -70,6 +70,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import explaind_math as em
+from explaind_math.experiments import modular_addition
 
 KEEP = ("param", "test", "unit", "output")
 TARGET_RESIDUAL = 1e-6  # relative residual the tuned adaptive rule must reach
@@ -78,43 +79,11 @@ TARGET_OVERHEAD = 1.5  # issue 7: decomposition / bare torch.func evaluations
 
 
 # --------------------------------------------------------------------------- the models
-class ModularAdditionTransformer(nn.Module):
-    """Appendix E.2's grokking Transformer, scaled down: tokens [a, b, =] (vocabulary p + 1), an
-    embedding without positional encoding, one encoder layer as in Vaswani et al. (multi-head
-    self-attention and an MLP, each with a residual connection and a LayerNorm after it), and a linear
-    decoder from the '=' position to the p residues. Attention is written out (q, k: the "attention
-    encoder"; v, o: the "attention decoder") so that torch.func vmaps it without a fallback."""
-
-    def __init__(self, p: int, d: int, heads: int, width: int):
-        super().__init__()
-        if d % heads:
-            raise ValueError("d_model must be a multiple of the number of heads")
-        self.p, self.heads = p, heads
-        self.embed = nn.Embedding(p + 1, d)
-        # no key bias: softmax is invariant to it, so its gradient is 0 up to rounding (~1e-18), and the
-        # library's gradient-sum check (relative to that tensor's own max |grad|) rejects the step
-        self.q, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.k = nn.Linear(d, d, bias=False)
-        self.norm1 = nn.LayerNorm(d)
-        self.linear1 = nn.Linear(d, width)
-        self.linear2 = nn.Linear(width, d)
-        self.norm2 = nn.LayerNorm(d)
-        self.decoder = nn.Linear(d, p)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens)  # (B, 3, d)
-        b, s, d = h.shape
-        dh = d // self.heads
-
-        def split(z):
-            return z.reshape(b, s, self.heads, dh).transpose(1, 2)  # (B, heads, 3, dh)
-
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-        attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1)
-        mixed = (attention @ v).transpose(1, 2).reshape(b, s, d)
-        h = self.norm1(h + self.o(mixed))
-        h = self.norm2(h + self.linear2(F.gelu(self.linear1(h))))
-        return self.decoder(h[:, -1])
+def ModularAdditionTransformer(p: int, d: int, heads: int, width: int) -> nn.Module:
+    """Appendix E.2's grokking Transformer, scaled down (``explaind_math.experiments.modular_addition``):
+    tokens [a, b, =], an embedding without positional encoding, one post-LN encoder layer with written-out
+    multi-head attention (no key bias) and a GELU MLP, a linear decoder from the '=' position."""
+    return modular_addition.ModularAdditionTransformer(p, d, heads, width)
 
 
 @dataclass(frozen=True)

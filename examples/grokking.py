@@ -32,8 +32,9 @@ run had loss spikes (weight decay shrinks the weights before a LayerNorm, which 
 step size), and at those steps f is far from polynomial along θ_t → θ_{t+1}, so fixed quadrature missed
 by O(1); GELU, not ReLU, so that Gauss–Legendre converges (README, "Tolerances"); a split of unordered
 pairs {a, b} (without positional encoding [a, b, =] and [b, a, =] are one input); float64 throughout;
-adaptive(gauss_legendre(3), 1e-7): almost every step is exact to rounding with 3 nodes, and the few
-violent ones (a loss spike) are bisected; one intra-op thread by default (``--threads``).
+adaptive_gauss_legendre(1e-7): per step the fewest Gauss–Legendre nodes (1, 2, 3, 4, 6, 8 or 16) whose
+exactly computed residual is below 1e-7 — most steps need few, the violent ones (a loss spike) more, and
+only a step that 16 nodes do not resolve is bisected; one intra-op thread by default (``--threads``).
 
     python examples/grokking.py --out grokking_out            # full: about 9 minutes on one CPU core
     python examples/grokking.py --quick --out grokking_quick  # every step exercised, well under a minute
@@ -80,18 +81,21 @@ class GrokkingConfig:
     extra_steps: int = 100
     eval_every: int = 10
     test_b: int = 0  # test inputs: (a, test_b) for every a
-    nodes: int = 3  # Gauss–Legendre nodes per (sub)segment
-    tol: float | None = 1e-7  # adaptive(gauss_legendre(nodes), tol); None: fixed gauss_legendre(nodes)
+    nodes: int = 3  # Gauss–Legendre nodes of the fixed rule (tol = None)
+    tol: float | None = 1e-7  # adaptive_gauss_legendre(tol, HP_ORDERS) per step; None: fixed gauss_legendre(nodes)
     window_fraction: float = 0.05  # width of a similarity window, as a fraction of the steps
     seed: int = 0
     threads: int = 1  # intra-op threads for the decomposition (training always runs on one: its tensors are tiny)
     compare_steps: int = 0  # first steps on which per-sample units vs one unit (partition "all") are timed; 0: skip
 
     def quadrature(self):
-        base = em.gauss_legendre(self.nodes)
-        return base if self.tol is None else em.adaptive(base, self.tol)
+        if self.tol is None:
+            return em.gauss_legendre(self.nodes)
+        return em.adaptive_gauss_legendre(self.tol, orders=HP_ORDERS)
 
 
+#: Gauss–Legendre orders the hp-adaptive rule tries per step (bisecting only where the last is not enough)
+HP_ORDERS = (1, 2, 3, 4, 6, 8, 16)
 FULL = GrokkingConfig()
 # tiny: no grokking expected; every analysis step runs. GL(8) fixed: the README's smooth-model tolerance.
 QUICK = GrokkingConfig(p=7, train_fraction=0.6, d_model=8, heads=2, mlp_width=16, max_steps=40,
