@@ -142,9 +142,11 @@ def select_nodes(quadrature: AdaptiveQuadrature, probe, target_at, f_a, f_b) -> 
 
     ``probe(alphas)`` returns Φ(α_k) Δθ_t stacked over the nodes (a tensor (k, X, O), from JVPs along Δθ_t);
     ``target_at(α)`` returns f(θ_t + α Δθ_t) (X, O); ``f_a``, ``f_b`` are f at α = 0 and 1. Returns the
-    accepted nodes and the number of probe evaluations spent. A segment is accepted when its residual is
-    ≤ tol · (b − a), or below the rounding noise of f(θ(a)), f(θ(b)) (bisecting further would not lower
-    it), or at depth ``max_depth``.
+    accepted nodes and the number of probe evaluations spent. A segment is accepted with the first order
+    whose residual is ≤ tol · (b − a). Below the rounding noise of f(θ(a)), f(θ(b)) the residual no longer
+    measures the quadrature error, so there an order is accepted only once two consecutive orders (or the
+    last one) are at the noise — the quadrature has converged to the rounding floor, and bisecting or
+    raising the order further would not lower it. A segment is also accepted at depth ``max_depth``.
     """
     accepted: list[tuple[float, float]] = []
     evaluations = 0
@@ -157,16 +159,19 @@ def select_nodes(quadrature: AdaptiveQuadrature, probe, target_at, f_a, f_b) -> 
 
             eps = torch.finfo(fa.dtype).eps
         noise = 64 * eps * (1 + float(fa.abs().max().maximum(fb.abs().max())))
-        chosen = None
-        for rule in quadrature.rules:
+        chosen, previous_at_noise = None, False
+        rules = quadrature.rules
+        for index, rule in enumerate(rules):
             pairs = rule.on_interval(a, b)
             values = probe([alpha for alpha, _ in pairs])
             evaluations += len(pairs)
             predicted = sum(w * values[k] for k, (_, w) in enumerate(pairs))
             err = float((fb - fa - predicted).abs().max())
             chosen = pairs
-            if err <= max(quadrature.tol * (b - a), noise):
+            at_noise = err <= noise
+            if err <= quadrature.tol * (b - a) or (at_noise and (previous_at_noise or index == len(rules) - 1)):
                 break
+            previous_at_noise = at_noise
         else:
             if depth < quadrature.max_depth:
                 mid = 0.5 * (a + b)
