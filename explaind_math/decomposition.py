@@ -160,7 +160,6 @@ class DecompositionContext:
     num_outputs: int
     grouped_units: bool  # units are partition groups (Corollary F.2), not samples
     offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
-    workspace: dict = field(default_factory=dict)  # buffers reused from step to step (see _workspace)
 
     @property
     def keep_steps(self) -> bool:
@@ -414,18 +413,14 @@ def _negated_product(coefficient, buffer: torch.Tensor) -> torch.Tensor:
     if callable(coefficient):
         return -coefficient(buffer)
     if isinstance(coefficient, torch.Tensor):
-        return torch.mul(buffer, coefficient).neg_()
+        return torch.mul(buffer, -coefficient)  # −D has the parameter's shape: negating it is cheap
     return buffer * (-coefficient)
 
 
 def _weighted(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """w_i ∇ℓ_i, written into the per-sample gradients (B · D, the step's largest temporary) where they own
     their memory; a gradient that vmap returned as an expanded view (a parameter the loss ignores) is copied."""
-    w = weights.reshape(-1, *([1] * (per_sample.dim() - 1)))
-    try:
-        return per_sample.mul_(w)
-    except RuntimeError:
-        return per_sample * w
+    return _scaled_in_place(per_sample, weights.reshape(-1, *([1] * (per_sample.dim() - 1))))
 
 
 def _take(ys: Any, sl: slice) -> Any:
@@ -584,7 +579,7 @@ def _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel,
 def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted):
     """Φ_t(x) = Σ_k w_k ∂_θ f(x; θ_t(α_k)) for a test chunk, then I[j, x, u, o] = Φ_t(x)[o, j] update_t(u)[j]
     summed within parameter groups (or per coordinate), and the same for every pseudo-unit. The quadrature
-    sum is written into one buffer per parameter tensor and chunk size, reused from step to step."""
+    sum is accumulated into the first node's Jacobian (no further Jacobian-sized tensor)."""
     if ctx.plan.groupwise_jacobian:
         by_group: dict = {}
         for n in moving:
@@ -600,7 +595,7 @@ def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, ps
                 for n in wrt:
                     v = value[n].detach()
                     if k == 0:
-                        phi[n] = torch.mul(v, w, out=_workspace(ctx, n, v))
+                        phi[n] = _scaled_in_place(v, w)  # the first node's Jacobian becomes the sum
                     else:
                         phi[n].add_(v, alpha=w)
                 del value
@@ -609,14 +604,13 @@ def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, ps
             del phi
 
 
-def _workspace(ctx: DecompositionContext, n: str, like: torch.Tensor) -> torch.Tensor:
-    """A buffer shaped like ``like`` for tensor n, kept between steps (one per chunk size): the quadrature
-    sum of a Jacobian is written into it instead of a freshly allocated (and page-faulted) tensor."""
-    key = (n, tuple(like.shape))
-    buffer = ctx.workspace.get(key)
-    if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device:
-        buffer = ctx.workspace[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
-    return buffer
+def _scaled_in_place(tensor: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """factor · tensor, in place where the tensor owns its memory (a vmap result can be an expanded view of
+    zeros, for a parameter the target ignores: then a copy)."""
+    try:
+        return tensor.mul_(factor)
+    except RuntimeError:
+        return tensor * factor
 
 
 def _contract_tensor(ctx, n, phi_n, sl, active, updates, kernel, pseudo, predicted):
