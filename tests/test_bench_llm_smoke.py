@@ -6,27 +6,23 @@ the printed table (one row per checkpoint and dtype), and the sizes of the full 
 Nothing about time.
 """
 
-import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from explaind_math.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llm_checkpoints.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_llm_checkpoints", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script(SCRIPT, "bench_llm_checkpoints")
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("bench_llm_checkpoints", None)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,27 +4,23 @@ Only structural facts are asserted (rows, columns, keys) and the certificate of 
 nothing about time.
 """
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from explaind_math.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scaling.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script(SCRIPT, "bench_scaling")
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("bench_scaling", None)
 
 
 def test_fidelity_and_overhead_tables_on_the_smallest_transformer(bench):

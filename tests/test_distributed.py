@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 

@@ -3,9 +3,7 @@ TRAK-style baseline against hand computations, the LDS against its definition, t
 protocols, the ExPLAIND scores against the decomposition, and the --quick run of the example.
 No test asserts which method wins (that is a measurement, reported by the example)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import explaind_math as em
 from explaind_math.errors import ExplaindError
 from explaind_math.experiments import attribution as at
 from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+from explaind_math.testing.scripts import load_script
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
@@ -29,12 +28,8 @@ SMOOTH_TOLERANCE = 1e-9
 
 
 def _load_example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "data_attribution.py"
-    spec = importlib.util.spec_from_file_location("example_data_attribution", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script(Path(__file__).resolve().parents[1] / "examples" / "data_attribution.py",
+                       "example_data_attribution")
 
 
 # ---------------------------------------------------------------------------------------------- TracIn

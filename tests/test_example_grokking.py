@@ -5,27 +5,23 @@ Grokking itself is not asserted (the quick run is 40 steps on p = 7); asserted a
 1e-9 · (1 + |Δf|)), shapes, the cosine fit's invariants, and that the PNGs hold a picture.
 """
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from explaind_math.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "grokking.py"
 
 
 @pytest.fixture(scope="module")
 def grokking():
-    spec = importlib.util.spec_from_file_location("example_grokking", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield load_script(SCRIPT, "example_grokking")
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("example_grokking", None)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ layer; sparsity 0 reproduces the unpruned model; the evaluation inputs are disjo
 inputs and the training set. Which method wins is measured, not asserted (it need not hold in every run).
 """
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
 import torch
+from explaind_math.testing.scripts import load_script
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -22,11 +21,7 @@ PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pruning.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("pruning_example", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PATH, "pruning_example")
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ What must hold, and why:
   residual by ≈ 100 (asserted within [50, 200]) while it is above rounding.
 """
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
+from explaind_math.testing.scripts import load_script
 
 pytest.importorskip("sklearn")
 
@@ -23,11 +22,7 @@ PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "table1_revisi
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("table1_revisited", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PATH, "table1_revisited")
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,12 @@ def test_nonlinear_optimizers_are_refused_by_name(name):
 
 def test_a_user_rule_is_checked_and_enrolled():
     """examples/custom_optimizer.py: a user-written optimizer and its rule pass the shared checks."""
-    import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_optimizer.py"
-    spec = importlib.util.spec_from_file_location("custom_optimizer_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from explaind_math.testing.scripts import load_script
+
+    module = load_script(pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_optimizer.py",
+                         "custom_optimizer_example")
     results = check_rule(module.AdaBeliefRule(), examples=3)
     assert all(r.passed for r in results), [r.row() for r in results]
     assert "adabelief" not in RULES  # check_rule leaves the registry as it found it

@@ -25,7 +25,6 @@ from explaind_math.shards import (
     truncate_trajectory_directory,
 )
 from explaind_math.testing.sharded_runs import (
-    CRASH_EXIT_CODE,
     assert_trajectories_identical,
     make_data,
     make_training,
