@@ -112,7 +112,6 @@ def child_record(args) -> None:
 
 
 def child_decompose(args) -> None:
-    import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
 
