@@ -461,18 +461,7 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
     def point(alpha: float) -> Params:
         return {n: theta_t[n] + alpha * delta[n] for n in names}
 
-    # 4. nodes
-    if isinstance(ctx.quadrature, Quadrature) or not moving:
-        rule = ctx.quadrature if isinstance(ctx.quadrature, Quadrature) else ctx.quadrature.rules[0]
-        pairs, probe_nodes = rule.on_interval(0.0, 1.0), 0
-    else:
-        def probe(alphas):
-            tangent = {n: delta[n].unsqueeze(0) for n in moving}
-            return torch.stack([_directional(ctx, point(a), tangent)[0] for a in alphas])
-
-        pairs, probe_nodes = select_nodes(ctx.quadrature, probe, lambda a: ctx.targets(point(a)), f_t, f_next)
-
-    # 5. the contraction: count what each way would cost for this step
+    # 4. the contraction for this step: count what each way would cost
     active = updates.active if ctx.keep_units else None
     n_active = int(active.numel()) if active is not None else 1
     groups = sorted({_row_group(ctx, n) for n in moving}) if not ctx.per_coordinate else []
@@ -481,15 +470,43 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
     moving_params = sum(ctx.numel(n) for n in moving)
     macs = O * moving_params * ((n_active + n_pseudo + 1) if ctx.keep_units else (n_pseudo + 2))
     mode = ctx.plan.mode_for_step(directions, O, macs)
+    batches = _jvp_batches(ctx, moving, groups, active, updates) if mode == "jvp" and moving else None
 
     rows = ctx.num_rows
     kernel_shape = (rows, X, len(ctx.units), O) if ctx.keep_units else (rows, X, O)
     kernel = torch.zeros(kernel_shape, dtype=ctx.dtype, device=ctx.device)
     pseudo = {p: torch.zeros((rows, X, O), dtype=ctx.dtype, device=ctx.device) for p in pseudo_updates}
     predicted = torch.zeros((X, O), dtype=ctx.dtype, device=ctx.device)
+
+    # 5. nodes: a fixed rule's, or an adaptive rule's chosen by probing the exact residual with JVPs. When
+    # every kept direction fits one JVP batch, the probes ARE the contraction (their sum over directions is
+    # Φ Σ_u update_t(u)), and the accepted nodes' values are used as they are; otherwise the probe is one
+    # JVP along Δθ_t and the contraction runs afterwards on the chosen nodes.
+    fused = None
+    if isinstance(ctx.quadrature, Quadrature) or not moving:
+        rule = ctx.quadrature if isinstance(ctx.quadrature, Quadrature) else ctx.quadrature.rules[0]
+        pairs, probe_nodes = rule.on_interval(0.0, 1.0), 0
+    else:
+        if batches is not None and len(batches) == 1:
+            fused, tangents = {}, batches[0][1].get()
+
+            def probe(alphas):
+                values = torch.stack([_directional(ctx, point(a), tangents) for a in alphas])  # (k, K, X, O)
+                fused.update(zip(alphas, values))
+                return values.sum(1)
+        else:
+            tangent = {n: delta[n].unsqueeze(0) for n in moving}
+
+            def probe(alphas):
+                return torch.stack([_directional(ctx, point(a), tangent)[0] for a in alphas])
+
+        pairs, probe_nodes = select_nodes(ctx.quadrature, probe, lambda a: ctx.targets(point(a)), f_t, f_next)
     if moving:
-        if mode == "jvp":
-            _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel, pseudo, predicted)
+        if fused is not None:
+            jv = sum(w * fused[alpha] for alpha, w in pairs)
+            _scatter_jvp(batches[0][0], jv, slice(None), kernel, pseudo, predicted)
+        elif mode == "jvp":
+            _contract_by_jvp(ctx, point, pairs, batches, kernel, pseudo, predicted)
         else:
             _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted)
     values = [kernel, predicted, *pseudo.values()]
@@ -510,13 +527,14 @@ def _directional(ctx: DecompositionContext, params: Params, tangents: Params, sl
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel, pseudo, predicted):
-    """Φ_t(x) v for every kept direction v: each unit's update (or their sum) restricted to each parameter
-    group, and each pseudo-unit's restricted likewise; one forward-mode JVP per direction and node."""
+def _jvp_batches(ctx, moving, groups, active, updates) -> list[tuple[list, Params]]:
+    """The kept directions of a step, in batches of at most ``plan.tangent_chunk``: each unit's update (or
+    their sum) restricted to each parameter group, and each pseudo-unit's restricted likewise. Returns
+    [(blocks, tangents)] with blocks (group, pseudo name or None, unit rows or None) and the stacked
+    tangents (K_batch, *shape) per moving parameter; tangents are built when a batch is reached."""
     shapes = ctx.shapes
-    unit_updates, pseudo_updates = updates.units, updates.pseudo
     group_names = {g: [n for n in moving if _row_group(ctx, n) == g] for g in groups}
-    blocks = []  # (group, pseudo name or None, rows or None)
+    blocks = []
     for g in groups:
         if ctx.keep_units:
             size = ctx.plan.tangent_chunk or active.numel()
@@ -524,7 +542,7 @@ def _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel,
                 blocks.append((g, None, active[s:s + size]))
         else:
             blocks.append((g, None, None))
-        blocks.extend((g, p, None) for p in pseudo_updates)
+        blocks.extend((g, p, None) for p in updates.pseudo)
 
     def vectors(block) -> Params:
         g, p, rows = block
@@ -534,11 +552,11 @@ def _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel,
             if n not in group_names[g]:
                 out[n] = torch.zeros((count, *shapes[n]), dtype=ctx.dtype, device=ctx.device)
             elif p is not None:
-                out[n] = pseudo_updates[p][n].unsqueeze(0)
+                out[n] = updates.pseudo[p][n].unsqueeze(0)
             elif rows is None:
                 out[n] = updates.unit_totals[n].unsqueeze(0)
             else:
-                out[n] = unit_updates[n].index_select(0, rows)
+                out[n] = updates.units[n].index_select(0, rows)
         return out
 
     limit = ctx.plan.tangent_chunk or sum(1 if b[2] is None else b[2].numel() for b in blocks)
@@ -553,27 +571,51 @@ def _contract_by_jvp(ctx, point, pairs, moving, groups, active, updates, kernel,
     if current:
         batches.append(current)
 
-    for batch in batches:
+    def stacked(batch) -> Params:
         parts = [vectors(b) for b in batch]
-        tangents = {n: torch.cat([v[n] for v in parts]) for n in moving}
-        del parts
+        return {n: torch.cat([v[n] for v in parts]) for n in moving}
+
+    return [(batch, _Lazy(stacked, batch)) for batch in batches]
+
+
+class _Lazy:
+    """A value computed on first use (a batch's tangents are built only when the batch is processed)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args, self.value = fn, args, None
+
+    def get(self):
+        if self.value is None:
+            self.value = self.fn(*self.args)
+        return self.value
+
+
+def _scatter_jvp(batch, jv: torch.Tensor, sl: slice, kernel, pseudo, predicted) -> None:
+    """Add the integrated JVPs ``jv`` (K_batch, X_chunk, O) of one batch of directions to the kept tensors."""
+    predicted[sl] += jv.sum(0)
+    k = 0
+    for g, p, rows in batch:
+        count = 1 if rows is None else rows.numel()
+        part = jv[k:k + count]
+        k += count
+        if p is not None:
+            pseudo[p][g, sl] += part[0]
+        elif rows is None:
+            kernel[g, sl] += part[0]
+        else:
+            kernel[g, sl].index_add_(1, rows, part.transpose(0, 1))
+
+
+def _contract_by_jvp(ctx, point, pairs, batches, kernel, pseudo, predicted):
+    """Φ_t(x) v = Σ_k w_k J(x; θ_t(α_k)) v for every kept direction v (:func:`_jvp_batches`): one
+    forward-mode JVP per direction and node."""
+    for batch, tangents in batches:
         for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
             jv = None
             for alpha, w in pairs:
-                value = _directional(ctx, point(alpha), tangents, sl)
+                value = _directional(ctx, point(alpha), tangents.get(), sl)
                 jv = value * w if jv is None else jv.add_(value, alpha=w)  # value may be an expanded view
-            predicted[sl] += jv.sum(0)
-            k = 0
-            for g, p, rows in batch:
-                count = 1 if rows is None else rows.numel()
-                part = jv[k:k + count]
-                k += count
-                if p is not None:
-                    pseudo[p][g, sl] += part[0]
-                elif rows is None:
-                    kernel[g, sl] += part[0]
-                else:
-                    kernel[g, sl].index_add_(1, rows, part.transpose(0, 1))
+            _scatter_jvp(batch, jv, sl, kernel, pseudo, predicted)
 
 
 def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted):

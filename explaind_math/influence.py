@@ -36,7 +36,9 @@ class Influence:
         replay_errors: per step, max over parameters of |Σ_u update_t(u) − Δθ_t| / max |Δθ_t|.
         steps, param_labels, units: coordinates of the kept axes.
         nodes_per_step: quadrature nodes of the rule used for each step (adaptive rules vary per step).
-        probe_nodes_per_step: for adaptive rules, the JVP probes along Δθ_t spent choosing each step's nodes.
+        probe_nodes_per_step: for adaptive rules, the JVP evaluations spent choosing each step's nodes (along
+            Δθ_t; or, when the step takes the JVP path and its directions fit one batch, along every kept
+            direction, and then the accepted probes are the contraction: nothing is evaluated twice).
         contraction_per_step: per step, ``"jvp"`` or ``"jacobian"`` (MATH.md §11), or ``"skipped"``.
         plan: the contraction plan (chunk sizes, memory budget) as text.
         unit_kind: what the unit axis indexes: ``"training samples"``, or ``"partition groups"`` (Corollary F.2).

@@ -151,3 +151,22 @@ def test_below_the_rounding_floor_the_rule_converges_instead_of_accepting_noise(
     hp = decompose(em.adaptive_gauss_legendre(1e-12, orders=(1, 2, 4, 8)))
     assert all(n >= 2 for n in hp.nodes_per_step), hp.nodes_per_step
     assert hp.relative_residual <= 3 * fixed.relative_residual, (hp.relative_residual, fixed.relative_residual)
+
+
+def test_probes_that_carry_every_direction_are_the_contraction():
+    """On the JVP path with every kept direction in one batch, the adaptive rule probes with the directions
+    themselves and keeps the accepted probes as the contraction; the result equals the Jacobian path on the
+    same rule (same nodes, scores to 1e-12 of their L1 mass)."""
+    from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+
+    model, trajectory, data, X_test = recorded_blob_run(seed=7, num_test=3, steps=5)
+    decompose = lambda contraction: em.decompose_adamw_training(  # noqa: E731
+        model, trajectory, blob_loss, data, X_test, quadrature=em.adaptive_gauss_legendre(1e-12),
+        keep=("step", "param"), contraction=contraction)
+    fused, jacobian = decompose("jvp"), decompose("jacobian")
+    assert fused.nodes_per_step == jacobian.nodes_per_step
+    assert all(p >= n for p, n in zip(fused.probe_nodes_per_step, fused.nodes_per_step))
+    scale = 1 + float(jacobian.kernel.abs().sum()) + float(jacobian.regularization.abs().sum())
+    assert float((fused.kernel - jacobian.kernel).abs().max()) <= 1e-12 * scale
+    assert float((fused.regularization - jacobian.regularization).abs().max()) <= 1e-12 * scale
+    assert float(fused.step_residuals.abs().max()) <= 1e-12 * 1.01
