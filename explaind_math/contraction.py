@@ -133,7 +133,7 @@ class ContractionPlan:
         Jacobian's matrix products (``contraction_macs`` per test input), with the measured costs."""
         if self.contraction != "auto":
             return self.contraction
-        if self.per_coordinate or self.costs is None:
+        if self.per_coordinate or self.costs is None:  # no costs: the target has no forward-mode AD
             return "jacobian"
         jvp_cost = directions * self.costs.per_direction
         jacobian_cost = outputs * self.costs.per_output + contraction_macs * self.costs.per_mac

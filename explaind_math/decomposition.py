@@ -159,6 +159,7 @@ class DecompositionContext:
     vectorize: bool
     num_outputs: int
     grouped_units: bool  # units are partition groups (Corollary F.2), not samples
+    forward_ad: bool  # torch.func.jvp runs through the target (else: Jacobians only)
     offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
 
     @property
@@ -522,8 +523,12 @@ def _row_group(ctx: DecompositionContext, n: str) -> int:
 def _directional(ctx: DecompositionContext, params: Params, tangents: Params, sl: slice | None = None) -> torch.Tensor:
     """Φ(α) v for stacked tangents v (K, X, O) at one point, over all test inputs (in chunks) or ``sl``."""
     slices = [sl] if sl is not None else chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk)
-    parts = [ctx.fm.directional(params, ctx.xs_test[s], ctx.y_test[s], tangents,
-                                tangent_chunk_size=ctx.plan.tangent_chunk).detach() for s in slices]
+    if ctx.forward_ad:
+        parts = [ctx.fm.directional(params, ctx.xs_test[s], ctx.y_test[s], tangents,
+                                    tangent_chunk_size=ctx.plan.tangent_chunk).detach() for s in slices]
+    else:  # the target has no forward-mode AD: the adaptive rules' probes go through the Jacobian
+        parts = [ctx.fm.directional_by_jacobian(params, ctx.xs_test[s], ctx.y_test[s], tangents).detach()
+                 for s in slices]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -877,8 +882,12 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
     # O and the forward cost F of one test input, from one evaluation
     probe_out = fm.target(theta_0, xs_test[0], y_test[0]).detach()
     num_outputs = probe_out.numel()
+    forward_ad, why = fm.supports_forward_ad(theta_0, xs_test[0], y_test[0])
+    if not forward_ad and contraction == "jvp":
+        raise ExplaindError(f"contraction='jvp' needs forward-mode AD through the model, which PyTorch refuses here "
+                            f"({why}); use contraction='auto' or 'jacobian'")
     costs = None
-    if contraction == "auto" and group_index is not None:
+    if contraction == "auto" and group_index is not None and forward_ad:
         costs = measure_path_costs(fm, theta_0, xs_test[0], y_test[0], num_outputs)
     itemsize = torch.empty((), dtype=dtype).element_size()
     X, U = xs_test.shape[0], len(units)
@@ -898,7 +907,8 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
         xs_test=xs_test, y_test=y_test, labels=labels, group_index=group_index, units=units, row_of=row_of,
         keep=keep, quadrature=quadrature, plan=plan, selected=selected, dtype=dtype, device=device, rtol=rtol,
         eps_train=torch.finfo(trajectory.dtype).eps, rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)),
-        vectorize=vectorize, num_outputs=num_outputs, grouped_units=partition is not None, offsets=offsets)
+        vectorize=vectorize, num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad,
+        offsets=offsets)
     return ctx
 
 

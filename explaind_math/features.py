@@ -128,6 +128,24 @@ class FunctionalModel:
 
         return vmap(one, chunk_size=tangent_chunk_size)(tangents)
 
+    def supports_forward_ad(self, params: Params, x: torch.Tensor, label: Any) -> tuple[bool, str]:
+        """Whether forward-mode AD (``torch.func.jvp``) runs through the target, tried on one input; and if
+        not, PyTorch's reason (some kernels, e.g. CPU flash attention, implement reverse mode only)."""
+        tangent = {n: torch.zeros_like(v) for n, v in params.items()}
+        try:
+            jvp(lambda p: self.target(p, x, label), (params,), (tangent,))
+        except (NotImplementedError, RuntimeError) as error:
+            return False, str(error).splitlines()[0]
+        return True, ""
+
+    def directional_by_jacobian(self, params: Params, xs: torch.Tensor, labels: torch.Tensor,
+                                tangents: Params) -> torch.Tensor:
+        """J(x; θ) v_k (K, X, O) from the Jacobian, for targets without forward-mode AD (same numbers as
+        :meth:`directional`, at the cost of one reverse pass per output)."""
+        J = self.jacobian(params, xs, labels, wrt=list(tangents))
+        return sum(torch.einsum("xoj,kj->kxo", J[n].reshape(*J[n].shape[:2], -1), v.reshape(v.shape[0], -1))
+                   for n, v in tangents.items())
+
     def per_sample_gradients(
         self,
         params: Params,

@@ -224,3 +224,61 @@ def test_planning_leaves_the_random_stream_alone():
     result = em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, keep=("param",))
     assert "measured" in result.plan
     assert torch.equal(torch.rand(3), expected)
+
+
+class _ReverseOnlyTanh(torch.autograd.Function):
+    """tanh with a backward but no forward-mode rule, like kernels that implement reverse mode only (CPU
+    flash attention inside nn.MultiheadAttention in some builds)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _ReverseOnlyMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.second(_ReverseOnlyTanh.apply(self.first(x)))
+
+
+def test_models_without_forward_mode_ad_take_the_jacobian_path():
+    """A target PyTorch cannot differentiate in forward mode: "auto" plans Jacobians only, adaptive rules
+    probe through the Jacobian, and the result equals the same decomposition of an ordinary tanh MLP with
+    the same weights; contraction="jvp" is refused with the reason."""
+    from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+
+    model, trajectory, data, X_test = recorded_blob_run(seed=8, num_test=3, steps=4)
+    reverse_only = _ReverseOnlyMLP().double()
+    reverse_only.first.load_state_dict(model[0].state_dict())
+    reverse_only.second.load_state_dict(model[2].state_dict())
+    renamed = em.Trajectory.from_records(
+        optimizer="adamw",
+        parameters=[{n.replace("0.", "first.").replace("2.", "second."): v for n, v in p.items()}
+                    for p in trajectory.parameters],
+        batches=[(s.units, s.weights) for s in trajectory.steps],
+        hyperparameters=[s.hyperparameters for s in trajectory.steps],
+        states=[{n.replace("0.", "first.").replace("2.", "second."): v for n, v in s.state.items()}
+                for s in trajectory.steps])
+    options = dict(keep=("step", "param"), quadrature=em.adaptive_gauss_legendre(1e-12))
+    plain = em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, **options)
+    result = em.decompose_adamw_training(reverse_only, renamed, blob_loss, data, X_test, **options)
+    assert set(result.contraction_per_step) == {"jacobian"} and "measured" not in result.plan
+    scale = 1 + float(plain.kernel.abs().sum())
+    assert float((result.kernel - plain.kernel).abs().max()) <= 1e-12 * scale
+    assert result.nodes_per_step == plain.nodes_per_step
+    with pytest.raises(em.ExplaindError, match="forward-mode AD"):
+        em.decompose_adamw_training(reverse_only, renamed, blob_loss, data, X_test, contraction="jvp")
