@@ -411,22 +411,18 @@ test_train_kernel.__test__ = False  # not a pytest test, despite the name
 
 def quadrature_fidelity(decompose: Callable[[Any], Influence], nodes: Sequence[int] = (1, 2, 4, 8),
                         rules: Sequence[str] = ("gauss_legendre", "midpoint"), *,
-                        progress: bool = False) -> dict[str, dict[int, float]]:
+                        progress: bool | None = None) -> dict[str, dict[int, float]]:
     """Relative residual max_{x,o} |f(x; θ_N) − reconstruction| / (1 + |f(x; θ_N) − f(x; θ_0)|) of
     ``decompose(quadrature)`` for every rule and number of nodes n (rule ∈ "gauss_legendre", "midpoint").
-    Returns {rule: {n: relative residual}}. ``progress`` shows a tqdm bar (tqdm must be installed)."""
+    Returns {rule: {n: relative residual}}. ``progress``: a tqdm bar (:mod:`~explaind_math.progress`)."""
     from . import quadrature as quadratures
+    from .progress import progress_bar
 
     jobs = [(rule, n) for rule in rules for n in nodes]
     for rule in rules:
         if rule not in ("gauss_legendre", "midpoint"):
             raise ValueError(f"rules are 'gauss_legendre' and 'midpoint', got {rule!r}")
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("progress=True needs tqdm: pip install explaind_math[analysis]") from error
-        jobs = tqdm(jobs, desc="quadrature fidelity")
+    jobs = progress_bar(jobs, enabled=progress, desc="quadrature fidelity", unit="rule")
     out: dict[str, dict[int, float]] = {rule: {} for rule in rules}
     for rule, n in jobs:
         out[rule][int(n)] = decompose(getattr(quadratures, rule)(int(n))).relative_residual

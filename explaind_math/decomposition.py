@@ -29,6 +29,7 @@ from .contraction import ContractionPlan, bytes_of, chunks, measure_path_costs, 
 from .errors import ExplaindError, NonFiniteError, ReplayMismatchError, TrajectoryMismatchError
 from .features import FunctionalModel, TrainingData
 from .influence import AXES, Influence
+from .progress import progress_bar
 from .optimizers.template import apply_linear, buffer_step, decay_direct_update, decay_gradient, unit_update
 from .quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre, select_nodes
 from .recording import check_deterministic_modules
@@ -726,16 +727,13 @@ class BlockResult:
     f_end: torch.Tensor
 
 
-def run_block(ctx: DecompositionContext, stage: RuleStage, steps: range, progress: bool = False) -> BlockResult:
+def run_block(ctx: DecompositionContext, stage: RuleStage, steps: range, progress: bool | None = False) -> BlockResult:
     """Steps ``steps`` (consecutive) from the stage's current state: rule, replay check, contraction, residual."""
     theta_t = ctx.theta(steps.start)
     f_t = ctx.targets(theta_t)
     out = BlockResult(_StepAccumulator(ctx.keep_steps), {p: _StepAccumulator(ctx.keep_steps) for p in stage.pseudo_names},
                       [], [], [], [], [], [], f_t, f_t)
-    iterator = steps
-    if progress:
-        iterator = _progress(steps, ctx)
-    for t in iterator:
+    for t in progress_bar(steps, enabled=progress, desc="decomposing steps", unit="step"):
         theta_next = ctx.theta(t + 1)
         updates = stage.advance(t, theta_t, theta_next)
         f_next = ctx.targets(theta_next)
@@ -757,14 +755,6 @@ def run_block(ctx: DecompositionContext, stage: RuleStage, steps: range, progres
         theta_t, f_t = theta_next, f_next
     out.f_end = f_t
     return out
-
-
-def _progress(steps, ctx):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("progress=True needs tqdm: pip install explaind_math[analysis]") from error
-    return tqdm(steps, desc="decomposing steps", unit="step")
 
 
 def decompose_trajectory(
@@ -792,7 +782,7 @@ def decompose_trajectory(
     vectorize: bool = True,
     contraction: str = "auto",
     memory_budget: int | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     distributed: Any = None,
 ) -> Influence:
     """Decompose f(x; θ_N) − f(x; θ_0) over the trajectory with the trajectory's optimizer rule.
@@ -814,7 +804,8 @@ def decompose_trajectory(
       tangents are processed in chunks that fit, the Jacobian is formed one parameter group at a time
       if one test input's does not fit, and a :class:`~explaind_math.contraction.MemoryBudgetError` names
       what cannot fit at all; ``test_chunk_size`` / ``train_chunk_size`` set the chunks directly;
-    * ``progress``: a tqdm progress bar over the steps;
+    * ``progress``: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a
+      terminal; :mod:`~explaind_math.progress`);
     * ``distributed``: ``True`` (the default process group) or a process group of ``torch.distributed``:
       the steps are split into one block per rank, the buffers are carried across blocks exactly by a
       scan, and every rank returns the whole result (:mod:`~explaind_math.distributed`).

@@ -40,7 +40,7 @@ def block_of_rank(num_steps: int, world_size: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def run_distributed(ctx: DecompositionContext, group, progress: bool = False) -> tuple[BlockResult, list[int]]:
+def run_distributed(ctx: DecompositionContext, group, progress: bool | None = False) -> tuple[BlockResult, list[int]]:
     """Decompose ``ctx``'s trajectory with one block of steps per rank of ``group`` (``True``: the default
     group); returns the whole run's :class:`BlockResult` on every rank."""
     import torch.distributed as dist

@@ -35,7 +35,7 @@ def decompose_adamw_training(
     vectorize: bool = True,
     contraction: str = "auto",
     memory_budget: int | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     distributed: Any = None,
 ) -> Influence:
     """Theorem 3.1: decompose f(x; θ_N) for a run of ``torch.optim.AdamW`` (or ``Adam``) exactly.
@@ -69,7 +69,7 @@ def decompose_adamw_training(
         memory_budget: bytes or a string like ``"4GiB"``: test inputs, samples and JVP tangents are processed
             in chunks that fit (``test_chunk_size``, ``train_chunk_size`` set them directly); an error names
             what cannot fit at all (the per-unit buffers, the kept axes).
-        progress: show a tqdm progress bar over the steps.
+        progress: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a terminal).
         distributed: ``True`` or a ``torch.distributed`` process group: one block of steps per rank, the
             optimizer buffers carried across blocks by an exact scan (launch with ``torchrun``).
 

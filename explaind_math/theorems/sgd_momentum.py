@@ -35,7 +35,7 @@ def decompose_sgd_momentum_training(
     vectorize: bool = True,
     contraction: str = "auto",
     memory_budget: int | str | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     distributed: Any = None,
 ) -> Influence:
     """Corollary 3.2: decompose f(x; θ_N) for a run of ``torch.optim.SGD`` exactly.
