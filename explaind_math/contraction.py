@@ -76,14 +76,15 @@ class PathCosts:
                 f"µs/output, contraction {self.per_mac * 1e9:.2f} ns/MAC")
 
 
-def measure_path_costs(fm, params, x, label, num_outputs: int) -> PathCosts:
-    """Time, on one test input at θ_0, a JVP with 4 directions, the Jacobian, and a matrix product (best of 3
-    after a warm-up): the constants of :meth:`ContractionPlan.mode_for_step`. A few milliseconds."""
+def measure_path_costs(fm, params, xs, labels, num_outputs: int, directions: int = 8) -> PathCosts:
+    """Time at θ_0, on the test inputs ``xs`` (a few), a JVP with ``directions`` directions, the Jacobian, and
+    a matrix product (best of 3 after a warm-up): the constants of :meth:`ContractionPlan.mode_for_step`, per
+    test input. Measured on batches like the real ones, so that torch.func's per-call overhead is shared as
+    it is there (on one input and few directions it dominates and misjudges the JVP path). Milliseconds."""
     device = next(iter(params.values())).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    xs, ys = x.unsqueeze(0), label.unsqueeze(0)
     # constant values: timing does not depend on them, and the caller's random stream stays untouched
-    tangents = {n: torch.full((4, *v.shape), 0.5, dtype=v.dtype, device=device) for n, v in params.items()}
+    tangents = {n: torch.full((directions, *v.shape), 0.5, dtype=v.dtype, device=device) for n, v in params.items()}
     a = torch.full((256, 256), 0.5, dtype=next(iter(params.values())).dtype, device=device)
     b = torch.full((256, 64), 0.5, dtype=a.dtype, device=device)
 
@@ -98,8 +99,9 @@ def measure_path_costs(fm, params, x, label, num_outputs: int) -> PathCosts:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    per_direction = best(lambda: fm.directional(params, xs, ys, tangents)) / 4
-    per_output = best(lambda: fm.jacobian(params, xs, ys)) / max(1, num_outputs)
+    count = xs.shape[0]
+    per_direction = best(lambda: fm.directional(params, xs, labels, tangents)) / (directions * count)
+    per_output = best(lambda: fm.jacobian(params, xs, labels)) / (max(1, num_outputs) * count)
     per_mac = best(lambda: a @ b) / (256 * 256 * 64)
     return PathCosts(per_direction, per_output, per_mac)
 

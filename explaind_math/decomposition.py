@@ -892,7 +892,8 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
                             f"({why}); use contraction='auto' or 'jacobian'")
     costs = None
     if contraction == "auto" and group_index is not None and forward_ad:
-        costs = measure_path_costs(fm, theta_0, xs_test[0], y_test[0], num_outputs)
+        sample = slice(0, min(xs_test.shape[0], 8, test_chunk_size or 8))
+        costs = measure_path_costs(fm, theta_0, xs_test[sample], y_test[sample], num_outputs)
     itemsize = torch.empty((), dtype=dtype).element_size()
     X, U = xs_test.shape[0], len(units)
     kept_shape = [len(labels), X, num_outputs] + ([U] if "unit" in keep else [])
