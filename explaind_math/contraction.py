@@ -10,15 +10,12 @@ exact ways compute them:
   Φ_t(x), then contracted with every direction by a matrix product (O · D multiply–accumulates per
   direction). Memory: X · O · D.
 
-The three unit costs are measured once per decomposition on one test input (:func:`measure_path_costs`, a few
-milliseconds); counting operations instead misleads on small models, where element-wise work (LayerNorm,
-softmax) dominates what a FLOP counter sees.
-
-:func:`plan_contraction` fixes the chunk sizes (test inputs, training samples, tangents) from a memory
-budget; :meth:`ContractionPlan.mode_for_step` picks the cheaper way per step, because the number of
-directions changes as training proceeds (units enter the momentum buffers as they are first seen). Both
-ways compute the same numbers (to rounding: the property test ``tests/test_contraction_paths.py`` checks
-every path against the atomic tensor to 1e-12).
+``contraction="auto"`` decides with counted costs — one JVP direction and one reverse pass per output
+count alike, and a multiply–accumulate of the Jacobian's contraction counts 1/(3 D) of a pass (a pass over
+the model costs at least ~3 D multiply–accumulates) — so a decomposition is reproducible bit for bit from
+run to run. ``contraction="measured"`` times the three unit costs on a few test inputs at θ_0 instead
+(:func:`measure_path_costs`, milliseconds) and picks the faster way on this machine; the choice can then
+differ between runs (both ways are exact; the results differ by rounding only).
 
 The full atomic tensor I[t, j, x, i, o] is materialized only when asked for (``params="coordinate"`` with
 every axis kept); otherwise only the kept axes are ever held, plus the per-unit buffers of the rule.
@@ -64,14 +61,22 @@ def parse_memory_budget(budget: int | float | str | None) -> int | None:
 
 @dataclass(frozen=True)
 class PathCosts:
-    """Measured costs of the two ways, per test input and node: one JVP direction, one output's reverse pass
-    of the Jacobian, one multiply–accumulate of the Jacobian's contraction (seconds)."""
+    """Costs of the two ways, per test input and node: one JVP direction, one output's reverse pass of the
+    Jacobian, one multiply–accumulate of the Jacobian's contraction (seconds when measured, else passes)."""
 
     per_direction: float
     per_output: float
     per_mac: float
+    measured: bool = True
+
+    @classmethod
+    def counted(cls, num_params: int) -> "PathCosts":
+        """The deterministic default: a JVP direction = a reverse pass = 1, a contraction MAC = 1 / (3 D)."""
+        return cls(1.0, 1.0, 1.0 / (3.0 * max(1, num_params)), measured=False)
 
     def describe(self) -> str:
+        if not self.measured:
+            return "costs counted (JVP direction = reverse pass; a contraction MAC = 1/(3D) pass)"
         return (f"measured: JVP {self.per_direction * 1e6:.0f} µs/direction, Jacobian {self.per_output * 1e6:.0f} "
                 f"µs/output, contraction {self.per_mac * 1e9:.2f} ns/MAC")
 
@@ -111,12 +116,12 @@ class ContractionPlan:
     """Chunk sizes and the rule that picks the contraction per step.
 
     Attributes:
-        contraction: what the caller asked for: ``"auto"``, ``"jvp"`` or ``"jacobian"``.
+        contraction: what the caller asked for: ``"auto"``, ``"measured"``, ``"jvp"`` or ``"jacobian"``.
         test_chunk: test inputs per chunk (every Jacobian or JVP batch holds at most this many).
         train_chunk: training samples per per-sample-gradient batch (None: the whole step's batch).
         tangent_chunk: JVP directions per batch (None: all at once).
         groupwise_jacobian: form the Jacobian one parameter group at a time (memory X · O · D_group).
-        costs: measured costs of the two ways (``contraction="auto"`` only).
+        costs: the costs of the two ways (counted for ``"auto"``, timed for ``"measured"``; None: Jacobian only).
         budget: the memory budget in bytes, or None.
         per_coordinate: the parameter axis is the atomic j (only the Jacobian path is exact and sensible).
     """
@@ -132,8 +137,8 @@ class ContractionPlan:
 
     def mode_for_step(self, directions: int, outputs: int, contraction_macs: float) -> str:
         """``"jvp"`` if K = ``directions`` JVPs cost less than O = ``outputs`` reverse passes plus the
-        Jacobian's matrix products (``contraction_macs`` per test input), with the measured costs."""
-        if self.contraction != "auto":
+        Jacobian's matrix products (``contraction_macs`` per test input), with the plan's costs."""
+        if self.contraction in ("jvp", "jacobian"):
             return self.contraction
         if self.per_coordinate or self.costs is None:  # no costs: the target has no forward-mode AD
             return "jacobian"
@@ -182,8 +187,8 @@ def plan_contraction(
     intermediates, the contraction), and JVP tangents (3 · K_c · D). Explicit ``test_chunk_size`` and
     ``train_chunk_size`` win over the budget.
     """
-    if contraction not in ("auto", "jvp", "jacobian"):
-        raise ExplaindError(f"contraction must be 'auto', 'jvp' or 'jacobian', got {contraction!r}")
+    if contraction not in ("auto", "measured", "jvp", "jacobian"):
+        raise ExplaindError(f"contraction must be 'auto', 'measured', 'jvp' or 'jacobian', got {contraction!r}")
     if per_coordinate and contraction == "jvp":
         raise ExplaindError("contraction='jvp' with params='coordinate' would take one JVP per coordinate and unit; "
                             "use contraction='jacobian' (or 'auto')")

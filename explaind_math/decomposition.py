@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .contraction import ContractionPlan, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
+from .contraction import (ContractionPlan, PathCosts, bytes_of, chunks, measure_path_costs, parse_memory_budget,
+                          plan_contraction)
 from .errors import ExplaindError, NonFiniteError, ReplayMismatchError, TrajectoryMismatchError
 from .features import FunctionalModel, TrainingData
 from .influence import AXES, Influence
@@ -811,7 +812,8 @@ def decompose_trajectory(
       its own pseudo-unit, reported as ``result.penalty``;
     * ``decompose_steps``: compute Φ_t only for these steps (Appendix G.2); the others contribute
       nothing, and the result is labelled an estimate;
-    * ``contraction``: ``"auto"`` (per step, the cheaper of JVPs and Jacobians), ``"jvp"`` or ``"jacobian"``
+    * ``contraction``: ``"auto"`` (per step, the cheaper of JVPs and Jacobians by counted costs: the same
+      choice on every run), ``"measured"`` (by costs timed on this machine), ``"jvp"`` or ``"jacobian"``
       (MATH.md §11; every choice is exact);
     * ``memory_budget``: bytes (or ``"4GiB"``) for the working set: test inputs, training samples and JVP
       tangents are processed in chunks that fit, the Jacobian is formed one parameter group at a time
@@ -890,10 +892,13 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
     if not forward_ad and contraction == "jvp":
         raise ExplaindError(f"contraction='jvp' needs forward-mode AD through the model, which PyTorch refuses here "
                             f"({why}); use contraction='auto' or 'jacobian'")
-    costs = None
-    if contraction == "auto" and group_index is not None and forward_ad:
-        sample = slice(0, min(xs_test.shape[0], 8, test_chunk_size or 8))
-        costs = measure_path_costs(fm, theta_0, xs_test[sample], y_test[sample], num_outputs)
+    costs = None  # None: Jacobians only (no forward-mode AD, or a parameter axis per coordinate)
+    if contraction in ("auto", "measured") and group_index is not None and forward_ad:
+        if contraction == "measured":
+            sample = slice(0, min(xs_test.shape[0], 8, test_chunk_size or 8))
+            costs = measure_path_costs(fm, theta_0, xs_test[sample], y_test[sample], num_outputs)
+        else:
+            costs = PathCosts.counted(sum(numel.values()))
     itemsize = torch.empty((), dtype=dtype).element_size()
     X, U = xs_test.shape[0], len(units)
     kept_shape = [len(labels), X, num_outputs] + ([U] if "unit" in keep else [])

@@ -64,8 +64,9 @@ def decompose_adamw_training(
             dict of trained parameters; its influence is reported separately as ``result.penalty``.
         dtype: computation dtype (default: the trajectory's); use ``torch.float64`` to verify.
         replay_rtol: tolerance of the replay check relative to max |Δθ| per tensor.
-        contraction: ``"auto"`` (per step the cheaper exact way: one JVP per kept direction, or the Jacobian
-            and a matrix product; MATH.md §11), ``"jvp"`` or ``"jacobian"``.
+        contraction: ``"auto"`` (per step the cheaper exact way by counted costs: one JVP per kept direction,
+            or the Jacobian and a matrix product; MATH.md §11), ``"measured"`` (by costs timed on this
+            machine: faster, but the choice may differ between runs), ``"jvp"`` or ``"jacobian"``.
         memory_budget: bytes or a string like ``"4GiB"``: test inputs, samples and JVP tangents are processed
             in chunks that fit (``test_chunk_size``, ``train_chunk_size`` set them directly); an error names
             what cannot fit at all (the per-unit buffers, the kept axes).
