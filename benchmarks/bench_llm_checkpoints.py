@@ -98,6 +98,9 @@ import explaind_math as em
 import explaind_math.decomposition as em_decomposition
 from explaind_math.features import FunctionalModel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_scaling import _proc_status_kb, _reset_peak_rss  # noqa: E402  (peak-RSS helpers of the same suite)
+
 KEEP = ("param", "test", "unit", "output")
 VOCAB = 256  # bytes
 
@@ -328,27 +331,6 @@ def train_with_checkpoints(cfg: LLMConfig, model: nn.Module, data: Data, device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _proc_status_kb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM (peak RSS) to the current RSS (Linux ≥ 4.0); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class PeakMemory:
