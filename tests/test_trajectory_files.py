@@ -15,6 +15,7 @@ from torch import nn
 
 import explaind_math as em
 from explaind_math.errors import TrajectoryFileError
+from explaind_math.testing.sharded_runs import assert_trajectories_identical
 from explaind_math.trajectory import FORMAT_NAME, FORMAT_VERSION
 
 DT = torch.float64
@@ -70,51 +71,6 @@ def _record(kind: str, record_gradients: bool, device, *, resumed: bool = False)
 def _decompose(model, traj, X, Y):
     fn = em.decompose_adamw_training if traj.optimizer == "adamw" else em.decompose_sgd_momentum_training
     return fn(model, traj, _ce, (X, Y), X[:3], keep=("step", "param", "unit"))
-
-
-def _assert_tensor_identical(a, b, what):
-    assert isinstance(b, torch.Tensor), what
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(a, b), what
-
-
-def _assert_state_identical(a, b, what):
-    assert a.keys() == b.keys(), what
-    for n in a:
-        assert a[n].keys() == b[n].keys(), (what, n)
-        for k, v in a[n].items():
-            if k == "step":
-                assert isinstance(b[n][k], int) and b[n][k] == v, (what, n)
-            else:
-                _assert_tensor_identical(v, b[n][k], (what, n, k))
-
-
-def assert_trajectories_identical(a: em.Trajectory, b: em.Trajectory):
-    assert a.optimizer == b.optimizer
-    assert a.parameter_names == b.parameter_names
-    assert a.group_of == b.group_of
-    assert a.metadata == b.metadata
-    assert a.buffers.keys() == b.buffers.keys()
-    for n in a.buffers:
-        _assert_tensor_identical(a.buffers[n], b.buffers[n], ("buffer", n))
-    assert len(a.parameters) == len(b.parameters)
-    for t, (sa, sb) in enumerate(zip(a.parameters, b.parameters)):
-        assert list(sa) == list(sb) or set(sa) == set(sb)
-        for n in sa:
-            _assert_tensor_identical(sa[n], sb[n], ("theta", t, n))
-    _assert_state_identical(a.initial_state, b.initial_state, "initial state")
-    assert a.num_steps == b.num_steps
-    for t, (x, y) in enumerate(zip(a.steps, b.steps)):
-        assert x.units == y.units, t
-        _assert_tensor_identical(x.weights, y.weights, ("weights", t))
-        assert x.hyperparameters == y.hyperparameters, t
-        assert x.updated == y.updated, t
-        _assert_state_identical(x.state, y.state, ("state", t))
-        assert (x.gradient is None) == (y.gradient is None), t
-        if x.gradient is not None:
-            assert x.gradient.keys() == y.gradient.keys()
-            for n in x.gradient:
-                _assert_tensor_identical(x.gradient[n], y.gradient[n], ("gradient", t, n))
 
 
 # ---------------------------------------------------------------------------------------------
