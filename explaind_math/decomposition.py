@@ -464,6 +464,10 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
     def point(alpha: float) -> Params:
         return {n: theta_t[n] + alpha * delta[n] for n in names}
 
+    def points(alphas: Sequence[float]) -> Params:  # θ_t + α_k Δθ_t stacked on a leading axis k
+        a = torch.tensor(alphas, dtype=ctx.dtype, device=ctx.device)
+        return {n: theta_t[n] + a.reshape(-1, *([1] * theta_t[n].dim())) * delta[n] for n in names}
+
     # 4. the contraction for this step: count what each way would cost
     active = updates.active if ctx.keep_units else None
     n_active = int(active.numel()) if active is not None else 1
@@ -511,7 +515,7 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
         elif mode == "jvp":
             _contract_by_jvp(ctx, point, pairs, batches, kernel, pseudo, predicted)
         else:
-            _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted)
+            _contract_by_jacobian(ctx, point, points, pairs, moving, active, updates, kernel, pseudo, predicted)
     values = [kernel, predicted, *pseudo.values()]
     if not all(bool(torch.isfinite(v).all()) for v in values):
         raise NonFiniteError(_non_finite_message(ctx, t, point, pairs, moving, delta))
@@ -638,10 +642,11 @@ def _contract_by_jvp(ctx, point, pairs, batches, kernel, pseudo, predicted):
             _scatter_jvp(batch, jv, sl, kernel, pseudo, predicted)
 
 
-def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, pseudo, predicted):
+def _contract_by_jacobian(ctx, point, points, pairs, moving, active, updates, kernel, pseudo, predicted):
     """Φ_t(x) = Σ_k w_k ∂_θ f(x; θ_t(α_k)) for a test chunk, then I[j, x, u, o] = Φ_t(x)[o, j] update_t(u)[j]
-    summed within parameter groups (or per coordinate), and the same for every pseudo-unit. The quadrature
-    sum is accumulated into the first node's Jacobian (no further Jacobian-sized tensor)."""
+    summed within parameter groups (or per coordinate), and the same for every pseudo-unit. The nodes are
+    evaluated ``plan.node_chunk`` at a time in one vmapped call; the quadrature sum is accumulated in place
+    (into the first node's Jacobian when nodes go one at a time)."""
     if ctx.plan.groupwise_jacobian:
         by_group: dict = {}
         for n in moving:
@@ -649,18 +654,24 @@ def _contract_by_jacobian(ctx, point, pairs, moving, active, updates, kernel, ps
         name_sets = list(by_group.values())
     else:
         name_sets = [moving]
+    node_chunks = chunks(len(pairs), ctx.plan.node_chunk if len(pairs) >= ctx.plan.min_node_batch else 1)
     for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
         for wrt in name_sets:
             phi = {}
-            for k, (alpha, w) in enumerate(pairs):
-                value = ctx.fm.jacobian(point(alpha), ctx.xs_test[sl], ctx.y_test[sl], wrt=wrt)
-                for n in wrt:
-                    v = value[n].detach()
-                    if k == 0:
-                        phi[n] = _scaled_in_place(v, w)  # the first node's Jacobian becomes the sum
-                    else:
-                        phi[n].add_(v, alpha=w)
+            for nodes in node_chunks:
+                alphas = [alpha for alpha, _ in pairs[nodes]]
+                weights = [w for _, w in pairs[nodes]]
+                if len(alphas) == 1:
+                    value = ctx.fm.jacobian(point(alphas[0]), ctx.xs_test[sl], ctx.y_test[sl], wrt=wrt)
+                    part = {n: _scaled_in_place(value[n].detach(), weights[0]) for n in wrt}
+                else:
+                    value = ctx.fm.jacobians_at(points(alphas), ctx.xs_test[sl], ctx.y_test[sl], wrt=wrt)
+                    w = torch.tensor(weights, dtype=ctx.dtype, device=ctx.device)
+                    part = {n: torch.tensordot(w, value[n].detach(), dims=1) for n in wrt}
                 del value
+                for n in wrt:
+                    phi[n] = part[n] if n not in phi else phi[n].add_(part[n])
+                del part
             for n in wrt:
                 _contract_tensor(ctx, n, phi[n], sl, active, updates, kernel, pseudo, predicted)
             del phi
@@ -798,6 +809,7 @@ def decompose_trajectory(
     memory_budget: int | str | None = None,
     progress: bool | None = None,
     distributed: Any = None,
+    node_chunk_size: int | None = None,
 ) -> Influence:
     """Decompose f(x; θ_N) − f(x; θ_0) over the trajectory with the trajectory's optimizer rule.
 
@@ -819,6 +831,8 @@ def decompose_trajectory(
       tangents are processed in chunks that fit, the Jacobian is formed one parameter group at a time
       if one test input's does not fit, and a :class:`~explaind_math.contraction.MemoryBudgetError` names
       what cannot fit at all; ``test_chunk_size`` / ``train_chunk_size`` set the chunks directly;
+    * ``node_chunk_size``: quadrature nodes whose Jacobians are formed in one vmapped call (default: up
+      to 16 while their stacked Jacobians fit 256 MiB, or the memory budget's share; 1: one call per node);
     * ``progress``: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a
       terminal; :mod:`~explaind_math.progress`);
     * ``distributed``: ``True`` (the default process group) or a process group of ``torch.distributed``:
@@ -829,7 +843,8 @@ def decompose_trajectory(
         model, trajectory, loss_fn, train_data, test_inputs, h=h, activation=activation, test_labels=test_labels,
         partition=partition, decompose_steps=decompose_steps, penalty=penalty, quadrature=quadrature, keep=keep,
         params=params, dtype=dtype, device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
-        train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction, memory_budget=memory_budget)
+        train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction, memory_budget=memory_budget,
+        node_chunk_size=node_chunk_size)
     if distributed not in (None, False):
         from .distributed import run_distributed
 
@@ -842,7 +857,7 @@ def decompose_trajectory(
 
 def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, activation, test_labels, partition,
                    decompose_steps, penalty, quadrature, keep, params, dtype, device, replay_rtol, test_chunk_size,
-                   train_chunk_size, vectorize, contraction, memory_budget):
+                   train_chunk_size, vectorize, contraction, memory_budget, node_chunk_size=None):
     # the test and output axes are always kept: the certificate is per prediction
     keep = tuple(dict.fromkeys((*keep, "test", "output")))
     unknown = set(keep) - set(AXES)
@@ -911,7 +926,7 @@ def _build_context(model, trajectory, loss_fn, train_data, test_inputs, *, h, ac
         num_params=sum(numel.values()), largest_group=max(group_sizes), num_units=U, num_test=X,
         num_outputs=num_outputs, largest_batch=trajectory.largest_batch(),
         kept_bytes=kept_bytes, per_coordinate=group_index is None, costs=costs,
-        test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size)
+        test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size, node_chunk_size=node_chunk_size)
     ctx = DecompositionContext(
         trajectory=trajectory, fm=fm, data=data, loss_fn=loss_fn, penalty=penalty, names=names, shapes=shapes,
         xs_test=xs_test, y_test=y_test, labels=labels, group_index=group_index, units=units, row_of=row_of,

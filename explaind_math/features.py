@@ -116,6 +116,13 @@ class FunctionalModel:
         sub = {n: params[n] for n in wrt}
         return vmap(jacrev(target_of), in_dims=(None, 0, 0), chunk_size=chunk_size)(sub, xs, labels)
 
+    def jacobians_at(self, points: Params, xs: torch.Tensor, labels: torch.Tensor,
+                     wrt: Sequence[str] | None = None) -> Params:
+        """:meth:`jacobian` at k parameter points in one vmapped call: ``points`` holds every parameter
+        stacked on a leading axis of length k; returns name → (k, X, O, *shape) for the parameters ``wrt``.
+        One call for k points costs less than k calls (the quadrature nodes of a step, MATH.md §11)."""
+        return vmap(lambda p: self.jacobian(p, xs, labels, wrt=wrt))(points)
+
     def directional(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, tangents: Params,
                     chunk_size: int | None = None, tangent_chunk_size: int | None = None) -> torch.Tensor:
         """J(x; θ) v_k for tangents stacked on a leading axis K: (K, X, O) by forward-mode AD. Parameters

@@ -212,6 +212,42 @@ def test_memory_budget_chunks_and_groupwise_jacobian_are_exact():
         decompose(memory_budget="lots")
 
 
+@pytest.mark.parametrize("groupwise", [False, True], ids=["full-jacobian", "groupwise-jacobian"])
+def test_quadrature_nodes_in_chunks_are_exact(groupwise):
+    """The Jacobians of a step's nodes formed in one vmapped call (all 8 nodes, or as many as the memory
+    budget's share holds), in chunks of 3, 3, 2, or one node at a time give the same influences; the plan
+    says how many nodes go into one call."""
+    from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
+
+    model, trajectory, data, X_test = recorded_blob_run(seed=5, num_test=3)
+    budget = {}
+    if groupwise:  # room for one input's Jacobians of 3 nodes over the largest tensor, not over all of θ
+        D = sum(p.numel() for p in trajectory.parameters[0].values())
+        largest = max(p.numel() for p in trajectory.parameters[0].values())
+        U, O, X, N, rows = len(trajectory.units()), 3, 3, trajectory.num_steps, len(trajectory.parameter_names)
+        kept = N * (rows * X * O * U + 3 * rows * X * O) * 8
+        share = (2 * 3 + 2) * O * largest * 8  # (2k + 2) Jacobians of one group, k = 3 nodes
+        assert share < 4 * O * D * 8, "the share must be too small for one input's full Jacobian"
+        budget = {"memory_budget": (2 * U * D + 8 * D) * 8 + kept + 3 * share + 2, "test_chunk_size": 1}
+    results = {}
+    for chunk in (1, 3, None):
+        result = em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, dtype=torch.float64,
+                                             keep=FULL, contraction="jacobian", quadrature=em.gauss_legendre(8),
+                                             node_chunk_size=chunk, **budget)
+        expected = chunk or (3 if groupwise else 16)
+        assert (f"node_chunk={expected}" in result.plan) == (expected > 1), result.plan
+        assert ("groupwise_jacobian" in result.plan) == groupwise, result.plan
+        results[chunk] = result
+    scale = 1 + float(results[1].kernel.abs().sum())
+    for chunk in (3, None):
+        _close(results[chunk].kernel, results[1].kernel, scale, f"kernel, nodes in chunks of {chunk}")
+        _close(results[chunk].regularization, results[1].regularization, scale, f"regularization, chunks of {chunk}")
+        _close(results[chunk].step_residuals, results[1].step_residuals, scale, f"step residuals, chunks of {chunk}")
+        assert results[chunk].relative_residual <= SMOOTH_RTOL
+    with pytest.raises(em.ExplaindError, match=r"node_chunk_size"):
+        em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test, node_chunk_size=0)
+
+
 def test_planning_leaves_the_random_stream_alone():
     """contraction="measured" times the two ways on a few test inputs; it must not draw from torch's global RNG
     (a user who seeds, decomposes and then trains would otherwise get a different run)."""

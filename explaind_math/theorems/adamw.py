@@ -37,6 +37,7 @@ def decompose_adamw_training(
     memory_budget: int | str | None = None,
     progress: bool | None = None,
     distributed: Any = None,
+    node_chunk_size: int | None = None,
 ) -> Influence:
     """Theorem 3.1: decompose f(x; θ_N) for a run of ``torch.optim.AdamW`` (or ``Adam``) exactly.
 
@@ -69,7 +70,8 @@ def decompose_adamw_training(
             machine: faster, but the choice may differ between runs), ``"jvp"`` or ``"jacobian"``.
         memory_budget: bytes or a string like ``"4GiB"``: test inputs, samples and JVP tangents are processed
             in chunks that fit (``test_chunk_size``, ``train_chunk_size`` set them directly); an error names
-            what cannot fit at all (the per-unit buffers, the kept axes).
+            what cannot fit at all (the per-unit buffers, the kept axes). Quadrature nodes are evaluated
+            ``node_chunk_size`` at a time in one vmapped call (default: as many as fit, up to 16).
         progress: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a terminal).
         distributed: ``True`` or a ``torch.distributed`` process group: one block of steps per rank, the
             optimizer buffers carried across blocks by an exact scan (launch with ``torchrun``).
@@ -87,5 +89,5 @@ def decompose_adamw_training(
         theorem="Theorem 3.1 (AdamW)", quadrature=quadrature, penalty=penalty, keep=keep, params=params, dtype=dtype,
         device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
         train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction,
-        memory_budget=memory_budget, progress=progress, distributed=distributed,
+        memory_budget=memory_budget, progress=progress, distributed=distributed, node_chunk_size=node_chunk_size,
     )

@@ -37,6 +37,7 @@ def decompose_sgd_momentum_training(
     memory_budget: int | str | None = None,
     progress: bool | None = None,
     distributed: Any = None,
+    node_chunk_size: int | None = None,
 ) -> Influence:
     """Corollary 3.2: decompose f(x; θ_N) for a run of ``torch.optim.SGD`` exactly.
 
@@ -61,5 +62,5 @@ def decompose_sgd_momentum_training(
         theorem="Corollary 3.2 (SGD with momentum)", quadrature=quadrature, penalty=penalty, keep=keep, params=params,
         dtype=dtype, device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
         train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction,
-        memory_budget=memory_budget, progress=progress, distributed=distributed,
+        memory_budget=memory_budget, progress=progress, distributed=distributed, node_chunk_size=node_chunk_size,
     )
