@@ -30,10 +30,14 @@ def test_fidelity_and_overhead_tables_on_the_smallest_transformer(bench):
     assert labels[:4] == ["gauss_legendre(2)", "gauss_legendre(3)", "gauss_legendre(4)", "gauss_legendre(8)"]
     assert labels[4].startswith("adaptive_GL(")  # hp-adaptive, nodes chosen by JVP probes
     assert [lab.split(",")[0] for lab in labels[5:7]] == ["adaptive(GL(2)", "adaptive(GL(4)"]
-    assert labels[7:] == ["midpoint(10)", "midpoint(100)"]
+    assert labels[7:] == ["midpoint(10)", "midpoint(100)", bench.ONE_NODE_PER_CALL]
     steps = run.trajectory.num_steps
     fixed = [r.nodes for r in rows if not r.label.startswith("adaptive")]
-    assert fixed == [n * steps for n in (2, 3, 4, 8, 10, 100)]
+    assert fixed == [n * steps for n in (2, 3, 4, 8, 10, 100, 100)]
+    # nodes batched into one vmapped call or one call per node: the same numbers up to rounding
+    batched, one_per_call = rows[-2], rows[-1]
+    assert batched.node_chunk > 1 and one_per_call.node_chunk == 1
+    assert abs(batched.relative_residual - one_per_call.relative_residual) <= 1e-12
     # the exact rule on a smooth model in float64: certified to 1e-9 relative
     assert rows[3].relative_residual <= 1e-9
     assert all(r.relative_residual <= bench.TARGET_RESIDUAL for r in rows if r.label.startswith("adaptive"))
