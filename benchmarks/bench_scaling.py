@@ -11,8 +11,8 @@ asserted about time. Four tables:
    (``keep=("param", "test", "unit", "output")``, ``params="tensor"``). Rules: Gauss–Legendre with
    2/3/4/8 nodes, ``adaptive(gauss_legendre(n), tol)`` with tol tuned (untimed) until the relative
    residual is ≤ 1e-6, and the paper's midpoint rule with 10 and 100 nodes. Every rule runs on this
-   library's engine, which forms the Jacobians of up to 16 nodes of a step in one vmapped call (steps
-   with ≥ 3 nodes); midpoint(100) is run a second time with one call per node (``node_chunk_size=1``),
+   library's engine, which forms the Jacobians of several nodes of a step in one vmapped call (steps
+   with ≥ 3 nodes; up to 16 while they fit 32 MiB); midpoint(100) is run a second time with one call per node (``node_chunk_size=1``),
    to show what that batching gives the comparator. Columns: wall time (best of
    --repeats; midpoint(100) once), the certified max residual |f(θ_N) − reconstruction| and the
    relative one max |r| / (1 + |f(θ_N) − f(θ_0)|) (the tests' measure), and the speed-up

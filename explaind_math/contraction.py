@@ -18,10 +18,10 @@ run to run. ``contraction="measured"`` times the three unit costs on a few test 
 differ between runs (both ways are exact; the results differ by rounding only).
 
 On the Jacobian path the quadrature nodes of a step are evaluated a chunk at a time in one vmapped call
-(``node_chunk`` nodes: their Jacobians stacked, node_chunk · X_c · O · D numbers), which costs about half as
-much per node as one call per node on CPU (measured at 8 nodes: 25.6 ms vs 49.5 ms for the mod-23
-Transformer). Without a memory budget the stacked Jacobians of a chunk are kept under
-``DEFAULT_NODE_CHUNK_BYTES``; with one, under the budget's share.
+(``node_chunk`` nodes: their Jacobians stacked, node_chunk · X_c · O · D numbers), which saves
+torch.func's per-call cost (measured on CPU: the Jacobians of 8 nodes of the mod-23 Transformer in
+25.6 ms vs 49.5 ms one call per node; small models gain most). Without a memory budget the stacked
+Jacobians of a chunk are kept under ``DEFAULT_NODE_CHUNK_BYTES``; with one, under the budget's share.
 
 The full atomic tensor I[t, j, x, i, o] is materialized only when asked for (``params="coordinate"`` with
 every axis kept); otherwise only the kept axes are ever held, plus the per-unit buffers of the rule.
@@ -41,7 +41,10 @@ from .errors import ExplaindError
 __all__ = ["ContractionPlan", "PathCosts", "MemoryBudgetError", "parse_memory_budget", "plan_contraction",
            "measure_path_costs"]
 
-DEFAULT_NODE_CHUNK_BYTES = 256 * 2**20  # stacked Jacobians of one node chunk, without a memory budget
+# Stacked Jacobians of one node chunk, without a memory budget. Measured on bench_scaling's MLP (2 CPU
+# cores): chunks of up to 32 MiB were as fast as one node at a time or faster (up to 1.7×), chunks of
+# 88 MB up to 1.6× slower (each is then mapped fresh by the allocator, above glibc's mmap threshold).
+DEFAULT_NODE_CHUNK_BYTES = 32 * 2**20
 MAX_NODE_CHUNK = 16  # beyond this, batching more nodes into one call gains little
 MIN_NODE_BATCH = 3  # a step with fewer nodes takes them one at a time (2 nodes batched: no faster on CPU)
 

@@ -832,7 +832,7 @@ def decompose_trajectory(
       if one test input's does not fit, and a :class:`~explaind_math.contraction.MemoryBudgetError` names
       what cannot fit at all; ``test_chunk_size`` / ``train_chunk_size`` set the chunks directly;
     * ``node_chunk_size``: quadrature nodes whose Jacobians are formed in one vmapped call (default: up
-      to 16 while their stacked Jacobians fit 256 MiB, or the memory budget's share; 1: one call per node);
+      to 16 while their stacked Jacobians fit 32 MiB, or the memory budget's share; 1: one call per node);
     * ``progress``: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a
       terminal; :mod:`~explaind_math.progress`);
     * ``distributed``: ``True`` (the default process group) or a process group of ``torch.distributed``:
