@@ -43,6 +43,7 @@ import torch
 from .errors import ExplaindError, RecordingError, TrajectoryFileError
 from .optimizers import rule_by_name
 from .trajectory import (
+    _META_KEY,
     StepRecord,
     Trajectory,
     atomic_write,
@@ -53,6 +54,7 @@ from .trajectory import (
     encode_state,
     encode_step,
     fsync_directory,
+    open_described_file,
     save_safetensors,
 )
 
@@ -74,7 +76,6 @@ DIRECTORY_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 INITIAL_NAME = "initial.safetensors"
 LOCK_NAME = ".lock"
-_META_KEY = "explaind_math"
 _SHARD_RE = re.compile(r"^steps-(\d{8,})-(\d{8,})\.safetensors$")
 _TEMP_RE = re.compile(r"^\.(manifest\.json|initial\.safetensors|steps-\d{8,}-\d{8,}\.safetensors)\..+\.tmp$")
 
@@ -114,8 +115,6 @@ class _SafetensorsFile:
     a :class:`TrajectoryFileError` naming the file."""
 
     def __init__(self, path: Path, expected_format: str, *, size: int | None = None, crc32: int | None = None):
-        from safetensors import safe_open
-
         self.path = path
         if not path.is_file():
             raise TrajectoryFileError(f"{path}: missing (the manifest lists it)")
@@ -126,31 +125,9 @@ class _SafetensorsFile:
             )
         if crc32 is not None and _file_crc32(path) != crc32:
             raise TrajectoryFileError(f"{path}: corrupted, its CRC-32 differs from the one the manifest records")
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise TrajectoryFileError(f"{path}: not a readable safetensors file (truncated or foreign?): {exc}") from None
-        with handle as fh:
-            meta = fh.metadata() or {}
-            if _META_KEY not in meta:
-                raise TrajectoryFileError(f"{path}: a safetensors file, but not part of an explaind_math trajectory")
-            try:
-                d = json.loads(meta[_META_KEY])
-            except json.JSONDecodeError as exc:
-                raise TrajectoryFileError(f"{path}: its description is not valid JSON: {exc}") from None
-            if not isinstance(d, dict) or d.get("format") != expected_format:
-                got = d.get("format") if isinstance(d, dict) else None
-                raise TrajectoryFileError(f"{path}: format {got!r}, expected {expected_format!r}")
-            if d.get("version") != DIRECTORY_VERSION:
-                raise TrajectoryFileError(
-                    f"{path}: trajectory format version {d.get('version')!r}, this library reads {DIRECTORY_VERSION}"
-                )
-            keys = set(fh.keys())
-            if len(keys) != d.get("num_tensors"):
-                raise TrajectoryFileError(f"{path}: {len(keys)} tensors stored, the description lists {d.get('num_tensors')}")
+        with open_described_file(path, expected_format, DIRECTORY_VERSION,
+                                 "part of an explaind_math trajectory") as (fh, d, keys):
             self.description = d
-            self._keys = keys
-            self._handle = fh
             # views of the mapped file: the mapping lives as long as any of these tensors
             self.tensors = {}
             for k in keys:
@@ -158,7 +135,6 @@ class _SafetensorsFile:
                     self.tensors[k] = fh.get_tensor(k)
                 except Exception as exc:
                     raise TrajectoryFileError(f"{path}: tensor {k!r} cannot be read: {exc}") from None
-        self._handle = None
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.tensors:

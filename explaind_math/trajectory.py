@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -300,35 +301,10 @@ class Trajectory:
 
     @classmethod
     def _load(cls, path: str | os.PathLike) -> "Trajectory":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise TrajectoryFileError(f"{path}: no such trajectory file")
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise TrajectoryFileError(
-                f"{path}: not a readable safetensors file (truncated or foreign?): {exc}"
-            ) from None
-        with handle as fh:
-            meta = fh.metadata() or {}
-            if _META_KEY not in meta:
-                raise TrajectoryFileError(f"{path}: a safetensors file, but not an explaind_math trajectory")
-            try:
-                d = json.loads(meta[_META_KEY])
-            except json.JSONDecodeError as exc:
-                raise TrajectoryFileError(f"{path}: the trajectory description is not valid JSON: {exc}") from None
-            if d.get("format") != FORMAT_NAME:
-                raise TrajectoryFileError(f"{path}: unknown format {d.get('format')!r}")
-            if d.get("version") != FORMAT_VERSION:
-                raise TrajectoryFileError(
-                    f"{path}: trajectory format version {d.get('version')!r}, this library reads {FORMAT_VERSION}"
-                )
-            keys = set(fh.keys())
-            if len(keys) != d["num_tensors"]:
-                raise TrajectoryFileError(f"{path}: {len(keys)} tensors stored, the description lists {d['num_tensors']}")
-
+        with open_described_file(path, FORMAT_NAME, FORMAT_VERSION, "an explaind_math trajectory") as (fh, d, keys):
             def get(key: str) -> torch.Tensor:
                 if key not in keys:
                     raise TrajectoryFileError(f"{path}: tensor {key!r} is missing")
@@ -355,7 +331,41 @@ class Trajectory:
         )
 
 
-# ---------------------------------------------------------------------- atomic files
+# ---------------------------------------------------------------------- reading and writing files
+@contextmanager
+def open_described_file(path: Path, expected_format: str, expected_version: int, kind: str):
+    """Open one of this library's safetensors files memory-mapped and yield ``(handle, description,
+    tensor names)``, after checking that it is readable, that its header carries our JSON description of
+    ``expected_format`` and ``expected_version``, and that it holds as many tensors as the description
+    lists. Every failure is a :class:`TrajectoryFileError` naming the file (``kind`` says what a foreign
+    safetensors file is not)."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise TrajectoryFileError(f"{path}: not a readable safetensors file (truncated or foreign?): {exc}") from None
+    with handle as fh:
+        meta = fh.metadata() or {}
+        if _META_KEY not in meta:
+            raise TrajectoryFileError(f"{path}: a safetensors file, but not {kind}")
+        try:
+            d = json.loads(meta[_META_KEY])
+        except json.JSONDecodeError as exc:
+            raise TrajectoryFileError(f"{path}: its description is not valid JSON: {exc}") from None
+        if not isinstance(d, dict) or d.get("format") != expected_format:
+            got = d.get("format") if isinstance(d, dict) else None
+            raise TrajectoryFileError(f"{path}: unknown format {got!r}, expected {expected_format!r}")
+        if d.get("version") != expected_version:
+            raise TrajectoryFileError(
+                f"{path}: trajectory format version {d.get('version')!r}, this library reads {expected_version}"
+            )
+        keys = set(fh.keys())
+        if len(keys) != d.get("num_tensors"):
+            raise TrajectoryFileError(f"{path}: {len(keys)} tensors stored, the description lists {d.get('num_tensors')}")
+        yield fh, d, keys
+
+
 def atomic_write(path: Path, write) -> None:
     """Create ``path`` so that a crash at any moment leaves either the old file or the complete new one:
     ``write(tmp)`` fills a temporary file in the same directory (named ``.<name>.<random>.tmp``), which
