@@ -11,11 +11,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch import nn
 
 import explaind_math as em
 from explaind_math.errors import TrajectoryFileError
-from explaind_math.testing.sharded_runs import assert_trajectories_identical
+from explaind_math.testing.sharded_runs import assert_trajectories_identical, two_group_model_and_optimizer
 from explaind_math.trajectory import FORMAT_NAME, FORMAT_VERSION
 
 DT = torch.float64
@@ -38,17 +37,7 @@ def _record(kind: str, record_gradients: bool, device, *, resumed: bool = False)
     """A recorded run with two param groups, an LR schedule, a frozen-statistics BatchNorm (buffers),
     unequal batches and explicit weights; optionally resumed from an optimizer state (carried state)."""
     X, Y = _data(device)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(device=device, dtype=DT)
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-0.5, 0.5)
-    model.eval()
-    groups = [{"params": list(model[0].parameters()) + list(model[1].parameters())},
-              {"params": model[3].parameters(), "lr": 0.02, "weight_decay": 0.05}]
-    if kind == "adamw":
-        opt = torch.optim.AdamW(groups, lr=0.05, betas=(0.9, 0.5), amsgrad=True)
-    else:
-        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
+    model, opt = two_group_model_and_optimizer(kind, device)
     sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
     if resumed:
         for t in range(2):

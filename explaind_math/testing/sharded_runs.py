@@ -47,10 +47,11 @@ def make_data():
     return X, Y
 
 
-def make_training(kind: str):
-    """Model, optimizer and scheduler, freshly seeded: the same every time."""
+def two_group_model_and_optimizer(kind: str, device=None):
+    """Linear → BatchNorm (frozen statistics, a buffer) → Tanh → Linear in float64, with two parameter
+    groups and AdamW (amsgrad) or SGD (Nesterov) over them; freshly seeded: the same every time."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(device=device, dtype=DT)
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5)
     model.eval()
@@ -62,6 +63,12 @@ def make_training(kind: str):
         optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
     else:
         raise ValueError(f"unknown optimizer {kind!r}")
+    return model, optimizer
+
+
+def make_training(kind: str):
+    """Model, optimizer and scheduler, freshly seeded: the same every time."""
+    model, optimizer = two_group_model_and_optimizer(kind)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 3, 0.5)
     return model, optimizer, scheduler
 
