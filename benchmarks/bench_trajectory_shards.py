@@ -30,26 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_partition_memory import _current_rss_mib, _maxrss_mib  # noqa: E402  (RSS helpers of the same suite)
+
 INPUTS, CLASSES, SAMPLES, BATCH, TESTS = 128, 10, 32, 8, 4
-
-
-def _maxrss_mib() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
-def _current_rss_mib() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return _maxrss_mib()
 
 
 def _setup(args):
