@@ -86,7 +86,8 @@ ADAM_CASES = {
     "adamw-lr-tensor": (torch.optim.AdamW, dict(lr=torch.tensor(0.03, dtype=DT)), True),
     "adamw-lr-tensor-foreach-off": (torch.optim.AdamW, dict(lr=torch.tensor(0.03, dtype=DT), foreach=False), True),
     "adamw-betas": (torch.optim.AdamW, dict(lr=0.05, betas=(0.7, 0.9)), True),
-    "adamw-betas-tensor": (torch.optim.AdamW, dict(lr=0.05, betas=(torch.tensor(0.7, dtype=DT), torch.tensor(0.9, dtype=DT))), True),
+    # foreach=False: torch refuses Tensor betas on its foreach path (the default on CUDA) unless capturable
+    "adamw-betas-tensor": (torch.optim.AdamW, dict(lr=0.05, betas=(torch.tensor(0.7, dtype=DT), torch.tensor(0.9, dtype=DT)), foreach=False), True),
     "adamw-beta1-zero": (torch.optim.AdamW, dict(lr=0.05, betas=(0.0, 0.9)), True),
     "adamw-eps": (torch.optim.AdamW, dict(lr=0.05, eps=1e-1), True),
     "adamw-weight-decay": (torch.optim.AdamW, dict(lr=0.05, weight_decay=0.5), True),

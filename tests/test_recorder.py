@@ -107,7 +107,7 @@ def test_sum_reduction_and_explicit_weights(device):
         ids = _batch(t)
         opt.zero_grad()
         if t == 1:
-            w = torch.tensor([0.1, 0.4, 0.2, 0.2, 0.1], dtype=DT)
+            w = torch.tensor([0.1, 0.4, 0.2, 0.2, 0.1], dtype=DT, device=device)
             (F.cross_entropy(model(X[ids]), Y[ids], reduction="none") * w).sum().backward()
             rec.record_batch(ids, weights=w)
         else:

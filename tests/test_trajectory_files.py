@@ -47,7 +47,7 @@ def _record(kind: str, record_gradients: bool, device, *, resumed: bool = False)
     rec = em.TrajectoryRecorder(model, opt, record_gradients=record_gradients)
     for t in range(4):
         ids = torch.arange(5 * t, 5 * t + (5 if t < 3 else 3))
-        w = torch.linspace(0.5, 1.5, len(ids), dtype=DT)
+        w = torch.linspace(0.5, 1.5, len(ids), dtype=DT, device=X.device)  # the recorder moves w to the CPU
         opt.zero_grad()
         (F.cross_entropy(model(X[ids]), Y[ids], reduction="none") * w).sum().backward()
         rec.record_batch(ids, weights=w)
