@@ -498,14 +498,14 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
             fused, tangents = {}, batches[0][1].get()
 
             def probe(alphas):
-                values = _directional_at(ctx, theta_t, delta, alphas, tangents)  # (k, K, X, O)
+                values = _directional_at(ctx, point, points, alphas, tangents)  # (k, K, X, O)
                 fused.update(zip(alphas, values))
                 return values.sum(1)
         else:
             tangent = {n: delta[n].unsqueeze(0) for n in moving}
 
             def probe(alphas):
-                return _directional_at(ctx, theta_t, delta, alphas, tangent)[:, 0]
+                return _directional_at(ctx, point, points, alphas, tangent)[:, 0]
 
         pairs, probe_nodes = select_nodes(ctx.quadrature, probe, lambda a: ctx.targets(point(a)), f_t, f_next)
     if moving:
@@ -526,17 +526,15 @@ def _row_group(ctx: DecompositionContext, n: str) -> int:
     return ctx.group_index[ctx.names.index(n)]
 
 
-def _directional_at(ctx: DecompositionContext, theta_t: Params, delta: Params, alphas: Sequence[float],
+def _directional_at(ctx: DecompositionContext, point, points, alphas: Sequence[float],
                     tangents: Params) -> torch.Tensor:
-    """Φ(α_k) v for every node α_k at once: (k, K, X, O). With forward-mode AD the nodes are one vmapped
-    call (the per-call overhead of torch.func is paid once per order, not once per node); under a memory
-    budget, one node at a time (vmap would hold k working sets at once)."""
+    """Φ(α_k) v for every node α_k at once: (k, K, X, O), with ``point(α)`` the parameters at one node and
+    ``points(alphas)`` those of every node stacked. With forward-mode AD the nodes are one vmapped call (the
+    per-call overhead of torch.func is paid once per order, not once per node); under a memory budget, one
+    node at a time (vmap would hold k working sets at once)."""
     if not ctx.forward_ad or len(alphas) == 1 or ctx.plan.budget is not None:
-        return torch.stack([_directional(ctx, {n: theta_t[n] + a * delta[n] for n in theta_t}, tangents)
-                            for a in alphas])
-    a = torch.as_tensor(alphas, dtype=ctx.dtype, device=ctx.device)
-    points = {n: theta_t[n] + a.reshape(-1, *([1] * theta_t[n].dim())) * delta[n] for n in theta_t}
-    return torch.func.vmap(lambda p: _directional(ctx, p, tangents))(points)
+        return torch.stack([_directional(ctx, point(a), tangents) for a in alphas])
+    return torch.func.vmap(lambda p: _directional(ctx, p, tangents))(points(alphas))
 
 
 def _directional(ctx: DecompositionContext, params: Params, tangents: Params, sl: slice | None = None) -> torch.Tensor:
