@@ -29,9 +29,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
 from ..errors import ExplaindError
+from ..features import FunctionalModel
 from ..trajectory import Trajectory
 
 __all__ = [
@@ -230,15 +231,12 @@ def per_sample_gradients(
     chunk_size: int | None = 256,
 ) -> torch.Tensor:
     """∇_θ fn(f(x_n; θ), y_n) for every example n, flattened over ``params`` (in its key order):
-    shape (n, D). One vmap of grad over the examples; the model's buffers are closed over."""
+    shape (n, D). The decomposition's own per-sample gradients (:meth:`FunctionalModel.per_sample_gradients`,
+    one vmap of grad over the examples; the model's buffers are held constant)."""
     names = list(params)
-    buffers = {n: b for n, b in model.named_buffers()}
-
-    def one(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**p, **buffers}, (x.unsqueeze(0),)).squeeze(0)
-        return fn(out, y)
-
-    g = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, labels)
+    first = next(iter(params.values()))
+    fm = FunctionalModel(model, names, dtype=first.dtype, device=first.device)
+    g = fm.per_sample_gradients(params, fn, inputs, labels, chunk_size=chunk_size)
     return torch.cat([g[n].reshape(inputs.shape[0], -1) for n in names], dim=1)
 
 
