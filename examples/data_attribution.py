@@ -35,7 +35,7 @@ import torch
 
 import explaind_math as em
 from explaind_math.experiments import attribution as at
-from explaind_math.experiments import digits
+from explaind_math.experiments import digits, metrics
 
 FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -100,7 +100,7 @@ def run_experiment(config: Config, *, log=print) -> Experiment:
     model, trajectory = run.model, run.trajectory
     theta_0 = {n: p.clone() for n, p in trajectory.parameters[0].items()}
     with torch.no_grad():
-        accuracy = float((model(test_x).argmax(1) == test_y).double().mean())
+        accuracy = metrics.accuracy(model(test_x), test_y)
     log(f"recorded AdamW run: {config.steps} steps of {config.batch_size} on {M} digits, "
         f"test accuracy {accuracy:.3f} on {config.num_test} test inputs")
 
