@@ -37,7 +37,7 @@ from .theorems import (
     theorem_3_1,
 )
 from .trajectory import StepRecord, Trajectory
-from .shards import ShardedTrajectory
+from .storage import ShardedTrajectory
 
 __version__ = "0.1.0"
 

@@ -10,9 +10,9 @@
     trajectory = recorder.trajectory()
 
 Given ``directory=``, the recorder writes the trajectory to disk as training runs, one safetensors
-shard per ``steps_per_shard`` steps (:mod:`explaind_math.shards`), and keeps only the pending steps
+shard per ``steps_per_shard`` steps (:mod:`explaind_math.storage`), and keeps only the pending steps
 and the last θ in memory; ``recorder.trajectory()`` then returns a
-:class:`~explaind_math.shards.ShardedTrajectory`. Opening a recorder on a directory that already holds
+:class:`~explaind_math.storage.ShardedTrajectory`. Opening a recorder on a directory that already holds
 a trajectory resumes it after its last finished step, once the model and optimizer are checked to
 be exactly where that step left them.
 
@@ -76,12 +76,12 @@ class TrajectoryRecorder:
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop; a step it skips (inf/NaN
             gradients) is then detected and its batch dropped instead of merged into the next step.
         directory: write the trajectory there as it is recorded (a directory of shards, see
-            :mod:`explaind_math.shards`) instead of keeping it in memory. If the directory already
+            :mod:`explaind_math.storage`) instead of keeping it in memory. If the directory already
             holds a trajectory, recording resumes after its last finished step: the model's
             parameters must equal the last recorded θ exactly, its buffers the recorded ones, and the
             optimizer's state (step counts and the recorded state tensors) what was recorded last,
             otherwise :class:`RecordingError` names what differs. Restore model and optimizer from
-            your checkpoint first (or :func:`~explaind_math.shards.truncate_trajectory_directory` to
+            your checkpoint first (or :func:`~explaind_math.storage.truncate_trajectory_directory` to
             your checkpoint's step).
         steps_per_shard: with ``directory``, write one shard per this many steps (a crash loses at
             most the steps not yet written: ``steps_per_shard − 1``). Call :meth:`close` (or use
@@ -141,7 +141,7 @@ class TrajectoryRecorder:
         self._writer = None
         self.resumed_from: int | None = None
         if directory is not None:
-            from .shards import TrajectoryShardWriter
+            from .storage import TrajectoryShardWriter
 
             self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard,
                                                  background=write_in_background)
@@ -187,12 +187,12 @@ class TrajectoryRecorder:
 
         With ``directory``: writes the pending steps (a shard, possibly shorter than
         ``steps_per_shard``), stores ``metadata`` in the manifest when given, and returns the directory
-        opened as a :class:`~explaind_math.shards.ShardedTrajectory`.
+        opened as a :class:`~explaind_math.storage.ShardedTrajectory`.
         """
         if self._count == 0:
             raise RecordingError("no optimizer step was recorded yet")
         if self._writer is not None:
-            from .shards import ShardedTrajectory
+            from .storage import ShardedTrajectory
 
             if metadata is not None:
                 self._writer.set_metadata({**metadata, "gradient_rescaling": self.gradient_rescaling})
@@ -246,7 +246,7 @@ class TrajectoryRecorder:
     def _resume(self) -> None:
         """Continue the trajectory found in the directory after its last finished step N, once the model
         (parameters = θ_N, buffers) and the optimizer (state after step N − 1) are checked against it."""
-        from .shards import ShardedTrajectory
+        from .storage import ShardedTrajectory
 
         existing = ShardedTrajectory(self._writer.directory, cache_shards=1)
         n = existing.num_steps
@@ -291,7 +291,7 @@ class TrajectoryRecorder:
                 f"{where}: the model's parameters are not the recorded θ_{n}: {', '.join(differing)}. Restore "
                 f"the model and optimizer from the checkpoint taken after step {n - 1} (θ_{n}); if your "
                 "checkpoint is of an earlier step s, first call "
-                "explaind_math.shards.truncate_trajectory_directory(directory, s); to record a new "
+                "explaind_math.storage.truncate_trajectory_directory(directory, s); to record a new "
                 "trajectory, give an empty or new directory"
             )
         self._check_resumed_optimizer_state(existing, where)

@@ -1,33 +1,28 @@
 """What training did: θ_0 … θ_N, the units and weights of every step, the hyper-parameters actually
-used per parameter group, and the optimizer state the preconditioner needs (MATH.md §0).
+used per parameter group, and the optimizer state the preconditioner needs (MATH.md §0), with the
+checks that every trajectory (in memory or on disk) passes.
 
 A :class:`Trajectory` is built by :class:`~explaind_math.TrajectoryRecorder` from a live training loop,
-or by :meth:`Trajectory.from_records` from data recorded by other code. It is saved as one safetensors
-file whose header carries the JSON description (written to a temporary file, fsynced, then renamed:
-a crash never leaves a half-written trajectory under the final name). Nothing is ever unpickled.
+or by :meth:`Trajectory.from_records` from data recorded by other code. Its file forms (one
+safetensors file, or a directory of shards) are :mod:`explaind_math.storage`, which imports this
+module and registers the functions behind :meth:`Trajectory.save`, :meth:`Trajectory.save_directory`
+and :meth:`Trajectory.load` (:func:`register_files`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import ExplaindError, NonFiniteError, TrajectoryFileError, TrajectoryMismatchError
+from .errors import ExplaindError, NonFiniteError, TrajectoryMismatchError
 from .optimizers import rule_by_name
 
-__all__ = ["StepRecord", "Trajectory", "FORMAT_NAME", "FORMAT_VERSION", "all_finite"]
-
-FORMAT_NAME = "explaind_math.trajectory"
-FORMAT_VERSION = 1
-_META_KEY = "explaind_math"
+__all__ = ["StepRecord", "Trajectory", "all_finite", "check_model_matches", "register_files"]
 
 
 @dataclass
@@ -131,32 +126,7 @@ class Trajectory:
         """Raise :class:`TrajectoryMismatchError` if the model's parameters do not match by name and shape
         (after re-validating the trajectory itself, which may have been edited since it was built)."""
         self.validate()
-        self._check_model_parameters(model)
-
-    def _check_model_parameters(self, model: torch.nn.Module) -> None:
-        shapes = self.shapes()
-        model_params = dict(model.named_parameters())
-        missing = [n for n in self.parameter_names if n not in model_params]
-        if missing:
-            raise TrajectoryMismatchError(
-                f"the trajectory has parameters {missing} that the model does not have "
-                f"(model parameters: {sorted(model_params)})"
-            )
-        for n in self.parameter_names:
-            shape = shapes[n]
-            if tuple(model_params[n].shape) != shape:
-                raise TrajectoryMismatchError(
-                    f"parameter {n!r}: trajectory shape {shape}, model shape {tuple(model_params[n].shape)}"
-                )
-        model_buffers = dict(model.named_buffers())
-        for n, value in self.buffers.items():
-            if n not in model_buffers:
-                raise TrajectoryMismatchError(f"the trajectory recorded buffer {n!r} that the model does not have")
-            b = model_buffers[n]
-            if tuple(b.shape) != tuple(value.shape) or not torch.equal(b.detach().cpu().to(value.dtype), value):
-                raise TrajectoryMismatchError(
-                    f"buffer {n!r} of the model differs from the one recorded during training"
-                )
+        check_model_matches(self, model)
 
     # ------------------------------------------------------------------ construction from elsewhere
     @classmethod
@@ -236,45 +206,18 @@ class Trajectory:
             metadata=metadata,
         )
 
-    # ------------------------------------------------------------------ files
+    # ------------------------------------------------------------------ files (explaind_math.storage)
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trajectory to ``path`` (one .safetensors file) atomically; returns the path."""
-        path = Path(path)
-        tensors: dict[str, torch.Tensor] = {}
-        for t, snapshot in enumerate(self.parameters):
-            for n, v in snapshot.items():
-                tensors[f"theta/{t}/{n}"] = v
-        steps_json = [encode_step(t, step, tensors) for t, step in enumerate(self.steps)]
-        initial_counts, initial_keys = encode_state(self.initial_state, "initial", tensors)
-        for n, v in self.buffers.items():
-            tensors[f"buffer/{n}"] = v
-        description = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "optimizer": self.optimizer,
-            "parameter_names": self.parameter_names,
-            "group_of": self.group_of,
-            "steps": steps_json,
-            "initial_step_counts": initial_counts,
-            "initial_state_keys": initial_keys,
-            "buffers": sorted(self.buffers),
-            "metadata": self.metadata,
-            "num_tensors": len(tensors),
-        }
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, description))
-        return path
+        return _files_function("save")(self, path)
 
     def save_directory(self, directory: str | os.PathLike, *, steps_per_shard: int = 1) -> "Trajectory":
-        """Write the trajectory as a directory of shards (see :mod:`explaind_math.shards`), one shard
+        """Write the trajectory as a directory of shards (see :mod:`explaind_math.storage`), one shard
         per ``steps_per_shard`` steps, and return it opened as a
-        :class:`~explaind_math.shards.ShardedTrajectory`. Steps are written one shard at a time, so a
+        :class:`~explaind_math.storage.ShardedTrajectory`. Steps are written one shard at a time, so a
         ``ShardedTrajectory`` can be re-sharded without loading it. ``directory`` must not hold a
         trajectory already."""
-        from .shards import write_directory
-
-        return write_directory(self, directory, steps_per_shard=steps_per_shard)
+        return _files_function("save_directory")(self, directory, steps_per_shard=steps_per_shard)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Trajectory":
@@ -282,179 +225,56 @@ class Trajectory:
         :class:`TrajectoryFileError` saying which.
 
         A directory (written by a recorder given ``directory=``, or by :meth:`save_directory`) is opened
-        as a :class:`~explaind_math.shards.ShardedTrajectory`: nothing but its manifest and θ_0 is read
+        as a :class:`~explaind_math.storage.ShardedTrajectory`: nothing but its manifest and θ_0 is read
         until a step is asked for."""
-        if Path(path).is_dir() and cls is Trajectory:
-            from .shards import ShardedTrajectory
+        return _files_function("load")(path, cls)
 
-            return ShardedTrajectory(path)
-        try:
-            return cls._load(path)
-        except TrajectoryFileError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-            # a readable header whose description is incomplete, mistyped or inconsistent with the tensors
-            raise TrajectoryFileError(
-                f"{path}: corrupted trajectory file, its description is malformed or does not match its "
-                f"tensors ({type(exc).__name__}: {exc})"
-            ) from exc
 
-    @classmethod
-    def _load(cls, path: str | os.PathLike) -> "Trajectory":
-        path = Path(path)
-        if not path.is_file():
-            raise TrajectoryFileError(f"{path}: no such trajectory file")
-        with open_described_file(path, FORMAT_NAME, FORMAT_VERSION, "an explaind_math trajectory") as (fh, d, keys):
-            def get(key: str) -> torch.Tensor:
-                if key not in keys:
-                    raise TrajectoryFileError(f"{path}: tensor {key!r} is missing")
-                try:
-                    return fh.get_tensor(key)
-                except Exception as exc:
-                    raise TrajectoryFileError(f"{path}: tensor {key!r} cannot be read: {exc}") from None
-
-            names = d["parameter_names"]
-            steps_json = d["steps"]
-            parameters = [{n: get(f"theta/{t}/{n}") for n in names} for t in range(len(steps_json) + 1)]
-            steps = [decode_step(t, s, get) for t, s in enumerate(steps_json)]
-            initial = decode_state(d["initial_step_counts"], d["initial_state_keys"], "initial", get)
-            buffers = {n: get(f"buffer/{n}") for n in d["buffers"]}
-        return cls(
-            optimizer=d["optimizer"],
-            parameter_names=names,
-            group_of=d["group_of"],
-            parameters=parameters,
-            steps=steps,
-            initial_state=initial,
-            buffers=buffers,
-            metadata=d.get("metadata", {}),
+# ---------------------------------------------------------------------- the model a trajectory belongs to
+def check_model_matches(trajectory: "Trajectory", model: torch.nn.Module) -> None:
+    """Raise :class:`TrajectoryMismatchError` unless the model has the trajectory's parameters (by name
+    and shape) and the buffers recorded during training (equal values)."""
+    shapes = trajectory.shapes()
+    model_params = dict(model.named_parameters())
+    missing = [n for n in trajectory.parameter_names if n not in model_params]
+    if missing:
+        raise TrajectoryMismatchError(
+            f"the trajectory has parameters {missing} that the model does not have "
+            f"(model parameters: {sorted(model_params)})"
         )
-
-
-# ---------------------------------------------------------------------- reading and writing files
-@contextmanager
-def open_described_file(path: Path, expected_format: str, expected_version: int, kind: str):
-    """Open one of this library's safetensors files memory-mapped and yield ``(handle, description,
-    tensor names)``, after checking that it is readable, that its header carries our JSON description of
-    ``expected_format`` and ``expected_version``, and that it holds as many tensors as the description
-    lists. Every failure is a :class:`TrajectoryFileError` naming the file (``kind`` says what a foreign
-    safetensors file is not)."""
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise TrajectoryFileError(f"{path}: not a readable safetensors file (truncated or foreign?): {exc}") from None
-    with handle as fh:
-        meta = fh.metadata() or {}
-        if _META_KEY not in meta:
-            raise TrajectoryFileError(f"{path}: a safetensors file, but not {kind}")
-        try:
-            d = json.loads(meta[_META_KEY])
-        except json.JSONDecodeError as exc:
-            raise TrajectoryFileError(f"{path}: its description is not valid JSON: {exc}") from None
-        if not isinstance(d, dict) or d.get("format") != expected_format:
-            got = d.get("format") if isinstance(d, dict) else None
-            raise TrajectoryFileError(f"{path}: unknown format {got!r}, expected {expected_format!r}")
-        if d.get("version") != expected_version:
-            raise TrajectoryFileError(
-                f"{path}: trajectory format version {d.get('version')!r}, this library reads {expected_version}"
+    for n in trajectory.parameter_names:
+        shape = shapes[n]
+        if tuple(model_params[n].shape) != shape:
+            raise TrajectoryMismatchError(
+                f"parameter {n!r}: trajectory shape {shape}, model shape {tuple(model_params[n].shape)}"
             )
-        keys = set(fh.keys())
-        if len(keys) != d.get("num_tensors"):
-            raise TrajectoryFileError(f"{path}: {len(keys)} tensors stored, the description lists {d.get('num_tensors')}")
-        yield fh, d, keys
+    model_buffers = dict(model.named_buffers())
+    for n, value in trajectory.buffers.items():
+        if n not in model_buffers:
+            raise TrajectoryMismatchError(f"the trajectory recorded buffer {n!r} that the model does not have")
+        b = model_buffers[n]
+        if tuple(b.shape) != tuple(value.shape) or not torch.equal(b.detach().cpu().to(value.dtype), value):
+            raise TrajectoryMismatchError(
+                f"buffer {n!r} of the model differs from the one recorded during training"
+            )
 
 
-def atomic_write(path: Path, write) -> None:
-    """Create ``path`` so that a crash at any moment leaves either the old file or the complete new one:
-    ``write(tmp)`` fills a temporary file in the same directory (named ``.<name>.<random>.tmp``), which
-    is fsynced, renamed over ``path``, and the directory fsynced (the rename itself is then durable)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
+# ---------------------------------------------------------------------- the file forms
+_files: dict[str, Callable] = {}
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make renames and unlinks in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def register_files(*, save: Callable, save_directory: Callable, load: Callable) -> None:
+    """Set the functions behind :meth:`Trajectory.save` ``(trajectory, path)``,
+    :meth:`Trajectory.save_directory` ``(trajectory, directory, steps_per_shard=)`` and
+    :meth:`Trajectory.load` ``(path, cls)``; :mod:`explaind_math.storage` calls it when imported (the
+    package ``explaind_math`` imports it), so that it depends on this module and not the reverse."""
+    _files.update(save=save, save_directory=save_directory, load=load)
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], filename: str, description: Mapping[str, Any]) -> None:
-    """One safetensors file whose header carries ``description`` as JSON under the key ``explaind_math``."""
-    import safetensors.torch
-
-    safetensors.torch.save_file(dict(tensors), filename, metadata={_META_KEY: json.dumps(description)})
-
-
-# ---------------------------------------------------------------------- step records as JSON + tensors
-def encode_step(t: int, step: StepRecord, tensors: dict[str, torch.Tensor]) -> dict:
-    """Step t's description as JSON; its tensors go into ``tensors`` under ``weights/t``,
-    ``state/t/<name>/<key>`` and ``grad/t/<name>`` (the keys of both file forms)."""
-    tensors[f"weights/{t}"] = step.weights
-    counts, keys = encode_state(step.state, f"state/{t}", tensors)
-    has_gradient = step.gradient is not None
-    if has_gradient:
-        for n, g in step.gradient.items():
-            tensors[f"grad/{t}/{n}"] = g
-    return {
-        "units": [int(i) for i in step.units],
-        "hyperparameters": step.hyperparameters,
-        "updated": list(step.updated),
-        "step_counts": counts,
-        "state_keys": keys,
-        "gradient": sorted(step.gradient) if has_gradient else None,
-    }
-
-
-def decode_step(t: int, s: Mapping[str, Any], get) -> StepRecord:
-    """Inverse of :func:`encode_step`; ``get(key)`` returns the stored tensor."""
-    state = decode_state(s["step_counts"], s["state_keys"], f"state/{t}", get)
-    gradient = None
-    if s["gradient"] is not None:
-        gradient = {n: get(f"grad/{t}/{n}") for n in s["gradient"]}
-    return StepRecord(
-        [int(i) for i in s["units"]], get(f"weights/{t}"), s["hyperparameters"],
-        list(s["updated"]), state, gradient,
-    )
-
-
-def encode_state(state: Mapping[str, Mapping[str, Any]], prefix: str, tensors: dict[str, torch.Tensor]):
-    """Optimizer state per parameter: ``step`` counts as JSON ints, tensors under ``prefix/<name>/<key>``."""
-    counts, keys = {}, {}
-    for n, st in state.items():
-        keys[n] = sorted(k for k in st if k != "step")
-        for k, v in st.items():
-            if k == "step":
-                counts[n] = int(v)
-            else:
-                tensors[f"{prefix}/{n}/{k}"] = v
-    return counts, keys
-
-
-def decode_state(counts: Mapping[str, int], keys: Mapping[str, Sequence[str]], prefix: str, get) -> dict:
-    state = {n: {k: get(f"{prefix}/{n}/{k}") for k in ks} for n, ks in keys.items()}
-    for n, c in counts.items():
-        state.setdefault(n, {})["step"] = int(c)
-    return state
+def _files_function(name: str) -> Callable:
+    if name not in _files:
+        raise ExplaindError("no file forms are registered: import explaind_math.storage to save or load trajectories")
+    return _files[name]
 
 
 # ---------------------------------------------------------------------- validation of one θ_t / one step

@@ -15,7 +15,7 @@ from safetensors import safe_open
 import explaind_math as em
 from explaind_math.errors import TrajectoryFileError
 from explaind_math.testing.sharded_runs import assert_trajectories_identical, two_group_model_and_optimizer
-from explaind_math.trajectory import FORMAT_NAME, FORMAT_VERSION
+from explaind_math.storage.single_file import FORMAT_NAME, FORMAT_VERSION
 
 DT = torch.float64
 N = 24

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import explaind_math as em
-from explaind_math import shards
+from explaind_math import storage as shards
 from explaind_math.errors import RecordingError, TrajectoryFileError
-from explaind_math.shards import (
+from explaind_math.storage import (
     ShardedTrajectory,
     TrajectoryShardWriter,
     recover_trajectory_directory,
@@ -354,7 +354,7 @@ def test_foreign_files(recorded):
     safetensors.torch.save_file({"layer.weight": torch.zeros(2, 2)}, str(foreign))
     m = _manifest(directory)
     m["shards"][1][2] = foreign.stat().st_size  # even with the size and checksum made to match
-    m["shards"][1][3] = shards._file_crc32(foreign)
+    m["shards"][1][3] = shards.file_crc32(foreign)
     (directory / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TrajectoryFileError, match=r"steps-00000002-00000004\.safetensors: a safetensors file, but not part"):
         ShardedTrajectory(directory).steps[2]

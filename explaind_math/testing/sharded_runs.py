@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import shards
+from ..storage import format as storage_format, recover_trajectory_directory, writer as storage_writer
 from ..recording import TrajectoryRecorder
 
 CRASH_EXIT_CODE = 17
@@ -100,7 +100,7 @@ def record(kind: str, steps: int, directory=None, *, steps_per_shard: int = 1, r
     model, optimizer, scheduler = make_training(kind)
     start = 0
     if resume:
-        start = shards.recover_trajectory_directory(directory)
+        start = recover_trajectory_directory(directory)
         for t in range(start):
             train_step(model, optimizer, scheduler, X, Y, t)
     if crash is not None:
@@ -120,16 +120,16 @@ def _arm_crash(crash: str) -> None:
     where, _, k = crash.partition(":")
     k = int(k)
     if where == "before-manifest":
-        real = shards._write_manifest
+        real = storage_writer.write_manifest
 
         def write_manifest(directory, manifest):
             if manifest["num_steps"] > k:
                 os._exit(CRASH_EXIT_CODE)
             real(directory, manifest)
 
-        shards._write_manifest = write_manifest
+        storage_writer.write_manifest = write_manifest  # the writer's commits
     elif where == "mid-shard":
-        real_save = shards.save_safetensors
+        real_save = storage_format.save_safetensors
 
         def save(tensors, filename, description):
             real_save(tensors, filename, description)
@@ -138,7 +138,7 @@ def _arm_crash(crash: str) -> None:
                     fh.truncate(os.path.getsize(filename) // 2)
                 os._exit(CRASH_EXIT_CODE)
 
-        shards.save_safetensors = save
+        storage_format.save_safetensors = save  # every file of a directory (storage.format.write_file)
     elif where != "after-step":
         raise ValueError(f"unknown crash point {crash!r}")
 
