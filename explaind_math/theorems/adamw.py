@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..decomposition import DEFAULT_KEEP, decompose_trajectory
+from ..engine import DecompositionOptions, decompose_trajectory
 from ..errors import TrajectoryMismatchError
 from ..influence import Influence
-from ..quadrature import AdaptiveQuadrature, Quadrature
 from ..trajectory import Trajectory
+from ._reference import (ReferenceDecomposition, check_replay, decompose_with_features, flat, hyperparameter,
+                         model_output, per_coordinate, refuse_unsupported, sample_gradients, theta, updated)
 
-__all__ = ["decompose_adamw_training"]
+__all__ = ["decompose_adamw_training", "reference_adamw", "adamw_train_features"]
 
 
 def decompose_adamw_training(
@@ -23,21 +24,9 @@ def decompose_adamw_training(
     train_data: Any,
     test_inputs: torch.Tensor,
     *,
-    quadrature: Quadrature | AdaptiveQuadrature | None = None,
     penalty: Callable[[dict], torch.Tensor] | None = None,
-    keep: Iterable[str] = DEFAULT_KEEP,
-    params: str | Mapping[str, str] = "tensor",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    replay_rtol: float | None = None,
-    test_chunk_size: int | None = None,
-    train_chunk_size: int | None = None,
-    vectorize: bool = True,
-    contraction: str = "auto",
-    memory_budget: int | str | None = None,
-    progress: bool | None = None,
-    distributed: Any = None,
-    node_chunk_size: int | None = None,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> Influence:
     """Theorem 3.1: decompose f(x; θ_N) for a run of ``torch.optim.AdamW`` (or ``Adam``) exactly.
 
@@ -56,25 +45,11 @@ def decompose_adamw_training(
         loss_fn: the per-sample loss ℓ_i = loss_fn(f(x_i; θ), y_i), on one sample's output (no batch axis).
         train_data: ``(X, Y)`` tensors indexed by sample id, or an object with ``[id] -> (x, y)``.
         test_inputs: tensor (X, ...) of test inputs x.
-        quadrature: ``gauss_legendre(8)`` by default; ``midpoint(n)``; ``adaptive(...)`` for ReLU models.
-        keep: axes to keep among ``("step", "param", "test", "unit", "output")``; test and output are
-            always kept. Leaving out "param" and "unit" switches to forward-mode JVPs (cheapest).
-        params: granularity of the parameter axis: ``"tensor"``, ``"module"``, ``"coordinate"`` (the
-            atomic j), ``"all"``, or a mapping parameter name → group label.
         penalty: R(θ) if the training loss was Σ_i w_i ℓ_i + R(θ) (an L1/L2 term): a function of the
             dict of trained parameters; its influence is reported separately as ``result.penalty``.
-        dtype: computation dtype (default: the trajectory's); use ``torch.float64`` to verify.
-        replay_rtol: tolerance of the replay check relative to max |Δθ| per tensor.
-        contraction: ``"auto"`` (per step the cheaper exact way by counted costs: one JVP per kept direction,
-            or the Jacobian and a matrix product; MATH.md §11), ``"measured"`` (by costs timed on this
-            machine: faster, but the choice may differ between runs), ``"jvp"`` or ``"jacobian"``.
-        memory_budget: bytes or a string like ``"4GiB"``: test inputs, samples and JVP tangents are processed
-            in chunks that fit (``test_chunk_size``, ``train_chunk_size`` set them directly); an error names
-            what cannot fit at all (the per-unit buffers, the kept axes). Quadrature nodes are evaluated
-            ``node_chunk_size`` at a time in one vmapped call (default: as many as fit, up to 16).
-        progress: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a terminal).
-        distributed: ``True`` or a ``torch.distributed`` process group: one block of steps per rank, the
-            optimizer buffers carried across blocks by an exact scan (launch with ``torchrun``).
+        options: how the exact answer is computed (quadrature, kept axes, parameter groups, dtype, device,
+            memory budget, chunks, contraction, progress, distributed): a
+            :class:`~explaind_math.DecompositionOptions`, or its fields as keywords (which override it).
 
     Returns:
         :class:`Influence` with I, Ψ, f(x; θ_0), f(x; θ_N), the reconstruction and its residual.
@@ -85,9 +60,89 @@ def decompose_adamw_training(
             f"{trajectory.optimizer!r}; use decompose_sgd_momentum_training"
         )
     return decompose_trajectory(
-        model, trajectory, loss_fn, train_data, test_inputs,
-        theorem="Theorem 3.1 (AdamW)", quadrature=quadrature, penalty=penalty, keep=keep, params=params, dtype=dtype,
-        device=device, replay_rtol=replay_rtol, test_chunk_size=test_chunk_size,
-        train_chunk_size=train_chunk_size, vectorize=vectorize, contraction=contraction,
-        memory_budget=memory_budget, progress=progress, distributed=distributed, node_chunk_size=node_chunk_size,
+        model, trajectory, loss_fn, train_data, test_inputs, theorem="Theorem 3.1 (AdamW)", penalty=penalty,
+        options=options, **option_keywords,
     )
+
+
+# ==================================================================================== the specification
+def reference_adamw(model: nn.Module, trajectory: Trajectory, loss_fn, train_data, test_inputs: torch.Tensor, *,
+                    nodes: int = 8) -> ReferenceDecomposition:
+    """The specification implementation of Theorem 3.1 (MATH.md §2, §5), a literal torch.func transcription:
+
+        f(x; θ_N) = f(x; θ_0) − Σ_t η_t Σ_i Φ_t(x) T_t(i) − Σ_t η_t Φ_t(x) R_t                     (1)
+        I[t, j, x, i, o] = −η_t Φ_t(x)[o, j] T_t(i)[j],   Ψ[t, j, x, o] = −η_t Φ_t(x)[o, j] R_t[j]
+
+    with T_t(i), R_t from :func:`adamw_train_features` and Φ_t(x) by ``jacrev`` at ``nodes`` Gauss–Legendre
+    nodes on θ_t + α Δθ_t. Returns the full atomic tensors (every coordinate j, every unit i): small models
+    only. Covers ``torch.optim.AdamW`` and ``Adam`` (amsgrad, maximize, coupled or decoupled decay, per-group
+    and per-step hyper-parameters, skipped parameters); refuses optimizer state carried in from before the
+    recording and gradient rescaling; takes no loss penalty. ``train_data`` is ``(X, Y)`` indexed by id.
+    """
+    refuse_unsupported(trajectory, ("adamw",), "reference_adamw")
+    eta, T, R = adamw_train_features(model, trajectory, loss_fn, train_data)
+    f = model_output(model)
+    return decompose_with_features(lambda params, x, label: f(params, x), trajectory, test_inputs, eta, T, R,
+                                   units=trajectory.units(), nodes=nodes)
+
+
+def adamw_preconditioner_at(trajectory: Trajectory, t: int) -> torch.Tensor:
+    """P_t = 1 / ((1 − β1^k)(sqrt(v_t / (1 − β2^k)) + ε)) per coordinate, v_t (``exp_avg_sq``, or
+    ``max_exp_avg_sq`` with amsgrad) and k (the tensor's own step count) recorded after step t.
+    Coordinates of tensors skipped at step t get P_t = 1 (it multiplies nothing there)."""
+    step = trajectory.steps[t]
+
+    def recorded(name: str, hyper: dict, key: str):
+        if name not in step.updated:
+            return 1.0
+        state = step.state[name]
+        if key == "v":
+            return state["max_exp_avg_sq"] if hyper["amsgrad"] else state["exp_avg_sq"]
+        return float(state["step"])
+
+    v = per_coordinate(trajectory, t, lambda n, hyper: recorded(n, hyper, "v"))
+    k = per_coordinate(trajectory, t, lambda n, hyper: recorded(n, hyper, "k"))
+    beta1, beta2 = hyperparameter(trajectory, t, "beta1"), hyperparameter(trajectory, t, "beta2")
+    eps = hyperparameter(trajectory, t, "eps")
+    return 1 / ((1 - beta1**k) * (torch.sqrt(v / (1 - beta2**k)) + eps))
+
+
+def adamw_train_features(model: nn.Module, trajectory: Trajectory, loss_fn, train_data):
+    """η_t, T_t(i), R_t of Theorem 3.1 as vectors over coordinates j: (N, D), (N, U, D), (N, D).
+
+        T_t(i) = P_t ⊙ Σ_{s≤t, i∈B_s} (1 − β1_s) Π_{s<r≤t} β1_r ⊙ σ_s g_{s,i}          (σ_s = −1 under maximize)
+        R_t = λ_t θ_t                                                           (AdamW: decoupled decay)
+        R_t = P_t ⊙ Σ_{s≤t} (1 − β1_s) Π_{s<r≤t} β1_r ⊙ λ_s θ_s                  (Adam: coupled, λθ enters m)
+
+    i.e. m_t = (1 − β1) Σ_{s≤t} β1^{t−s} g_s unrolled (β1 may change from step to step), P_t from the
+    recorded v_t (:func:`adamw_preconditioner_at`). The products and sums run over the steps at which the
+    coordinate's tensor received a gradient; PyTorch skips it at the others (no decay, no moment update,
+    no step count), and there T_t(i) = R_t = 0. Each step is replay-checked: Δθ_t = −η_t (Σ_i T_t(i) + R_t).
+    """
+    N, names = trajectory.num_steps, trajectory.parameter_names
+    moved = [updated(trajectory, t) for t in range(N)]
+    eta = [hyperparameter(trajectory, t, "lr") for t in range(N)]
+    beta1 = [hyperparameter(trajectory, t, "beta1") for t in range(N)]
+    decay = [hyperparameter(trajectory, t, "weight_decay") for t in range(N)]
+    decoupled = [hyperparameter(trajectory, t, "decoupled_weight_decay").bool() for t in range(N)]
+    sign = [1 - 2 * hyperparameter(trajectory, t, "maximize") for t in range(N)]
+    g = [sign[s] * sample_gradients(model, trajectory, loss_fn, train_data, s) for s in range(N)]
+    theta_flat = [flat(theta(trajectory, t), names) for t in range(N)]
+    coupled_decay = [torch.where(decoupled[s], 0.0, decay[s] * theta_flat[s]) for s in range(N)]
+
+    def first_moment_weight(t: int, s: int) -> torch.Tensor:
+        """(1 − β1_s) Π_{s<r≤t} β1_r, over the steps that moved the coordinate."""
+        weight = torch.where(moved[s], 1 - beta1[s], 0.0)
+        for r in range(s + 1, t + 1):
+            weight = weight * torch.where(moved[r], beta1[r], 1.0)
+        return weight
+
+    T, R = [], []
+    for t in range(N):
+        P = adamw_preconditioner_at(trajectory, t)
+        m_samples = sum(first_moment_weight(t, s) * g[s] for s in range(t + 1))
+        m_decay = sum(first_moment_weight(t, s) * coupled_decay[s] for s in range(t + 1))
+        T.append(torch.where(moved[t], P * m_samples, 0.0))
+        R.append(torch.where(moved[t], torch.where(decoupled[t], decay[t] * theta_flat[t], P * m_decay), 0.0))
+        check_replay(trajectory, t, eta[t], T[t], R[t], "reference_adamw")
+    return torch.stack(eta), torch.stack(T), torch.stack(R)

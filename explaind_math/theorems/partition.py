@@ -10,8 +10,9 @@ from torch import nn
 from ..influence import Influence
 from ..trajectory import Trajectory
 from ._common import decompose_with_rule
+from ._reference import ReferenceDecomposition, decompose_with_features, model_output, train_features
 
-__all__ = ["decompose_by_partition"]
+__all__ = ["decompose_by_partition", "reference_partition"]
 
 
 def decompose_by_partition(
@@ -37,3 +38,31 @@ def decompose_by_partition(
         model, trajectory, loss_fn, train_data, test_inputs,
         statement="Corollary F.2, partition", partition=partition, **options,
     )
+
+
+def reference_partition(model: nn.Module, trajectory: Trajectory, loss_fn, train_data, test_inputs: torch.Tensor,
+                        partition: Any, *, nodes: int = 8) -> ReferenceDecomposition:
+    """The specification implementation of Corollary F.2: the per-sample T_t(i), R_t of the run's optimizer
+    (Theorem 3.1 or Corollary 3.2) summed per group,
+
+        T_t(S_k) = Σ_{i∈S_k} T_t(i),     I[t, j, x, k, o] = −η_t Φ_t(x)[o, j] T_t(S_k)[j]     (MATH.md §7)
+
+    Ψ unchanged, Φ_t(x) by ``jacrev`` at ``nodes`` Gauss–Legendre nodes. ``partition`` as for
+    :func:`decompose_by_partition` (``"all"``, a sequence or tensor indexed by id, a mapping, a callable);
+    the unit axis lists the groups sorted (by type name, then value). Refuses what
+    :func:`~explaind_math.theorems.adamw.reference_adamw` and ``reference_sgd_momentum`` refuse.
+    """
+    eta, T, R = train_features(model, trajectory, loss_fn, train_data, "reference_partition")
+
+    def group_of(i: int):
+        if isinstance(partition, str):
+            return partition  # "all": one group
+        g = partition(i) if callable(partition) else partition[i]
+        return g.item() if isinstance(g, torch.Tensor) else g
+
+    units = trajectory.units()
+    groups = sorted({group_of(i) for i in units}, key=lambda g: (str(type(g)), g))
+    T_groups = torch.stack([sum(T[:, u] for u, i in enumerate(units) if group_of(i) == S_k) for S_k in groups], dim=1)
+    f = model_output(model)
+    return decompose_with_features(lambda params, x, label: f(params, x), trajectory, test_inputs, eta, T_groups, R,
+                                   units=groups, nodes=nodes)

@@ -1,4 +1,4 @@
-"""Corollary 3.3 — decompose a function of the output, or an intermediate activation."""
+"""Corollary 3.3 (i) — decompose a function of the output, h(f(x; θ_N)) (MATH.md §6)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch import nn
 from ..influence import Influence
 from ..trajectory import Trajectory
 from ._common import decompose_with_rule
+from ._reference import ReferenceDecomposition, decompose_with_features, model_output, train_features
 
-__all__ = ["decompose_function_of_output", "decompose_activation"]
+__all__ = ["decompose_function_of_output", "reference_function_of_output"]
 
 
 def decompose_function_of_output(
@@ -41,28 +42,21 @@ def decompose_function_of_output(
     )
 
 
-def decompose_activation(
-    model: nn.Module,
-    trajectory: Trajectory,
-    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
-    train_data: Any,
-    test_inputs: torch.Tensor,
-    module: str,
-    *,
-    select: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    **options,
-) -> Influence:
-    """Corollary 3.3 (ii): decompose the output a(x; θ) of the submodule named ``module``
-    (e.g. ``"encoder.layers.0.attn"``), without changing the model's code:
+def reference_function_of_output(model: nn.Module, trajectory: Trajectory, loss_fn, train_data,
+                                 test_inputs: torch.Tensor, h: Callable[[torch.Tensor, Any], torch.Tensor], *,
+                                 test_labels: torch.Tensor | None = None, nodes: int = 8) -> ReferenceDecomposition:
+    """The specification implementation of Corollary 3.3 (i): the T_t(i), R_t of the run's optimizer
+    (Theorem 3.1 or Corollary 3.2) with
 
-        Φ^a_t(x) = ∫_0^1 ∂_θ a(x; θ_t(α)) dα,     a(x; θ_N) = a(x; θ_0) + Σ I^a + Σ Ψ^a
+        Φ^h_t(x) = Σ_k w_k ∂_θ [h ∘ f](x; θ_t + α_k Δθ_t)   (``jacrev`` of the composition: the chain rule
+                                                            ∂h(f) ∂_θ f inside the integral, at every node)
+        I^h[t, j, x, i, o] = −η_t Φ^h_t(x)[o, j] T_t(i)[j],   Ψ^h[t, j, x, o] = −η_t Φ^h_t(x)[o, j] R_t[j]
 
-    Parameters used only after the activation have ∂_θ a = 0, so they contribute exactly zero.
-    ``select`` picks part of the activation (one example, no batch axis), e.g. one position of a
-    residual stream: ``select=lambda a: a[2]``. The forward pass stops at the module.
+    so that h(f(x; θ_N)) = h(f(x; θ_0)) + Σ I^h + Σ Ψ^h. ``h(value, label)`` as for
+    :func:`decompose_function_of_output` (label 0 when ``test_labels`` is None). Refuses what
+    :func:`~explaind_math.theorems.adamw.reference_adamw` and ``reference_sgd_momentum`` refuse.
     """
-    h = None if select is None else (lambda value, label: select(value))
-    return decompose_with_rule(
-        model, trajectory, loss_fn, train_data, test_inputs,
-        statement=f"Corollary 3.3 (ii), activation {module!r}", activation=module, h=h, **options,
-    )
+    eta, T, R = train_features(model, trajectory, loss_fn, train_data, "reference_function_of_output")
+    f = model_output(model)
+    return decompose_with_features(lambda params, x, label: h(f(params, x), label), trajectory, test_inputs,
+                                   eta, T, R, units=trajectory.units(), test_labels=test_labels, nodes=nodes)
