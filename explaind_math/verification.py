@@ -14,22 +14,11 @@ Which theorem a test belongs to (first match wins):
    ``[tool.pytest.ini_options] markers`` to use it outside this command);
 2. a module-level ``VERIFIES = "corollary_3_2"`` in the test module;
 3. the file name: ``check_<key>*.py`` (proof checks) or ``test_<key>*.py`` (property tests), where
-   <key> is one of the keys below (case-insensitive), e.g. ``test_theorem_3_1_replay.py``,
-   ``test_corollary_F_2_partition.py``, ``check_quadrature.py``.
+   <key> is one of the row keys of :data:`explaind_math.theorems.registry.VERIFY_ROWS` (case-insensitive),
+   e.g. ``test_theorem_3_1_replay.py``, ``test_corollary_F_2_partition.py``, ``check_quadrature.py``.
 
-    key                 row
-    theorem_3_1         Theorem 3.1 AdamW
-    corollary_3_2       Corollary 3.2 SGD
-    path_identity       path identity
-    quadrature          Gauss–Legendre quadrature
-    corollary_3_3       Corollary 3.3
-    corollary_f_2       Corollary F.2
-    exact_crosscheck    exact cross-check
-    template            §4 optimizer template (every registered rule)
-    remark_f_3          Remark F.3 checkpoints
-    step_subsampling    Appendix G.2 step subsampling
-    contraction         §11 contraction planning (every path against the atomic tensor)
-    block_scan          §11 block scan across torch.distributed ranks
+The rows, their titles, and which need a passing proof check come from the theorem registry
+(:mod:`explaind_math.theorems.registry`), which also renders the README's theorem table.
 
 Tests matching no key are counted in an "other tests" row (their failures still fail the command).
 A test is a proof check when its file name starts with ``check_``, a property test otherwise.
@@ -62,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .theorems.registry import VERIFY_ROWS, proof_required_rows
+
 __all__ = [
     "THEOREMS",
     "record_residual",
@@ -73,27 +64,14 @@ __all__ = [
     "main",
 ]
 
-#: key → row title, in the order rows are printed
-THEOREMS: dict[str, str] = {
-    "theorem_3_1": "Theorem 3.1 AdamW",
-    "corollary_3_2": "Corollary 3.2 SGD",
-    "path_identity": "path identity",
-    "quadrature": "Gauss–Legendre quadrature",
-    "corollary_3_3": "Corollary 3.3",
-    "corollary_f_2": "Corollary F.2",
-    "exact_crosscheck": "exact cross-check",
-    "template": "§4 optimizer template",
-    "remark_f_3": "Remark F.3 checkpoints",
-    "step_subsampling": "Appendix G.2 step subsampling",
-    "contraction": "§11 contraction planning",
-    "block_scan": "§11 block scan (distributed)",
-}
+#: key → row title, in the order rows are printed (from the theorem registry)
+THEOREMS: dict[str, str] = dict(VERIFY_ROWS)
 OTHER = "other"
-#: the rows whose status needs at least one passing machine-checked proof (a file in proofs_checks/)
-#: (not the template row, whose evidence is the shared checks of every registered rule, nor Appendix G.2,
-#: an estimation procedure whose exact case q = 1 is Theorem 3.1 / Corollary 3.2)
-PROOF_REQUIRED = ("theorem_3_1", "corollary_3_2", "path_identity", "quadrature", "corollary_3_3",
-                  "corollary_f_2", "exact_crosscheck", "remark_f_3", "block_scan")
+#: the rows whose status needs at least one passing machine-checked proof (a file in proofs_checks/): the
+#: registry's rows whose proof checks prove them (not the template row, whose evidence is the shared checks
+#: of every registered rule, nor Appendix G.2, an estimation procedure whose exact case q = 1 is
+#: Theorem 3.1 / Corollary 3.2)
+PROOF_REQUIRED = proof_required_rows()
 
 _ALIASES: dict[str, str] = {
     "theorem 3.1": "theorem_3_1", "thm 3.1": "theorem_3_1", "3.1": "theorem_3_1", "adamw": "theorem_3_1",

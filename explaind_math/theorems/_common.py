@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from ..decomposition import decompose_trajectory
-
-_RULE_LABEL = {"adamw": "AdamW", "sgd": "SGD with momentum", "rmsprop": "RMSprop", "adagrad": "Adagrad",
-               "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam"}
+from ..engine import decompose_trajectory
+from .registry import rule_label
 
 
 def decompose_with_rule(model, trajectory, loss_fn, train_data, test_inputs, *, statement: str, **options):
-    label = _RULE_LABEL.get(trajectory.optimizer, trajectory.optimizer)
+    label = rule_label(trajectory.optimizer)
     return decompose_trajectory(
         model, trajectory, loss_fn, train_data, test_inputs, theorem=f"{statement} ({label})", **options
     )
