@@ -23,7 +23,8 @@ from explaind_math.theorems.post_composition import reference_function_of_output
 THEOREM = "corollary_3_3"  # the row of `python -m explaind_math verify`
 NODES = 8
 MLPS = ("mlp-tanh", "mlp-gelu")
-RUNS = es.training_runs(families=MLPS, schedule_strategy=es.training_schedules(max_steps=4, max_samples=12))
+RUNS = es.training_runs(families=MLPS, optimizer_kinds=("adamw", "adam", "sgd"),
+                        schedule_strategy=es.training_schedules(max_steps=4, max_samples=12))
 OPTIONS = dict(params="coordinate", quadrature=em.gauss_legendre(NODES), replay_rtol=REPLAY_RTOL)
 
 

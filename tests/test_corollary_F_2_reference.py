@@ -25,7 +25,8 @@ MLPS = ("mlp-tanh", "mlp-gelu")
 
 
 @es.property_settings()
-@given(spec=es.training_runs(families=MLPS, schedule_strategy=es.training_schedules(max_steps=4, max_samples=12)),
+@given(spec=es.training_runs(families=MLPS, optimizer_kinds=("adamw", "adam", "sgd"),
+                             schedule_strategy=es.training_schedules(max_steps=4, max_samples=12)),
        kind=st.sampled_from(("all", "random", "labels")), groups=st.integers(1, 4))
 def test_corollary_F_2_engine_equals_reference(spec, kind, groups):
     run = es.train_and_record(spec)

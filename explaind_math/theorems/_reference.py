@@ -139,8 +139,8 @@ def gauss_legendre_nodes(n: int) -> list[tuple[float, float]]:
     return [(float(a), float(b)) for a, b in zip((x + 1.0) / 2.0, w / 2.0)]
 
 
-def test_feature_map(target: Target, trajectory: Trajectory, t: int, test_inputs, test_labels, nodes: int):
-    """Φ_t(x) = Σ_k w_k ∂_θ target(x; θ_t + α_k Δθ_t) for every test input: (X, O, D)."""
+def feature_map(target: Target, trajectory: Trajectory, t: int, test_inputs, test_labels, nodes: int):
+    """The test feature map Φ_t(x) = Σ_k w_k ∂_θ target(x; θ_t + α_k Δθ_t) for every test input: (X, O, D)."""
     names = trajectory.parameter_names
     theta_t, theta_next = theta(trajectory, t), theta(trajectory, t + 1)
     jacobian = vmap(jacrev(lambda p, x, y: target(p, x, y).reshape(-1)), in_dims=(None, 0, 0))
@@ -161,7 +161,7 @@ def decompose_with_features(target: Target, trajectory: Trajectory, test_inputs,
     labels = torch.zeros(test_inputs.shape[0]) if test_labels is None else torch.as_tensor(test_labels)
     kernel, regularization = [], []
     for t in range(trajectory.num_steps):
-        phi = test_feature_map(target, trajectory, t, test_inputs, labels, nodes)
+        phi = feature_map(target, trajectory, t, test_inputs, labels, nodes)
         kernel.append(-torch.einsum("j,xoj,ij->jxio", eta[t], phi, T[t]))
         regularization.append(-torch.einsum("j,xoj,j->jxo", eta[t], phi, R[t]))
 
