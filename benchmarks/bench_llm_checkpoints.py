@@ -95,7 +95,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import explaind_math as em
-import explaind_math.decomposition as em_decomposition
+import explaind_math.engine.contract as em_contract
+import explaind_math.engine.context as em_context
 from explaind_math.features import FunctionalModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -368,9 +369,9 @@ class PeakMemory:
 PROFILED = {
     "per-sample grads": (FunctionalModel, "per_sample_gradients"),
     "Jacobians": (FunctionalModel, "jacobian"),
-    "JVPs": (em_decomposition, "_directional"),  # adaptive rules' probes along Δθ_t, and the JVP path
-    "forward": (em_decomposition.DecompositionContext, "targets"),
-    "contraction": (em_decomposition, "_contract_tensor"),
+    "JVPs": (em_contract, "directional"),  # adaptive rules' probes along Δθ_t, and the JVP path
+    "forward": (em_context.DecompositionContext, "target_values"),
+    "contraction": (em_contract, "contract_tensor"),
 }
 
 

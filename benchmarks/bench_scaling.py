@@ -75,7 +75,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import explaind_math as em
-from explaind_math.contraction import MIN_NODE_BATCH
+from explaind_math.engine.plan import MIN_NODE_BATCH
 from explaind_math.experiments import modular_addition
 
 KEEP = ("param", "test", "unit", "output")

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
 
 def _blocks(num_steps: int, world: int):
-    from explaind_math.distributed import block_of_rank
+    from explaind_math.engine.distributed import block_of_rank
 
     return [(b.start, b.stop) for b in (block_of_rank(num_steps, world, r) for r in range(world))]
 

@@ -17,7 +17,7 @@ from .errors import (
 )
 from .influence import Influence
 from .quadrature import adaptive, adaptive_gauss_legendre, gauss_legendre, midpoint
-from .contraction import MemoryBudgetError
+from .engine import DecompositionOptions, MemoryBudgetError
 from .recording import TrajectoryRecorder
 from . import targets
 from . import analysis, plots  # matplotlib, pandas, xarray are imported only inside their functions
@@ -68,6 +68,7 @@ __all__ = [
     "adaptive",
     "adaptive_gauss_legendre",
     "MemoryBudgetError",
+    "DecompositionOptions",
     "ExplaindError",
     "UnsupportedOptimizerError",
     "ReplayMismatchError",

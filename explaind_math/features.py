@@ -98,7 +98,7 @@ class FunctionalModel:
         return value.reshape(-1)
 
     # -- batched evaluations (labels: one per test input, or a placeholder tensor) ----------
-    def targets(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    def target_values(self, params: Params, xs: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """F(θ) ∈ R^{X×O}: the target on every test input."""
         return vmap(self.target, in_dims=(None, 0, 0), chunk_size=chunk_size)(params, xs, labels)
 
@@ -131,7 +131,7 @@ class FunctionalModel:
         moving = {n: params[n] for n in tangents}
 
         def one(tangent: Params) -> torch.Tensor:
-            return jvp(lambda p: self.targets({**fixed, **p}, xs, labels, chunk_size), (moving,), (tangent,))[1]
+            return jvp(lambda p: self.target_values({**fixed, **p}, xs, labels, chunk_size), (moving,), (tangent,))[1]
 
         return vmap(one, chunk_size=tangent_chunk_size)(tangents)
 

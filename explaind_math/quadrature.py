@@ -14,7 +14,7 @@
 
 The adaptive rules choose their nodes with a cheap probe, one forward-mode JVP along Δθ_t per node,
 which gives Φ_[a,b] Δθ_t and so the residual exactly; the expensive contraction (Jacobians or one JVP
-per kept direction) then runs once, on the chosen nodes only (``decomposition.py``).
+per kept direction) then runs once, on the chosen nodes only (:mod:`explaind_math.engine.contract`).
 """
 
 from __future__ import annotations

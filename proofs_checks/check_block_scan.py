@@ -1,4 +1,4 @@
-"""The block scan of explaind_math.distributed, machine-checked with sympy (MATH.md §4, §11).
+"""The block scan of explaind_math.engine.distributed, machine-checked with sympy (MATH.md §4, §11).
 
 The §4 template advances one buffer per unit, buffer_t(u) = A_t buffer_{t−1}(u) + C_t grad_t(u). Split the
 steps 0..N−1 into consecutive blocks [a_r, b_r) (``block_of_rank``). The distributed driver
@@ -24,7 +24,7 @@ import itertools
 
 import sympy as sp
 
-from explaind_math.distributed import block_of_rank
+from explaind_math.engine.distributed import block_of_rank
 from explaind_math.optimizers.adamw import AdamWRule
 from explaind_math.optimizers.sgd import SGDRule, sgd_coefficients
 from explaind_math.optimizers.template import apply_linear, buffer_step, unit_update

@@ -184,7 +184,7 @@ def test_memory_budget_chunks_and_groupwise_jacobian_are_exact():
     """A budget too small for one test input's full Jacobian forms it one parameter group at a time, with
     small test, sample and tangent chunks; the result equals the unbudgeted one. A budget too small for
     the per-unit buffers is refused with an error that names them."""
-    from explaind_math.contraction import MemoryBudgetError
+    from explaind_math.engine.plan import MemoryBudgetError
     from explaind_math.testing.small_runs import blob_loss, recorded_blob_run
 
     model, trajectory, data, X_test = recorded_blob_run(seed=4, num_test=3)

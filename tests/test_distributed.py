@@ -59,7 +59,7 @@ def test_two_ranks_equal_one_process(two_rank_results, name):
 
 
 def test_blocks_cover_the_steps_once():
-    from explaind_math.distributed import block_of_rank
+    from explaind_math.engine.distributed import block_of_rank
 
     for steps in range(0, 12):
         for world in range(1, 5):

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import explaind_math as em
-from explaind_math.decomposition import decompose_trajectory
+from explaind_math.engine import decompose_trajectory
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import RESIDUALS, assert_exact, report_residual
 

@@ -11,8 +11,10 @@ where grad_t(i) = s · g_{t,i} for a training sample (s = −1 under ``maximize`
 for coupled weight decay, and the decay unit also moves by −ρ_t θ_t directly (decoupled decay).
 A, C, D, E are numbers, tensors (coordinate-wise) or callables (general linear maps).
 
-Everything here is plain arithmetic, so the same functions accept floats, tensors and sympy symbols:
-the proof checks in ``proofs_checks/`` call them with symbols.
+The recurrence is written once, here: :func:`scale_buffer`, :func:`feed_buffer`, :func:`subtract_direct`
+and :func:`subtract_buffered` are the kernels the engine runs (in place on tensors, by rows of a batch),
+and :func:`buffer_step` / :func:`unit_update` compose them. The same functions accept floats, tensors and
+sympy symbols: the proof checks in ``proofs_checks/`` call exactly this code with symbols.
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import torch
+
 from ..errors import UnsupportedOptimizerError
 
 __all__ = [
     "StepCoefficients",
     "LinearOptimizerRule",
     "apply_linear",
+    "is_zero",
+    "scale_buffer",
+    "feed_buffer",
+    "subtract_direct",
+    "subtract_buffered",
     "buffer_step",
     "unit_update",
     "decay_gradient",
@@ -75,14 +84,93 @@ class StepCoefficients:
     decay_decoupled: Any = 0
 
 
-def buffer_step(buffer, grad, c: StepCoefficients):
-    """buffer_t(u) = A ⊙ buffer_{t−1}(u) + C ⊙ grad_t(u)."""
-    return apply_linear(c.A, buffer) + apply_linear(c.C, grad)
+def is_zero(coefficient) -> bool:
+    """Whether a coefficient is the number 0 (a tensor or a map is never treated as zero)."""
+    return not callable(coefficient) and not isinstance(coefficient, torch.Tensor) and coefficient == 0
+
+
+def _accumulate(target, value, rows, sign: int):
+    """target + sign · value, in place for a tensor target (``rows``: target[rows[k]] += sign · value[k]
+    along the first axis, repeated rows accumulated); a new value for numbers and sympy expressions."""
+    if not isinstance(target, torch.Tensor):
+        if rows is None:
+            return target + sign * value
+        out = target.copy()  # a sympy Matrix (or list) of per-unit rows: the symbolic form of index_put_
+        for k, r in enumerate(rows):
+            out[int(r)] = out[int(r)] + sign * value[k]
+        return out
+    if rows is None:
+        return target.add_(value, alpha=sign)
+    # index_put_ with accumulate: on CPU, index_add_ along a first axis with large rows is two to three
+    # orders of magnitude slower (measured: 173 ms against 0.1 ms for 32 rows of 4096)
+    target.index_put_((rows,), value if sign == 1 else -value, accumulate=True)
+    return target
+
+
+def scale_buffer(buffer, A):
+    """buffer ← A ⊙ buffer, the first half of buffer_t(u) = A_t ⊙ buffer_{t−1}(u) + C_t ⊙ grad_t(u).
+
+    A tensor buffer is scaled in place and returned (a unit-by-parameter buffer is the largest tensor
+    held: no copy); a callable linear map A returns A(buffer); numbers and sympy expressions give A·buffer.
+    """
+    if callable(A):
+        return A(buffer)
+    if isinstance(buffer, torch.Tensor):
+        if isinstance(A, torch.Tensor) or A != 1:
+            buffer.mul_(A)
+        return buffer
+    return A * buffer
+
+
+def feed_buffer(buffer, C, grad, rows=None):
+    """buffer ← buffer + C ⊙ grad, the second half of the buffer recursion (MATH.md §4).
+
+    ``rows``: grad holds the gradients of a batch of units, stacked on a first axis, and row k of the
+    buffer receives C ⊙ grad[k] (repeated rows accumulate: a partition maps many samples to one row).
+    In place for a tensor buffer.
+    """
+    if is_zero(C):
+        return buffer
+    return _accumulate(buffer, apply_linear(C, grad), rows, 1)
+
+
+def subtract_direct(update, E, grad, rows=None):
+    """update ← update − E ⊙ grad: the part of update_t(u) that bypasses the buffer (Nesterov's E)."""
+    if is_zero(E):
+        return update
+    return _accumulate(update, apply_linear(E, grad), rows, -1)
+
+
+def subtract_buffered(update, D, buffer):
+    """update ← update − D ⊙ buffer_t(u) (update None: a new tensor −D ⊙ buffer, no zero-filled
+    intermediate). In place for a tensor update, without a buffer-sized temporary unless D is a map."""
+    if update is None:
+        if callable(D):
+            return -D(buffer)
+        if isinstance(D, torch.Tensor):
+            return torch.mul(buffer, -D)  # −D has the parameter's shape: negating it is cheap
+        return buffer * (-D)
+    if not isinstance(update, torch.Tensor):
+        return update - apply_linear(D, buffer)
+    if callable(D):
+        return update.sub_(D(buffer))
+    if isinstance(D, torch.Tensor):
+        return update.addcmul_(buffer, D, value=-1)
+    if D != 0:
+        update.add_(buffer, alpha=-D)
+    return update
+
+
+def buffer_step(buffer, grad, c: StepCoefficients, rows=None):
+    """buffer_t(u) = A ⊙ buffer_{t−1}(u) + C ⊙ grad_t(u)  (:func:`scale_buffer`, then :func:`feed_buffer`).
+
+    With tensors, ``buffer`` is updated in place and returned: pass a buffer you own."""
+    return feed_buffer(scale_buffer(buffer, c.A), c.C, grad, rows)
 
 
 def unit_update(buffer, grad, c: StepCoefficients):
-    """update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ grad_t(u)), with buffer_t(u) already advanced."""
-    return -(apply_linear(c.D, buffer) + apply_linear(c.E, grad))
+    """update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ grad_t(u)), with buffer_t(u) already advanced (a new value)."""
+    return subtract_direct(subtract_buffered(None, c.D, buffer), c.E, grad)
 
 
 def decay_gradient(theta, c: StepCoefficients):

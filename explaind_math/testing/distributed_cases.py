@@ -1,4 +1,4 @@
-"""Recorded runs that exercise the block scan of :mod:`explaind_math.distributed`, and their decompositions.
+"""Recorded runs that exercise the block scan of :mod:`explaind_math.engine.distributed`, and their decompositions.
 
 Each case is deterministic (seeded, float64), so a torchrun worker and the single-process test rebuild the
 same trajectory independently. The cases cover what crosses a block boundary: SGD momentum switched on

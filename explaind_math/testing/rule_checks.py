@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from .. import optimizers as _optimizers
-from ..decomposition import decompose_trajectory
+from ..engine import decompose_trajectory
 from ..errors import UnsupportedOptimizerError
 from ..optimizers.template import LinearOptimizerRule
 from . import strategies as es

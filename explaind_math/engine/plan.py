@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ExplaindError
+from ..errors import ExplaindError
 
-__all__ = ["ContractionPlan", "PathCosts", "MemoryBudgetError", "parse_memory_budget", "plan_contraction",
-           "measure_path_costs"]
+__all__ = ["ContractionPlan", "PathCosts", "MemoryBudgetError", "parse_memory_budget", "plan_contraction", "chunks",
+           "bytes_of", "scaled_in_place", "measure_path_costs"]
 
 # Stacked Jacobians of one node chunk, without a memory budget. Measured on bench_scaling's MLP (2 CPU
 # cores): chunks of up to 32 MiB were as fast as one node at a time or faster (up to 1.7×), chunks of
@@ -268,3 +268,12 @@ def chunks(n: int, size: int | None):
 
 def bytes_of(shape, itemsize: int) -> int:
     return int(math.prod(shape)) * itemsize
+
+
+def scaled_in_place(tensor: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """factor · tensor, in place where the tensor owns its memory (a vmap result can be an expanded view of
+    zeros, for a parameter the target ignores: then a copy)."""
+    try:
+        return tensor.mul_(factor)
+    except RuntimeError:
+        return tensor * factor

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from .decomposition import BlockResult, DecompositionContext, RuleStage, _StepAccumulator, run_block
-from .errors import ExplaindError
+from .blocks import BlockResult, StepAccumulator, run_block
+from .buffers import RuleBuffers
+from .context import DecompositionContext
+from .gradients import step_gradients
+from ..errors import ExplaindError
 
 __all__ = ["block_of_rank", "run_distributed"]
 
@@ -56,37 +59,37 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool | None = Fa
     mine = blocks[rank]
 
     # 0. which optimizer buffers exist when each block starts (hyper-parameters only)
-    stage = RuleStage(ctx)  # the initial state S_0; rank r > 0 replaces it by the S_r it receives
+    buffers = RuleBuffers(ctx)  # the initial state S_0; rank r > 0 replaces it by the S_r it receives
     created = torch.zeros(len(ctx.names), dtype=torch.float64, device=comm)
     for t in mine:
-        for n in stage.creates_buffers(ctx.trajectory.steps[t]):
+        for n in buffers.creates_buffers(ctx.trajectory.steps[t]):
             created[ctx.names.index(n)] = 1.0
     gathered = [torch.zeros_like(created) for _ in range(world)]
     dist.all_gather(gathered, created, group=group)
     before = sum((gathered[r] for r in range(rank)), torch.zeros_like(created))
-    start_flags = {n: stage.has_buffer[n] or bool(before[k] > 0) for k, n in enumerate(ctx.names)}
-    stage.has_buffer = dict(start_flags)
+    start_flags = {n: buffers.has_buffer[n] or bool(before[k] > 0) for k, n in enumerate(ctx.names)}
+    buffers.has_buffer = dict(start_flags)
 
     # 1. this block's own part E_r: its buffers at the end when started from zero
-    own = RuleStage(ctx, zero_state=True)
+    own = RuleBuffers(ctx, zero_state=True)
     own.has_buffer = dict(start_flags)
     theta_t = ctx.theta(mine.start) if len(mine) else None
     for t in mine:
         theta_next = ctx.theta(t + 1)
-        own.advance(t, theta_t, theta_next, checks=False)
+        own.advance(t, step_gradients(ctx, t, theta_t), theta_t, theta_next, checks=False)
         theta_t = theta_next
 
     # 2. the scan: receive S_r, send S_{r+1} = A_{b−1} ⋯ A_a S_r + E_r
     if rank > 0:
         received = []
-        for template in stage.state():
+        for template in buffers.state():
             buffer = torch.empty(template.shape, dtype=template.dtype, device=comm)
             dist.recv(buffer, src=_global_rank(group, rank - 1), group=group)
             received.append(buffer.to(ctx.device))
-        stage.load_state(received)
+        buffers.load_state(received)
     if rank < world - 1:
-        carry = RuleStage(ctx)
-        carry.load_state([s.clone() for s in stage.state()])
+        carry = RuleBuffers(ctx)
+        carry.load_state([s.clone() for s in buffers.state()])
         carry.has_buffer = dict(start_flags)
         for t in mine:
             carry.propagate(t)
@@ -97,8 +100,8 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool | None = Fa
     del own
 
     # 3. this block from the exact state, then 4. every rank gets the whole run
-    local = run_block(ctx, stage, mine, progress) if len(mine) else None
-    return _gather(ctx, local, stage.pseudo_names, blocks, rank, group, comm), list(range(num_steps))
+    local = run_block(ctx, buffers, mine, progress) if len(mine) else None
+    return _gather(ctx, local, buffers.pseudo_names, blocks, rank, group, comm), list(range(num_steps))
 
 
 def _global_rank(group, rank: int) -> int:
@@ -114,7 +117,7 @@ def _gather(ctx: DecompositionContext, local: BlockResult | None, pseudo_names, 
     longest = max(len(b) for b in blocks)
     X, O = ctx.xs_test.shape[0], ctx.num_outputs
     rows = ctx.num_rows
-    kernel_shape = (rows, X, len(ctx.units), O) if ctx.keep_units else (rows, X, O)
+    kernel_shape = (rows, X, len(ctx.unit_labels), O) if ctx.keep_units else (rows, X, O)
     pseudo_shape = (rows, X, O)
     zeros = lambda shape, dtype=ctx.dtype: torch.zeros(shape, dtype=dtype, device=comm)  # noqa: E731
 
@@ -127,12 +130,12 @@ def _gather(ctx: DecompositionContext, local: BlockResult | None, pseudo_names, 
         dist.all_gather(out, padded, group=group)
         return [out[r][k].to(ctx.device) for r in range(world) for k in range(len(blocks[r]))]
 
-    def per_step_tensors(acc: _StepAccumulator | None, shape) -> list[torch.Tensor]:
+    def per_step_tensors(acc: StepAccumulator | None, shape) -> list[torch.Tensor]:
         if acc is None:
             return []
         return [zeros(shape) if v is None else v for v in acc.steps]
 
-    def summed(acc: _StepAccumulator | None, shape) -> torch.Tensor:
+    def summed(acc: StepAccumulator | None, shape) -> torch.Tensor:
         total = zeros(shape) if acc is None or acc.total is None else acc.total.to(comm).clone()
         dist.all_reduce(total, group=group)
         return total.to(ctx.device)
@@ -141,8 +144,8 @@ def _gather(ctx: DecompositionContext, local: BlockResult | None, pseudo_names, 
         column = gather_steps([torch.tensor(float(v), dtype=torch.float64) for v in values], (), torch.float64)
         return [float(v) for v in column]
 
-    kernel = _StepAccumulator(ctx.keep_steps)
-    pseudo = {p: _StepAccumulator(ctx.keep_steps) for p in pseudo_names}
+    kernel = StepAccumulator(ctx.keep_steps)
+    pseudo = {p: StepAccumulator(ctx.keep_steps) for p in pseudo_names}
     if ctx.keep_steps:
         kernel.steps = gather_steps(per_step_tensors(local and local.kernel, kernel_shape), kernel_shape)
         for p in pseudo_names:

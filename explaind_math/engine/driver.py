@@ -1,0 +1,118 @@
+"""The driver shared by every theorem: rule × target × contraction over the steps (MATH.md §1-§5, §11).
+
+    trajectory ─▶ gradients (per unit) ─▶ the rule's buffers (§4) ─▶ unit updates (replay check)
+               └▶ quadrature nodes (§1) ─▶ contraction on the kept axes (§11) ─▶ Influence (+ residual)
+
+:func:`decompose_trajectory` builds the context (:mod:`.context`), runs the steps as one block
+(:mod:`.blocks`), or as one block per rank (:mod:`.distributed`, which carries the buffers across blocks by
+an exact scan), and assembles the :class:`~explaind_math.influence.Influence`. The driver knows no ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..influence import AXES, Influence
+from ..trajectory import Trajectory
+from .blocks import BlockResult, run_block
+from .buffers import RuleBuffers
+from .context import DecompositionContext, build_context
+from .distributed import run_distributed
+from .options import DecompositionOptions, resolve_options
+
+__all__ = ["decompose_trajectory"]
+
+Params = dict[str, torch.Tensor]
+
+
+def decompose_trajectory(
+    model: nn.Module,
+    trajectory: Trajectory,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    train_data: Any,
+    test_inputs: torch.Tensor,
+    *,
+    theorem: str,
+    h: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    activation: str | None = None,
+    test_labels: torch.Tensor | None = None,
+    partition: Any = None,
+    decompose_steps: Iterable[int] | None = None,
+    penalty: Callable[[Params], torch.Tensor] | None = None,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
+) -> Influence:
+    """Decompose f(x; θ_N) − f(x; θ_0) over the trajectory with the trajectory's optimizer rule.
+
+    Called by the theorem functions (:func:`~explaind_math.decompose_adamw_training`, …), which
+    document the arguments; ``theorem`` is the label stored in the result. Beyond those:
+
+    * ``h``, ``test_labels``: decompose h(f(x; θ_N), y) (Corollary 3.3 i), h applied at every node;
+    * ``activation``: decompose the output of that named submodule instead of f (Corollary 3.3 ii);
+    * ``partition``: units are groups of samples (Corollary F.2): ``"all"``, a mapping or sequence
+      id → group label, or a callable id → label; buffers are kept per group (memory K·D);
+    * ``penalty``: R(θ) added to the training loss (an L1/L2 term on the parameters): its gradient is
+      its own pseudo-unit, reported as ``result.penalty``;
+    * ``decompose_steps``: compute Φ_t only for these steps (Appendix G.2); the others contribute
+      nothing, and the result is labelled an estimate;
+    * ``options`` (or its fields as keywords): how the exact answer is computed —
+      :class:`~explaind_math.engine.options.DecompositionOptions` documents every field.
+    """
+    opts = resolve_options(options, option_keywords)
+    ctx = build_context(model, trajectory, loss_fn, train_data, test_inputs, h=h, activation=activation,
+                        test_labels=test_labels, partition=partition, decompose_steps=decompose_steps,
+                        penalty=penalty, options=opts)
+    distributed, progress = opts.distributed, opts.progress
+    if distributed not in (None, False):
+        block, steps = run_distributed(ctx, distributed, progress)
+    else:
+        block = run_block(ctx, RuleBuffers(ctx), range(trajectory.num_steps), progress)
+        steps = list(range(trajectory.num_steps))
+    return _finish(ctx, block, steps, theorem)
+
+
+def _finish(ctx: DecompositionContext, block: BlockResult, steps: list[int], theorem: str) -> Influence:
+    """The :class:`Influence` of a run of blocks, with its axes, labels and notes."""
+    keep_units = ctx.keep_units
+    axes = tuple(a for a in AXES if (a != "step" or ctx.keep_steps) and (a != "unit" or keep_units))
+    # per-step tensors are (rows, X, [U,] O); the canonical order puts the unit axis after test
+    result = Influence(
+        kernel=block.kernel.result(), kernel_axes=axes, regularization=block.pseudo["regularization"].result(),
+        carried_state=block.pseudo["carried_state"].result() if "carried_state" in block.pseudo else None,
+        penalty=block.pseudo["penalty"].result() if "penalty" in block.pseudo else None,
+        f_initial=block.f_start, f_final=block.f_end, step_residuals=torch.stack(block.residuals),
+        replay_errors=block.replay_errors, steps=steps, param_labels=ctx.labels, units=ctx.unit_labels,
+        quadrature=ctx.quadrature.describe(), nodes_per_step=block.nodes, theorem=theorem,
+        gradient_scales=block.scales if ctx.rescaling else None,
+        probe_nodes_per_step=block.probe_nodes, contraction_per_step=block.modes, plan=ctx.plan.describe(),
+        unit_kind="partition groups" if ctx.grouped_units else "training samples",
+    )
+    skipped = sorted(set(range(ctx.trajectory.num_steps)) - ctx.selected)
+    if skipped:
+        result.estimated = True
+        result.notes.append(
+            f"step subsampling: Φ_t computed for {ctx.trajectory.num_steps - len(skipped)} of "
+            f"{ctx.trajectory.num_steps} steps; the {len(skipped)} others contribute nothing, so the "
+            "reconstruction is an approximation (Appendix G.2) and the residual measures what they carried"
+        )
+    return _drop_axes(result, ctx.keep)
+
+
+def _drop_axes(result: Influence, keep: Sequence[str]) -> Influence:
+    """Remove the parameter axis (computed as one group "all") when the caller did not keep it."""
+    if "param" in keep:
+        return result
+    k_dim = result.kernel_axes.index("param")
+    r_dim = result.regularization_axes.index("param")
+    result.kernel = result.kernel.sum(k_dim)
+    result.regularization = result.regularization.sum(r_dim)
+    if result.carried_state is not None:
+        result.carried_state = result.carried_state.sum(r_dim)
+    if result.penalty is not None:
+        result.penalty = result.penalty.sum(r_dim)
+    result.kernel_axes = tuple(a for a in result.kernel_axes if a != "param")
+    result.param_labels = []
+    return result
