@@ -9,10 +9,12 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import ExplaindError
+from ..engine import DecompositionOptions
 from ..influence import Influence
 from ..trajectory import Trajectory
-from ._common import decompose_with_rule
-from ._reference import ReferenceDecomposition, decompose_with_features, train_features
+from .engine_call import decompose_with_rule
+from .reference import ReferenceDecomposition, decompose_with_features
+from .reference_features import train_features
 
 __all__ = ["decompose_activation", "reference_activation"]
 
@@ -26,7 +28,8 @@ def decompose_activation(
     module: str,
     *,
     select: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    **options,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> Influence:
     """Corollary 3.3 (ii): decompose the output a(x; θ) of the submodule named ``module``
     (e.g. ``"encoder.layers.0.attn"``), without changing the model's code:
@@ -40,7 +43,7 @@ def decompose_activation(
     h = None if select is None else (lambda value, label: select(value))
     return decompose_with_rule(
         model, trajectory, loss_fn, train_data, test_inputs,
-        statement=f"Corollary 3.3 (ii), activation {module!r}", activation=module, h=h, **options,
+        statement=f"Corollary 3.3 (ii), activation {module!r}", activation=module, h=h, options=options, **option_keywords,
     )
 
 

@@ -11,7 +11,7 @@ from ..engine import DecompositionOptions, decompose_trajectory
 from ..errors import TrajectoryMismatchError
 from ..influence import Influence
 from ..trajectory import Trajectory
-from ._reference import (ReferenceDecomposition, check_replay, decompose_with_features, flat, hyperparameter,
+from .reference import (ReferenceDecomposition, check_replay, decompose_with_features, flat, hyperparameter,
                          model_output, per_coordinate, refuse_unsupported, sample_gradients, theta, updated)
 
 __all__ = ["decompose_adamw_training", "reference_adamw", "adamw_train_features"]

@@ -10,10 +10,11 @@ from torch import nn
 
 from ..errors import TrajectoryMismatchError
 from ..features import TrainingData
+from ..engine import DecompositionOptions, resolve_options
 from ..influence import Influence
 from ..recording import TrajectoryRecorder
 from ..trajectory import weights_for
-from ._common import decompose_with_rule
+from .engine_call import decompose_with_rule
 
 __all__ = ["AdamWCheckpoint", "checkpoint_from_optimizer", "decompose_from_checkpoints"]
 
@@ -76,7 +77,8 @@ def decompose_from_checkpoints(
     *,
     persistence_steps: Sequence[int] | None = None,
     reduction: str = "mean",
-    **options,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> list[Influence]:
     """Remark F.3: from each checkpoint (θ, m, v, k) simulate one real ``torch.optim.AdamW`` step on a
     batch drawn like the training batches, and decompose that update exactly into
@@ -94,10 +96,11 @@ def decompose_from_checkpoints(
         raise TrajectoryMismatchError(f"{len(checkpoints)} checkpoints but {len(batches)} batches")
     if persistence_steps is not None and len(persistence_steps) != len(checkpoints):
         raise TrajectoryMismatchError("persistence_steps needs one entry per checkpoint")
+    opts = resolve_options(options, option_keywords)
     results = []
     for index, (ckpt, batch) in enumerate(zip(checkpoints, batches)):
         _check_checkpoint(ckpt, index)
-        result = _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction, options)
+        result = _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction, opts)
         if persistence_steps is not None:
             hyper = ckpt["hyperparameters"]
             beta1 = float((hyper if isinstance(hyper, Mapping) else hyper[0])["betas"][0])
@@ -115,7 +118,8 @@ def decompose_from_checkpoints(
     return results
 
 
-def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction, options) -> Influence:
+def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction,
+                   options: DecompositionOptions) -> Influence:
     if isinstance(batch, tuple) and len(batch) == 2 and not isinstance(batch[0], int):
         ids, weights = batch
     else:
@@ -132,7 +136,7 @@ def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reducti
     groups_hyper = [dict(hyper)] if isinstance(hyper, Mapping) else [dict(h) for h in hyper]
     group_of = ckpt.get("param_groups") or {n: 0 for n in names}
     groups = [{**{k: v for k, v in h.items() if k != "params"}, "params": []} for h in groups_hyper]
-    dtype = options.get("dtype") or ckpt["parameters"][names[0]].dtype
+    dtype = options.dtype or ckpt["parameters"][names[0]].dtype
     with torch.no_grad():
         for n in names:
             params[n].data = ckpt["parameters"][n].to(dtype=dtype, device=params[n].device).clone()
@@ -169,6 +173,6 @@ def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reducti
     del out, loss, optimizer, recorder
     return decompose_with_rule(
         work, trajectory, loss_fn, train_data, test_inputs,
-        statement="Remark F.3, checkpoint update", **options,
+        statement="Remark F.3, checkpoint update", options=options,
     )
 

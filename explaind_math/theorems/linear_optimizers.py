@@ -7,9 +7,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..engine import DecompositionOptions
 from ..influence import Influence
 from ..trajectory import Trajectory
-from ._common import decompose_with_rule
+from .engine_call import decompose_with_rule
 
 __all__ = ["decompose_training"]
 
@@ -20,7 +21,8 @@ def decompose_training(
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
     train_data: Any,
     test_inputs: torch.Tensor,
-    **options,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> Influence:
     """Decompose f(x; θ_N) for a run of any registered optimizer rule (MATH.md §4):
 
@@ -33,4 +35,5 @@ def decompose_training(
     Options are those of :func:`~explaind_math.decompose_adamw_training`.
     """
     return decompose_with_rule(model, trajectory, loss_fn, train_data, test_inputs,
-                               statement="MATH.md §4 linear-optimizer template", **options)
+                               statement="MATH.md §4 linear-optimizer template", options=options,
+                               **option_keywords)

@@ -7,10 +7,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..engine import DecompositionOptions
 from ..influence import Influence
 from ..trajectory import Trajectory
-from ._common import decompose_with_rule
-from ._reference import ReferenceDecomposition, decompose_with_features, model_output, train_features
+from .engine_call import decompose_with_rule
+from .reference import ReferenceDecomposition, decompose_with_features, model_output
+from .reference_features import train_features
 
 __all__ = ["decompose_by_partition", "reference_partition"]
 
@@ -22,7 +24,8 @@ def decompose_by_partition(
     train_data: Any,
     test_inputs: torch.Tensor,
     partition: Any,
-    **options,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> Influence:
     """Corollary F.2: for a partition {S_1 … S_K} of the training samples,
 
@@ -36,7 +39,7 @@ def decompose_by_partition(
     """
     return decompose_with_rule(
         model, trajectory, loss_fn, train_data, test_inputs,
-        statement="Corollary F.2, partition", partition=partition, **options,
+        statement="Corollary F.2, partition", partition=partition, options=options, **option_keywords,
     )
 
 

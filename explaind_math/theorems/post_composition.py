@@ -7,10 +7,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..engine import DecompositionOptions
 from ..influence import Influence
 from ..trajectory import Trajectory
-from ._common import decompose_with_rule
-from ._reference import ReferenceDecomposition, decompose_with_features, model_output, train_features
+from .engine_call import decompose_with_rule
+from .reference import ReferenceDecomposition, decompose_with_features, model_output
+from .reference_features import train_features
 
 __all__ = ["decompose_function_of_output", "reference_function_of_output"]
 
@@ -24,7 +26,8 @@ def decompose_function_of_output(
     h: Callable[[torch.Tensor, Any], torch.Tensor],
     *,
     test_labels: torch.Tensor | None = None,
-    **options,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> Influence:
     """Corollary 3.3 (i): decompose h(f(x; θ_N)) with the same T_t(i), R_t and
 
@@ -38,7 +41,7 @@ def decompose_function_of_output(
     """
     return decompose_with_rule(
         model, trajectory, loss_fn, train_data, test_inputs,
-        statement="Corollary 3.3 (i), h∘f", h=h, test_labels=test_labels, **options,
+        statement="Corollary 3.3 (i), h∘f", h=h, test_labels=test_labels, options=options, **option_keywords,
     )
 
 

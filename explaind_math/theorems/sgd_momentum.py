@@ -11,7 +11,7 @@ from ..engine import DecompositionOptions, decompose_trajectory
 from ..errors import TrajectoryMismatchError
 from ..influence import Influence
 from ..trajectory import Trajectory
-from ._reference import (ReferenceDecomposition, check_replay, decompose_with_features, flat, hyperparameter,
+from .reference import (ReferenceDecomposition, check_replay, decompose_with_features, flat, hyperparameter,
                          model_output, refuse_unsupported, sample_gradients, theta, updated)
 
 __all__ = ["decompose_sgd_momentum_training", "reference_sgd_momentum", "sgd_train_features"]

@@ -7,9 +7,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..engine import DecompositionOptions, resolve_options
 from ..features import FunctionalModel
 from ..trajectory import Trajectory
-from ._common import decompose_with_rule
+from .engine_call import decompose_with_rule
 
 __all__ = ["rank_steps_by_heldout_loss", "step_subsampling_fidelity"]
 
@@ -59,7 +60,8 @@ def step_subsampling_fidelity(
     test_inputs: torch.Tensor,
     heldout: tuple[torch.Tensor, torch.Tensor],
     fractions: Sequence[float] = (0.1, 0.25, 0.5, 1.0),
-    **options,
+    options: DecompositionOptions | None = None,
+    **option_keywords: Any,
 ) -> list[dict]:
     """Appendix G.2: keep the top fraction q of steps by held-out loss change, reconstruct
     f(x; θ_0) + Σ_{t kept} (I_t + Ψ_t), and report fidelity against f(x; θ_N) for every q.
@@ -69,13 +71,13 @@ def step_subsampling_fidelity(
     Returns one row per q: ``fraction``, ``steps_kept``, ``agreement`` (argmax), ``kl``,
     ``max_abs_error``. Rows with q < 1 are approximations by construction (labelled ``estimated``).
     """
-    ranking = [t for t, _ in rank_steps_by_heldout_loss(model, trajectory, loss_fn, heldout, dtype=options.get("dtype"))]
+    opts = resolve_options(options, option_keywords)
+    ranking = [t for t, _ in rank_steps_by_heldout_loss(model, trajectory, loss_fn, heldout, dtype=opts.dtype)]
     counts = {q: max(1, int(round(q * trajectory.num_steps))) for q in fractions}
     largest = ranking[: max(counts.values())]
-    options = {**options, "keep": ("step",)}
     result = decompose_with_rule(
         model, trajectory, loss_fn, train_data, test_inputs,
-        statement="Appendix G.2, step subsampling", decompose_steps=largest, **options,
+        statement="Appendix G.2, step subsampling", decompose_steps=largest, options=opts.replace(keep=("step",)),
     )
     axes = ("step", "test", "output")
     per_step = result.kernel_sum(axes) + result.pseudo_unit_sum(axes)

@@ -180,13 +180,3 @@ def check_replay(trajectory: Trajectory, t: int, eta, T_t, R_t, who: str) -> Non
     if error > 1e-8 * float(delta.abs().max()) + 1e-14:
         raise ExplaindError(f"{who}: step {t} is not replayed by −η_t (Σ_i T_t(i) + R_t) (off by {error:.2e}); "
                             "is the run outside what this reference covers?")
-
-
-def train_features(model, trajectory: Trajectory, loss_fn, train_data, who: str):
-    """(η, T, R) of the run's optimizer rule: Theorem 3.1 for AdamW/Adam, Corollary 3.2 for SGD."""
-    from .adamw import adamw_train_features
-    from .sgd_momentum import sgd_train_features
-
-    refuse_unsupported(trajectory, ("adamw", "sgd"), who)
-    features = adamw_train_features if trajectory.optimizer == "adamw" else sgd_train_features
-    return features(model, trajectory, loss_fn, train_data)
