@@ -33,7 +33,7 @@ class UnitUpdates:
     over units, every pseudo-unit's update, the unit rows that can be non-zero, the replay error of the step
     (Σ_u update_t(u) against Δθ_t), the clip factor c_t."""
 
-    units: Params | None
+    per_unit: Params | None
     unit_totals: Params | None
     pseudo: dict[str, Params]
     active: torch.Tensor | None

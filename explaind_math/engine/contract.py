@@ -186,7 +186,7 @@ def jvp_batches(ctx, moving, groups, active, updates) -> list[tuple[list, Params
             elif rows is None:
                 out[n] = updates.unit_totals[n].unsqueeze(0)
             else:
-                out[n] = updates.units[n].index_select(0, rows)
+                out[n] = updates.per_unit[n].index_select(0, rows)
         return out
 
     limit = ctx.plan.tangent_chunk or sum(1 if b[2] is None else b[2].numel() for b in blocks)
@@ -313,7 +313,7 @@ def contract_tensor(ctx: DecompositionContext, n: str, phi_n: torch.Tensor, sl: 
     if unit_axis is None:
         target += torch.einsum(equation, J, total)
     else:
-        U = updates.units[n].reshape(updates.units[n].shape[0], -1)
+        U = updates.per_unit[n].reshape(updates.per_unit[n].shape[0], -1)
         every_row = active.numel() == U.shape[0]
         part = torch.einsum(equation, J, U if every_row else U.index_select(0, active))
         if every_row:
