@@ -2,7 +2,8 @@
 
     Φ^a_t(x) = ∫_0^1 ∂_θ a(x; θ_t(α)) dα,     a(x; θ_N) = a(x; θ_0) + Σ I^a + Σ Ψ^a
 
-Properties on random runs of the real ``torch.optim.AdamW`` / ``SGD`` (recorded by ``TrajectoryRecorder``):
+Properties on random runs of the real torch optimizer of every registered rule (recorded by
+``TrajectoryRecorder``):
 
 * hidden layers of tanh/GELU MLPs (any submodule but the whole model) and the q/k/v/output projections
   of a self-attention block, with ``select=`` picking one token: the reconstruction is exact
@@ -100,9 +101,7 @@ def check_activation_result(spec: es.RunSpec, run: es.TrainedRun, result: em.Inf
 # ---------------------------------------------------------------------------------------------------
 # MLP hidden layers
 # ---------------------------------------------------------------------------------------------------
-MLP_RUNS = es.training_runs(
-    model_strategy=es.mlp_models(activations=("tanh", "gelu")), optimizer_kinds=("adamw", "sgd")
-)
+MLP_RUNS = es.training_runs(model_strategy=es.mlp_models(activations=("tanh", "gelu")))  # every registered rule
 
 
 @SETTINGS
@@ -130,9 +129,7 @@ def test_mlp_hidden_layer_activation_is_exact(spec, data, device):
 # ---------------------------------------------------------------------------------------------------
 # a submodule of a self-attention block, one token selected
 # ---------------------------------------------------------------------------------------------------
-ATTENTION_RUNS = es.training_runs(
-    model_strategy=es.attention_models(implementations=("single",)), optimizer_kinds=("adamw", "sgd")
-)
+ATTENTION_RUNS = es.training_runs(model_strategy=es.attention_models(implementations=("single",)))  # every rule
 
 
 @SETTINGS

@@ -35,10 +35,11 @@ def exact_nodes(num_layers: int) -> int:
 
 
 @es.property_settings()
-@given(spec=es.training_runs(model_strategy=es.deep_linear_models(), optimizer_kinds=("adamw", "adam", "sgd")),
+@given(spec=es.training_runs(model_strategy=es.deep_linear_models()),  # an optimizer of every registered rule
        keep=st.sampled_from([("step", "param", "unit"), ("step",)]))
 def test_deep_linear_is_exact_with_ceil_half_L_nodes(spec, keep, device):
-    """L = 1..6 layers, AdamW/Adam/SGD, Jacobian or JVP contraction: gauss_legendre(ceil(L/2)) ≤ 1e-12."""
+    """L = 1..6 layers, every registered optimizer rule, Jacobian or JVP contraction: gauss_legendre(ceil(L/2))
+    ≤ 1e-12."""
     run = es.train_and_record(spec, device=device)
     L = spec.model.num_layers
     n = exact_nodes(L)
@@ -82,8 +83,7 @@ def test_fewer_nodes_are_not_exact_for_three_or_more_layers(num_layers, device):
 
 
 @es.property_settings()
-@given(spec=es.training_runs(model_strategy=es.deep_linear_models(layers=st.integers(3, 6)),
-                             optimizer_kinds=("adamw", "sgd")))
+@given(spec=es.training_runs(model_strategy=es.deep_linear_models(layers=st.integers(3, 6))))  # every rule
 def test_more_nodes_than_needed_stay_exact(spec, device):
     """Adding nodes beyond ceil(L/2) changes nothing but rounding: 8 nodes agree with ceil(L/2) nodes
     on every atomic score to 1e-12 (Φ_t is the same polynomial integral)."""
