@@ -228,6 +228,8 @@ class TrainingData:
             return self._cast(X[index]), self._cast(Y[index])
         xs, ys = [], []
         for i in ids:
+            if i < 0 and not isinstance(self.data, Mapping):  # a list would give its last sample for id -1
+                raise TrajectoryMismatchError(f"sample id {i} is negative; ids index the training data from 0")
             try:
                 x, y = self.data[i]
             except (KeyError, IndexError):

@@ -17,9 +17,12 @@ a trajectory resumes it after its last finished step, once the model and optimiz
 be exactly where that step left them.
 
 Before each step the recorder refuses (and the step does not happen, so nothing is lost): a missing
-batch, a closure, BatchNorm in training mode or active dropout, changed buffers, parameters changed
-outside ``optimizer.step()``, NaN/Inf gradients, and optimizer flags with no exact rule. A refused
-step discards the batch recorded for it: call ``record_batch`` again before stepping again.
+batch, a closure, BatchNorm in training mode or without running statistics, active dropout, a forward
+that is random or couples the samples (probed at the first step), changed buffers, frozen parameters or
+module attributes, parameters or optimizer state changed outside ``optimizer.step()``, a param group
+added mid-run, NaN/Inf gradients, and optimizer flags with no exact rule
+(:mod:`~explaind_math.recording_checks`). A refused step discards the batch recorded for it: call
+``record_batch`` again before stepping again.
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
 from .optimizers import rule_for_optimizer
-from .trajectory import StepRecord, Trajectory, all_finite, weights_for
+from .recording_checks import (
+    ForwardState,
+    OptimizerStateWatch,
+    batch_ids,
+    batch_weights,
+    check_batch_coupled_modules,
+    check_param_groups,
+    probe_forward,
+)
+from .trajectory import StepRecord, Trajectory, all_finite
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
 
@@ -67,7 +79,8 @@ class TrajectoryRecorder:
         optimizer: the user's optimizer, with any number of param groups and any LR scheduler.
         record_gradients: also store each step's ``.grad`` (lets the replay check tell a loss that is
             not a weighted sum of per-sample losses from other mismatches; costs one copy of θ per step).
-        check_modules: refuse BatchNorm in training mode and active dropout at every step.
+        check_modules: refuse BatchNorm in training mode and active dropout at every step, and probe the
+            forward at the first step (two forwards of its batch, and its first sample alone).
         gradient_rescaling: the ``.grad`` seen by ``optimizer.step()`` may be c_t · Σ_i w_{t,i} ∇ℓ_i
             with one scalar c_t per step — ``torch.nn.utils.clip_grad_norm_`` over all trained
             parameters, or a constant loss scale. The decomposition recovers c_t from the recorded
@@ -130,7 +143,12 @@ class TrajectoryRecorder:
                     raise RecordingError(f"parameter {name_of[id(p)]!r} appears in two param groups")
                 seen.add(id(p))
                 self._params.append((name_of[id(p)], p, gi))
-        self._buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
+        # buffers and frozen parameters: recorded once (as the trajectory's buffers), checked every step
+        self._forward_state = ForwardState(model, [p for _, p, _ in self._params])
+        self._buffers = dict(self._forward_state.tensors)
+        self._state_watch = OptimizerStateWatch()
+        self._probe_input: tuple | None = None
+        self._probe_pending = check_modules
         self._snapshots: list[dict[str, torch.Tensor]] = []
         self._steps: list[StepRecord] = []
         self._initial_state: dict[str, dict] = {}
@@ -155,6 +173,8 @@ class TrajectoryRecorder:
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
+        if check_modules:  # the first recorded batch's forward inputs, for probe_forward
+            self._handles.append(model.register_forward_pre_hook(self._capture_input, with_kwargs=True))
 
     # ------------------------------------------------------------------ user calls
     def record_batch(self, ids: Sequence[int] | torch.Tensor, weights=None, *, reduction: str = "mean") -> None:
@@ -173,13 +193,11 @@ class TrajectoryRecorder:
                 # GradScaler.update() lowered the scale: the step of the pending batch was skipped
                 self._pending = {}
             self._scale_at_batch = scale
-        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        ids = batch_ids(ids)
         if not ids:
             raise RecordingError("record_batch needs at least one sample id")
-        if len(set(ids)) != len(ids):
-            raise RecordingError("record_batch: a sample id appears twice; give each sample once with its weight")
-        w = weights_for(ids, weights, reduction)
-        for i, wi in zip(ids, w.tolist()):
+        w = batch_weights(ids, weights, reduction)
+        for i, wi in zip(ids, w.tolist()):  # a repeated id (sampling with replacement): its weights add up
             self._pending[i] = self._pending.get(i, 0.0) + wi
 
     def trajectory(self, metadata: dict | None = None) -> Trajectory:
@@ -360,14 +378,22 @@ class TrajectoryRecorder:
                                  "call loss.backward() before optimizer.step() instead")
         if not self._pending:
             raise RecordingError(f"{where}: no batch recorded; call recorder.record_batch(ids) before optimizer.step()")
+        check_param_groups(optimizer, self._params, where)
         if self.check_modules:
             check_deterministic_modules(self.model, where)
-        for n, b in self.model.named_buffers():
-            if n not in self._buffers or not torch.equal(b.detach().cpu(), self._buffers[n]):
-                raise StochasticTrainingError(
-                    f"{where}: buffer {n!r} changed during training (a BatchNorm running statistic?); "
-                    "the decomposition needs a model whose buffers stay fixed"
-                )
+            check_batch_coupled_modules(self.model, where)
+        self._forward_state.check(self.model, where)
+        self._state_watch.check(optimizer, self._params, where)
+        if self._probe_pending and self._probe_input is not None:
+            exempt = [m for m in self.model.modules()
+                      if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))]
+            self._probe_pending = False  # the forward hook stops capturing during the probe
+            try:
+                probe_forward(self.model, *self._probe_input, where, exempt)
+            except Exception:
+                self._probe_pending = True
+                raise
+            self._probe_input = None
         if t == 0 and self.resumed_from is None:
             theta = self._snapshot()
             self._snapshots = [theta]  # (re)set: a refused first step must not leave a second θ_0 behind
@@ -424,6 +450,7 @@ class TrajectoryRecorder:
                             current["gradient"])
         self._count += 1
         self._last_theta = theta
+        self._state_watch.record(optimizer, self._params)
         if self._writer is None:
             self._steps.append(record)
             self._snapshots.append(theta)
@@ -437,6 +464,10 @@ class TrajectoryRecorder:
             )
             self._snapshots = []
         self._writer.append(record, theta)  # writes a shard (then the manifest) every steps_per_shard steps
+
+    def _capture_input(self, module, args, kwargs) -> None:
+        if self._probe_pending:
+            self._probe_input = (args, kwargs)
 
     def _carried_state(self) -> dict[str, dict]:
         """Optimizer state that existed before the first recorded step (a checkpoint resumed)."""

@@ -179,13 +179,7 @@ class Trajectory:
             hyper_list = [hyper_t] if isinstance(hyper_t, Mapping) else list(hyper_t)
             normalized = []
             for gi, h in enumerate(hyper_list):
-                try:
-                    normalized.append(rule.hyperparameters(_as_group(h, rule)))
-                except KeyError as exc:
-                    raise TrajectoryMismatchError(
-                        f"step {t}: the hyper-parameters of param group {gi} lack {exc.args[0]!r}, which the "
-                        f"{rule.name} rule needs (give the values actually used at that step)"
-                    ) from None
+                normalized.append(normalized_hyperparameters(rule, h, t, gi))
             state_t = {}
             if states is not None:
                 for n, st in states[t].items():
@@ -248,14 +242,18 @@ def check_model_matches(trajectory: "Trajectory", model: torch.nn.Module) -> Non
             raise TrajectoryMismatchError(
                 f"parameter {n!r}: trajectory shape {shape}, model shape {tuple(model_params[n].shape)}"
             )
+    # the recorder stores buffers and frozen parameters (not in the optimizer) alike: the state the forward
+    # reads besides θ, which must be what it was during training
     model_buffers = dict(model.named_buffers())
+    model_buffers.update({n: p for n, p in model_params.items() if n not in shapes})
     for n, value in trajectory.buffers.items():
         if n not in model_buffers:
             raise TrajectoryMismatchError(f"the trajectory recorded buffer {n!r} that the model does not have")
         b = model_buffers[n]
         if tuple(b.shape) != tuple(value.shape) or not torch.equal(b.detach().cpu().to(value.dtype), value):
+            kind = "frozen parameter" if n in model_params else "buffer"
             raise TrajectoryMismatchError(
-                f"buffer {n!r} of the model differs from the one recorded during training"
+                f"{kind} {n!r} of the model differs from the one recorded during training"
             )
 
 
@@ -323,6 +321,12 @@ def check_step(t: int, step: StepRecord, rule, names: Sequence[str], shapes: Map
             f"step {t}: hyper-parameters for {len(step.hyperparameters)} param groups, "
             f"the parameters use {num_groups}"
         )
+    for gi, hyper in enumerate(step.hyperparameters):
+        if normalized_hyperparameters(rule, hyper, t, gi) != hyper:
+            raise TrajectoryMismatchError(
+                f"step {t}: the hyper-parameters of param group {gi} ({hyper}) are not in the form the "
+                f"{rule.name} rule records"
+            )
     unknown = sorted(set(step.updated) - set(names))
     if unknown:
         raise TrajectoryMismatchError(f"step {t}: updated parameters {unknown} are not in the trajectory")
@@ -368,6 +372,26 @@ def _tensor(v) -> torch.Tensor:
         # Python floats are doubles; torch.as_tensor would round them to the default dtype (float32)
         t = torch.as_tensor(v, dtype=torch.float64)
     return t
+
+
+def normalized_hyperparameters(rule, hyper: Any, t: int, group: int) -> dict:
+    """The rule's form of one param group's hyper-parameters at step t; a missing or mistyped value is a
+    :class:`TrajectoryMismatchError` naming the step, the group and the key."""
+    if not isinstance(hyper, Mapping):
+        raise TrajectoryMismatchError(f"step {t}: the hyper-parameters of param group {group} are not a dict: {hyper!r}")
+    try:
+        return rule.hyperparameters(_as_group(hyper, rule))
+    except KeyError as exc:
+        raise TrajectoryMismatchError(
+            f"step {t}: the hyper-parameters of param group {group} lack {exc.args[0]!r}, which the "
+            f"{rule.name} rule needs (give the values actually used at that step)"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ExplaindError):
+            raise
+        raise TrajectoryMismatchError(
+            f"step {t}: the hyper-parameters of param group {group} are malformed ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _as_group(h: Mapping[str, Any], rule) -> dict:

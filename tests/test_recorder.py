@@ -119,19 +119,21 @@ def test_sum_reduction_and_explicit_weights(device):
     _assert_exact(_decompose(model, traj, X, Y))
 
 
-def test_duplicate_id_in_one_record_batch(device):
+def test_duplicate_id_in_one_record_batch_is_merged_into_its_weight(device):
+    """Sampling with replacement (issue 17): a repeated id is one unit whose weight is the sum."""
     X, Y = _data(device)
     model = _mlp(device)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     rec = em.TrajectoryRecorder(model, opt)
-    with pytest.raises(RecordingError, match="appears twice"):
-        rec.record_batch([3, 4, 3])
-    with pytest.raises(RecordingError, match="appears twice"):
-        rec.record_batch(torch.tensor([1, 1]))
-    for t in range(2):  # nothing of the refused calls was kept
-        _step(model, opt, rec, X, Y, t)
+    for t, ids in enumerate(([3, 4, 3], [1, 1])):
+        opt.zero_grad()
+        index = torch.tensor(ids, device=device)
+        F.cross_entropy(model(X[index]), Y[index]).backward()
+        rec.record_batch(torch.tensor(ids) if t else ids)
+        opt.step()
     traj = rec.trajectory()
-    assert traj.steps[0].units == [0, 1, 2, 3, 4]
+    assert traj.steps[0].units == [3, 4] and traj.steps[0].weights.tolist() == [2 / 3, 1 / 3]
+    assert traj.steps[1].units == [1] and traj.steps[1].weights.tolist() == [1.0]
     _assert_exact(_decompose(model, traj, X, Y))
 
 

@@ -57,8 +57,9 @@ class SGDRule(LinearOptimizerRule):
             "nesterov": bool(group["nesterov"]),
             "maximize": bool(group.get("maximize", False)),
         }
-        if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
-            raise refuse_flag(self.name, "nesterov", True, "Nesterov needs momentum > 0 and dampening = 0")
+        # torch runs plain SGD while a group's momentum is 0 (a warm-up), Nesterov or not: exact by the table
+        if hyper["nesterov"] and hyper["momentum"] != 0 and hyper["dampening"] != 0:
+            raise refuse_flag(self.name, "nesterov", True, "Nesterov needs dampening = 0 while momentum ≠ 0")
         return hyper
 
     def state_keys(self, hyper: dict) -> tuple[str, ...]:

@@ -1,0 +1,306 @@
+"""The record-time checks of :class:`~explaind_math.TrajectoryRecorder`: everything that would make a
+recorded step unreadable, or its decomposition silently wrong, is refused at the step, before it happens.
+
+* the sample ids and weights given to ``record_batch`` (1-D integers, finite weights; a repeated id,
+  as sampling with replacement gives, is merged into one unit whose weight is the sum);
+* the param groups (``optimizer.add_param_group`` mid-run is refused at the next step, which does not
+  happen; the steps before stay readable);
+* the state the forward reads besides the trained parameters (:class:`ForwardState`): buffers,
+  non-persistent buffers, frozen parameters, and plain scalar attributes of the modules (a
+  temperature), recorded once and compared at every step;
+* the optimizer state between steps (:class:`OptimizerStateWatch`): a ``load_state_dict`` or a zeroed
+  moment between two steps is refused, naming the parameter and the state;
+* modules whose samples interact or that draw random numbers (:func:`check_batch_coupled_modules`,
+  :func:`probe_forward`: two forwards of the first recorded batch, and its first sample alone).
+"""
+
+from __future__ import annotations
+
+import numbers
+import random
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import NonFiniteError, RecordingError, StochasticTrainingError
+from .trajectory import all_finite, weights_for
+
+__all__ = [
+    "ForwardState",
+    "OptimizerStateWatch",
+    "batch_ids",
+    "batch_weights",
+    "check_batch_coupled_modules",
+    "check_param_groups",
+    "probe_forward",
+]
+
+
+# ---------------------------------------------------------------------- record_batch's arguments
+def batch_ids(ids: Any) -> list[int]:
+    """The sample ids of ``record_batch`` as Python ints: a 1-D integer tensor/array or a sequence of ints.
+    Anything else (shape (B, 1), floats, bools, strings) is a :class:`RecordingError` naming ``ids``."""
+    if hasattr(ids, "shape") and hasattr(ids, "dtype"):  # a tensor or a numpy array
+        t = torch.as_tensor(ids)
+        if t.dim() != 1:
+            raise RecordingError(
+                f"record_batch: ids must be a 1-D sequence of sample ids, got a tensor of shape {tuple(t.shape)}"
+                + ("; pass ids.reshape(-1)" if t.dim() > 1 and t.numel() == t.shape[0] else "")
+            )
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise RecordingError(f"record_batch: ids must be integers, got a tensor of dtype {t.dtype}")
+        return [int(i) for i in t.tolist()]
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+        raise RecordingError(f"record_batch: ids must be a 1-D sequence of sample ids, got {type(ids).__name__}")
+    out = []
+    for k, i in enumerate(ids):
+        if isinstance(i, torch.Tensor) and i.dim() == 0 and not (i.is_floating_point() or i.dtype == torch.bool):
+            i = int(i)
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise RecordingError(
+                f"record_batch: ids must be integers; ids[{k}] is {i!r} ({type(i).__name__})"
+            )
+        out.append(int(i))
+    return out
+
+
+def batch_weights(ids: Sequence[int], weights: Any, reduction: str) -> torch.Tensor:
+    """w_{t,i} of one ``record_batch`` call (float64), refused when not finite."""
+    if weights is not None:
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if w.dim() > 1 and w.numel() != w.shape[0]:
+            raise RecordingError(f"record_batch: weights must be 1-D (one per id), got shape {tuple(w.shape)}")
+    w = weights_for(ids, weights, reduction)
+    if not all_finite(w):
+        bad = [k for k, v in enumerate(w.tolist()) if v != v or v in (float("inf"), float("-inf"))]
+        raise NonFiniteError(f"record_batch: weights at positions {bad[:8]} are NaN or Inf")
+    return w
+
+
+# ---------------------------------------------------------------------- param groups
+def check_param_groups(optimizer: torch.optim.Optimizer, recorded: Sequence[tuple[str, torch.Tensor, int]],
+                       where: str) -> None:
+    """The optimizer's param groups must hold exactly the parameters recorded, in the recorded groups:
+    a group added by ``optimizer.add_param_group`` (or a parameter moved) is refused before the step."""
+    groups = optimizer.param_groups
+    expected = max((gi for _, _, gi in recorded), default=-1) + 1
+    now = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
+    moved = [n for n, p, gi in recorded if now.get(id(p)) != gi]
+    if len(groups) != expected or len(now) != len(recorded) or moved:
+        raise RecordingError(
+            f"{where}: the optimizer now has {len(groups)} param groups holding {len(now)} parameters; recording "
+            f"started with {expected} groups holding {len(recorded)}"
+            + (f" (parameters {moved[:5]} left their group)" if moved else "")
+            + ". optimizer.add_param_group mid-run is not supported: this step did not happen (model and "
+            "optimizer are as before it) and the steps before it are kept (recorder.trajectory()); to train the "
+            "new parameters, start a new recorder (a new trajectory) with the optimizer as it is now"
+        )
+
+
+# ---------------------------------------------------------------------- state the forward reads
+def _plain_attributes(model: nn.Module) -> dict[str, Any]:
+    """Scalar attributes of every module (numbers, strings, None), e.g. a softmax temperature."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training":
+                continue
+            if value is None or isinstance(value, (bool, numbers.Number, str)):
+                out[f"{prefix}.{key}" if prefix else key] = value
+    return out
+
+
+class ForwardState:
+    """What the forward reads besides the trained parameters, recorded once: buffers (persistent or
+    not), frozen parameters (not in the optimizer) and plain scalar module attributes."""
+
+    def __init__(self, model: nn.Module, trained: Iterable[torch.Tensor]):
+        trained_ids = {id(p) for p in trained}
+        self.tensors = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
+        self.frozen = [n for n, p in model.named_parameters() if id(p) not in trained_ids]
+        for n, p in model.named_parameters():
+            if id(p) not in trained_ids:
+                self.tensors[n] = p.detach().cpu().clone()
+        self.attributes = _plain_attributes(model)
+
+    def check(self, model: nn.Module, where: str) -> None:
+        """Raise naming the first buffer, frozen parameter or attribute that differs from the recorded one."""
+        current = dict(model.named_buffers())
+        current.update({n: p for n, p in model.named_parameters() if n in self.frozen})
+        for n in sorted(set(current) ^ set(self.tensors)):
+            raise StochasticTrainingError(f"{where}: buffer or frozen parameter {n!r} appeared or disappeared "
+                                          "since recording started")
+        for n, b in current.items():
+            if not torch.equal(b.detach().cpu(), self.tensors[n]):
+                if n in self.frozen:
+                    raise RecordingError(
+                        f"{where}: frozen parameter {n!r} (not in the optimizer) changed since recording started; "
+                        "the decomposition needs everything outside the optimizer fixed: put it in the optimizer "
+                        "(lr 0 keeps it fixed) or do not edit it"
+                    )
+                raise StochasticTrainingError(
+                    f"{where}: buffer {n!r} changed during training (a BatchNorm running statistic?); "
+                    "the decomposition needs a model whose buffers stay fixed"
+                )
+        now = _plain_attributes(model)
+        for key in sorted(set(now) | set(self.attributes)):
+            if now.get(key, "<absent>") != self.attributes.get(key, "<absent>"):
+                raise RecordingError(
+                    f"{where}: module attribute {key!r} changed from {self.attributes.get(key, '<absent>')!r} to "
+                    f"{now.get(key, '<absent>')!r} since recording started; the forward must stay the same function "
+                    "of θ during training"
+                )
+
+
+# ---------------------------------------------------------------------- optimizer state between steps
+def _fingerprint(v: torch.Tensor) -> tuple[float, float]:
+    d = v.detach().double()
+    return float(d.sum()), float((d * d).sum())
+
+
+class OptimizerStateWatch:
+    """A fingerprint (step count, Σv and Σv² of every state tensor) of the optimizer state after each
+    step, compared before the next: the state may only change inside ``optimizer.step()``."""
+
+    def __init__(self):
+        self._after: dict[int, dict[str, Any]] | None = None
+
+    @staticmethod
+    def _take(optimizer, params) -> dict[int, dict[str, Any]]:
+        out = {}
+        for _, p, _ in params:
+            st = optimizer.state.get(p, {})
+            out[id(p)] = {k: (_fingerprint(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else
+                              float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v))
+                          for k, v in st.items()}
+        return out
+
+    def record(self, optimizer, params) -> None:
+        self._after = self._take(optimizer, params)
+
+    def forget(self) -> None:
+        self._after = None
+
+    def check(self, optimizer, params, where: str) -> None:
+        if self._after is None:
+            return
+        now = self._take(optimizer, params)
+        for name, p, _ in params:
+            before, after = self._after.get(id(p), {}), now.get(id(p), {})
+            for key in sorted(set(before) | set(after)):
+                if before.get(key) != after.get(key):
+                    raise RecordingError(
+                        f"{where}: the optimizer state {key!r} of parameter {name!r} changed since the last "
+                        "optimizer.step() (optimizer.load_state_dict, or a state edited by hand, mid-run?); the "
+                        "state may only change inside optimizer.step(). Restore it, or start a new recorder"
+                    )
+
+
+# ---------------------------------------------------------------------- forwards that are not per-sample
+def check_batch_coupled_modules(model: nn.Module, where: str) -> None:
+    """BatchNorm without running statistics normalizes by the batch in eval mode too."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+            raise StochasticTrainingError(
+                f"{where}: BatchNorm module {name or type(module).__name__!r} has track_running_stats=False, so it "
+                "normalizes by the statistics of the batch even in eval mode and samples interact; use "
+                "LayerNorm/GroupNorm, or BatchNorm with running statistics in eval mode"
+            )
+
+
+def _tensors_of(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in _tensors_of(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in _tensors_of(v)]
+    return []
+
+
+def _rows(value: Any, size: int, sl: slice) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[sl] if value.dim() > 0 and value.shape[0] == size else value
+    if isinstance(value, Mapping):
+        return {k: _rows(v, size, sl) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, size, sl) for v in value)
+    return value
+
+
+def _tolerance(t: torch.Tensor) -> float:
+    rel = 1e-9 if t.dtype == torch.float64 else 1e-3
+    return rel * (1.0 + float(t.detach().abs().max())) if t.numel() else 0.0
+
+
+def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return True
+    return any(x.shape != y.shape or (x.numel() > 0 and float((x.double() - y.double()).abs().max()) > _tolerance(x))
+               for x, y in zip(a, b))
+
+
+def probe_forward(model: nn.Module, args: tuple, kwargs: dict, where: str, exempt: Sequence[nn.Module] = ()) -> None:
+    """Two forwards of the captured batch must agree (no randomness besides the ``exempt`` modules, whose
+    randomness is recorded), and the first sample's output must not depend on the rest of the batch.
+    The RNG states, buffers and modes are restored afterwards: training is not perturbed."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    modes = [(m, m.training) for m in exempt]
+    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda" and b.device.index is not None})
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for m in exempt:
+                m.eval()
+            first = _tensors_of(model(*args, **kwargs))
+            second = _tensors_of(model(*args, **kwargs))
+            if _differs(first, second):
+                raise StochasticTrainingError(
+                    f"{where}: two forwards of the same batch at the same θ differ, so the forward is random "
+                    f"({_random_sources(model)}); the recorded gradients cannot be reproduced. Make the forward "
+                    "deterministic (use nn.Dropout modules, which are recorded or refused by name; move noise and "
+                    "augmentation into the data pipeline, where each sample's transformed input is its own sample)"
+                )
+            size = _batch_size(args, kwargs)
+            if size is not None and size >= 2:
+                alone = _tensors_of(model(*_rows(args, size, slice(0, 1)), **_rows(kwargs, size, slice(0, 1))))
+                together = [t[:1] if t.dim() > 0 and t.shape[0] == size else t for t in first]
+                if _differs(together, alone):
+                    raise StochasticTrainingError(
+                        f"{where}: the output of the batch's first sample changes when the rest of the batch is "
+                        "removed, so samples interact in the forward (batch statistics, x - x.mean(0), …) and no "
+                        "per-sample decomposition exists; make each sample's output depend on that sample alone"
+                    )
+    finally:
+        random.setstate(python_state)
+        for m, mode in modes:
+            m.train(mode)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return None
+
+
+def _random_sources(model: nn.Module) -> str:
+    """Modules whose source mentions a random operation (a hint; the probe is the proof)."""
+    import inspect
+
+    words = ("dropout", "randn", "rand(", "rand_like", "randint", "bernoulli", "normal_", "multinomial", "random.")
+    found = []
+    for name, module in model.named_modules():
+        try:
+            source = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        hits = [w.rstrip("(.") for w in words if w in source]
+        if hits and not isinstance(module, nn.modules.dropout._DropoutNd):
+            found.append(f"{name or type(module).__name__!r} calls {', '.join(hits)}")
+    return "; ".join(found[:4]) if found else "no module's forward names a random operation: look for one it calls"
