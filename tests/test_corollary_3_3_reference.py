@@ -2,8 +2,9 @@
 
 ``reference_function_of_output`` takes Φ^h_t(x) = Σ_k w_k ∂_θ [h ∘ f](x; θ_t + α_k Δθ_t) (the chain rule
 inside the integral), ``reference_activation`` Φ^a_t(x) = Σ_k w_k ∂_θ a(x; θ_t + α_k Δθ_t) with the forward
-stopped at the module by a hook; both reuse the T_t(i), R_t of the run's optimizer (Theorem 3.1 or
-Corollary 3.2). On random tanh/GELU MLPs trained by AdamW, Adam or SGD, the engine with every axis kept and
+stopped at the module by a hook; both reuse the T_t(i), R_t of the run's optimizer (Theorem 3.1, Corollary
+3.2, or the unrolled §4 template for every other rule). On random tanh/GELU MLPs trained by AdamW, Adam, SGD
+or any other registered rule (RMSprop, Adagrad, Adamax, NAdam, RAdam, …), the engine with every axis kept and
 params="coordinate" must equal them to 1e-12 of the L1 mass (same 8 Gauss–Legendre nodes), and both must
 reconstruct h(f(x; θ_N)) (or a(x; θ_N)) to SMOOTH_RTOL · (1 + |Δ|).
 """
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import explaind_math as em
 from explaind_math import targets
+from explaind_math.optimizers import RULES
 from explaind_math.testing import strategies as es
 from explaind_math.testing.references import assert_engine_equals_reference, reference_relative_residual
 from explaind_math.testing.residuals import REPLAY_RTOL, SMOOTH_RTOL, assert_exact, report_residual
@@ -23,8 +25,13 @@ from explaind_math.theorems.post_composition import reference_function_of_output
 THEOREM = "corollary_3_3"  # the row of `python -m explaind_math verify`
 NODES = 8
 MLPS = ("mlp-tanh", "mlp-gelu")
-RUNS = es.training_runs(families=MLPS, optimizer_kinds=("adamw", "adam", "sgd"),
-                        schedule_strategy=es.training_schedules(max_steps=4, max_samples=12))
+SCHEDULES = es.training_schedules(max_steps=4, max_samples=12)
+#: half the runs by AdamW, Adam or SGD (the theorems' own literal T, R), half by every other registered rule
+#: (the unrolled §4 template)
+OTHER_RULES = tuple(r for r in RULES if r not in ("adamw", "sgd"))
+RUNS = st.one_of(
+    es.training_runs(families=MLPS, optimizer_kinds=("adamw", "adam", "sgd"), schedule_strategy=SCHEDULES),
+    es.training_runs(families=MLPS, rules=OTHER_RULES, schedule_strategy=SCHEDULES))
 OPTIONS = dict(params="coordinate", quadrature=em.gauss_legendre(NODES), replay_rtol=REPLAY_RTOL)
 
 

@@ -15,8 +15,9 @@ from explaind_math.optimizers import RULES
 from explaind_math.theorems import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the exact decompositions of MATH.md §2, §3, §6, §7: each must have a reference implementation
-DECOMPOSITION_THEOREMS = ("theorem_3_1", "corollary_3_2", "corollary_3_3_i", "corollary_3_3_ii", "corollary_f_2")
+#: the exact decompositions of MATH.md §2, §3, §4, §6, §7: each must have a reference implementation
+DECOMPOSITION_THEOREMS = ("theorem_3_1", "corollary_3_2", "template", "corollary_3_3_i", "corollary_3_3_ii",
+                          "corollary_f_2")
 ENTRIES = {t.key: t for t in registry.THEOREMS}
 
 

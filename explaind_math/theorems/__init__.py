@@ -5,7 +5,7 @@ against; small models only)."""
 from .activations import decompose_activation, reference_activation
 from .adamw import decompose_adamw_training, reference_adamw
 from .checkpoints import AdamWCheckpoint, checkpoint_from_optimizer, decompose_from_checkpoints
-from .linear_optimizers import decompose_training
+from .linear_optimizers import decompose_training, reference_template
 from .partition import decompose_by_partition, reference_partition
 from .post_composition import decompose_function_of_output, reference_function_of_output
 from .sgd_momentum import decompose_sgd_momentum_training, reference_sgd_momentum
@@ -35,4 +35,5 @@ __all__ = [
     "reference_function_of_output",
     "reference_activation",
     "reference_partition",
+    "reference_template",
 ]

@@ -59,14 +59,15 @@ def reference_activation(model: nn.Module, trajectory: Trajectory, loss_fn, trai
                          module: str, *, select: Callable[[torch.Tensor], torch.Tensor] | None = None,
                          nodes: int = 8) -> ReferenceDecomposition:
     """The specification implementation of Corollary 3.3 (ii): the T_t(i), R_t of the run's optimizer
-    (Theorem 3.1 or Corollary 3.2) with
+    (Theorem 3.1, Corollary 3.2 or the §4 template:
+    :func:`~explaind_math.theorems.reference_features.train_features`) with
 
         Φ^a_t(x) = Σ_k w_k ∂_θ a(x; θ_t + α_k Δθ_t)      a = the output of submodule ``module`` (``select``-ed),
                                                         the forward stopped there by a forward hook
         I^a[t, j, x, i, o] = −η_t Φ^a_t(x)[o, j] T_t(i)[j],   Ψ^a[t, j, x, o] = −η_t Φ^a_t(x)[o, j] R_t[j]
 
     so that a(x; θ_N) = a(x; θ_0) + Σ I^a + Σ Ψ^a; parameters after the module get ∂_θ a = 0. Refuses what
-    :func:`~explaind_math.theorems.adamw.reference_adamw` and ``reference_sgd_momentum`` refuse.
+    :func:`~explaind_math.theorems.linear_optimizers.reference_template` refuses.
     """
     submodules = dict(model.named_modules())
     if module not in submodules or module == "":

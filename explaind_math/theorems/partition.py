@@ -46,14 +46,15 @@ def decompose_by_partition(
 def reference_partition(model: nn.Module, trajectory: Trajectory, loss_fn, train_data, test_inputs: torch.Tensor,
                         partition: Any, *, nodes: int = 8) -> ReferenceDecomposition:
     """The specification implementation of Corollary F.2: the per-sample T_t(i), R_t of the run's optimizer
-    (Theorem 3.1 or Corollary 3.2) summed per group,
+    (Theorem 3.1, Corollary 3.2 or the §4 template:
+    :func:`~explaind_math.theorems.reference_features.train_features`) summed per group,
 
         T_t(S_k) = Σ_{i∈S_k} T_t(i),     I[t, j, x, k, o] = −η_t Φ_t(x)[o, j] T_t(S_k)[j]     (MATH.md §7)
 
     Ψ unchanged, Φ_t(x) by ``jacrev`` at ``nodes`` Gauss–Legendre nodes. ``partition`` as for
     :func:`decompose_by_partition` (``"all"``, a sequence or tensor indexed by id, a mapping, a callable);
     the unit axis lists the groups sorted (by type name, then value). Refuses what
-    :func:`~explaind_math.theorems.adamw.reference_adamw` and ``reference_sgd_momentum`` refuse.
+    :func:`~explaind_math.theorems.linear_optimizers.reference_template` refuses.
     """
     eta, T, R = train_features(model, trajectory, loss_fn, train_data, "reference_partition")
 

@@ -49,7 +49,8 @@ def reference_function_of_output(model: nn.Module, trajectory: Trajectory, loss_
                                  test_inputs: torch.Tensor, h: Callable[[torch.Tensor, Any], torch.Tensor], *,
                                  test_labels: torch.Tensor | None = None, nodes: int = 8) -> ReferenceDecomposition:
     """The specification implementation of Corollary 3.3 (i): the T_t(i), R_t of the run's optimizer
-    (Theorem 3.1 or Corollary 3.2) with
+    (Theorem 3.1, Corollary 3.2 or the §4 template:
+    :func:`~explaind_math.theorems.reference_features.train_features`) with
 
         Φ^h_t(x) = Σ_k w_k ∂_θ [h ∘ f](x; θ_t + α_k Δθ_t)   (``jacrev`` of the composition: the chain rule
                                                             ∂h(f) ∂_θ f inside the integral, at every node)
@@ -57,7 +58,7 @@ def reference_function_of_output(model: nn.Module, trajectory: Trajectory, loss_
 
     so that h(f(x; θ_N)) = h(f(x; θ_0)) + Σ I^h + Σ Ψ^h. ``h(value, label)`` as for
     :func:`decompose_function_of_output` (label 0 when ``test_labels`` is None). Refuses what
-    :func:`~explaind_math.theorems.adamw.reference_adamw` and ``reference_sgd_momentum`` refuse.
+    :func:`~explaind_math.theorems.linear_optimizers.reference_template` refuses.
     """
     eta, T, R = train_features(model, trajectory, loss_fn, train_data, "reference_function_of_output")
     f = model_output(model)

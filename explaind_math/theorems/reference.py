@@ -57,11 +57,18 @@ def refuse_unsupported(trajectory: Trajectory, rules: tuple[str, ...], who: str)
     """The references cover fresh runs of the named optimizer rules without gradient rescaling."""
     if trajectory.optimizer not in rules:
         raise ExplaindError(f"{who} covers the optimizer rules {rules}, not {trajectory.optimizer!r}")
-    if trajectory.initial_state:
+    if carries_state(trajectory):
         raise ExplaindError(f"{who} does not cover optimizer state carried in from before the recording "
                             "(the carried-state pseudo-unit); use the engine")
     if trajectory.metadata.get("gradient_rescaling", False):
         raise ExplaindError(f"{who} does not cover gradient rescaling (clip factors c_t); use the engine")
+
+
+def carries_state(trajectory: Trajectory) -> bool:
+    """Whether optimizer state existed before the recording: an entry other than a zero step count
+    (torch.optim.Adagrad creates ``step = 0`` and its accumulator at construction: a fresh run)."""
+    return any(set(entry) - {"step"} or int(entry.get("step", 0)) != 0
+               for entry in trajectory.initial_state.values())
 
 
 # ------------------------------------------------------------------------------------ coordinates

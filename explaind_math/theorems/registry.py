@@ -122,7 +122,7 @@ THEOREMS: tuple[Theorem, ...] = (
         verify_rows=("block_scan",)),
     Theorem(
         key="corollary_3_3_i", title="Corollary 3.3 (i) — functions of the output h(f)", section="§6 (i)",
-        rules=("adamw", "sgd"), functions=("decompose_function_of_output", "targets.*"),
+        rules=ALL_RULES, functions=("decompose_function_of_output", "targets.*"),
         reference=_REF + "post_composition.reference_function_of_output",
         property_tests=("tests/test_corollary_3_3_post_composition.py::test_function_of_output_is_exact_and_matches_live_model",
                         "tests/test_corollary_3_3_reference.py::"
@@ -131,7 +131,7 @@ THEOREMS: tuple[Theorem, ...] = (
         verify_rows=("corollary_3_3",)),
     Theorem(
         key="corollary_3_3_ii", title="Corollary 3.3 (ii) — intermediate activations", section="§6 (ii)",
-        rules=("adamw", "sgd"), functions=("decompose_activation",),
+        rules=ALL_RULES, functions=("decompose_activation",),
         reference=_REF + "activations.reference_activation",
         property_tests=("tests/test_corollary_3_3_activations.py::test_mlp_hidden_layer_activation_is_exact",
                         "tests/test_corollary_3_3_reference.py::test_corollary_3_3_activation_engine_equals_reference"),
@@ -139,7 +139,7 @@ THEOREMS: tuple[Theorem, ...] = (
         verify_rows=("corollary_3_3",)),
     Theorem(
         key="corollary_f_2", title="Corollary F.2 — partition accumulation", section="§7",
-        rules=("adamw", "sgd"), functions=("decompose_by_partition",), reference=_REF + "partition.reference_partition",
+        rules=ALL_RULES, functions=("decompose_by_partition",), reference=_REF + "partition.reference_partition",
         property_tests=("tests/test_corollary_F_2_partition.py::test_group_influences_are_sums_of_per_sample_influences",
                         "tests/test_corollary_F_2_reference.py::test_corollary_F_2_engine_equals_reference"),
         proof_checks=("proofs_checks/check_corollary_F_2_partition.py",),
@@ -162,11 +162,13 @@ THEOREMS: tuple[Theorem, ...] = (
         key="template",
         title="MATH.md §4 — the linear-optimizer template: RMSprop (momentum, centered), Adagrad, Adamax, NAdam "
               "(incl. decoupled decay), RAdam (incl. decoupled decay), and your own rules",
-        section="§4", rules=ALL_RULES, functions=("decompose_training",), reference=None,
-        reference_note="Theorem 3.1 and Corollary 3.2 are its instances; other rules are checked by replay",
+        section="§4", rules=ALL_RULES, functions=("decompose_training",),
+        reference=_REF + "linear_optimizers.reference_template",
         property_tests=("tests/test_optimizer_rules.py::test_rule_passes_shared_properties",
-                        "tests/test_training_details.py::test_clip_grad_norm_is_exact_with_the_recovered_factor"),
-        test_note="replay against the real optimizer, decomposition, flags, for every registered rule",
+                        "tests/test_training_details.py::test_clip_grad_norm_is_exact_with_the_recovered_factor",
+                        "tests/test_template_reference.py::test_template_engine_equals_reference"),
+        test_note="replay against the real optimizer, decomposition, flags, and the engine against the unrolled "
+                  "reference, for every registered rule",
         proof_checks=("proofs_checks/check_path_identity.py",),
         proof_note="no per-rule sympy transcription: each rule is checked by replay against the real torch step; "
                    "the template's telescoping (SGD and AdamW tables) in",
