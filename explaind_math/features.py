@@ -10,6 +10,7 @@ and lifted; frozen parameters and buffers are closed over as constants.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -17,6 +18,9 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from .errors import ExplaindError, TrajectoryMismatchError
+from .integrations.batches import (DROPOUT_KEY, StructuredBatch, collate_padded, is_causal_model,
+                                   per_sample_attention_mask)
+from .integrations.forward import DropoutRecord, ReplayMode
 
 __all__ = ["FunctionalModel", "TrainingData"]
 
@@ -49,12 +53,22 @@ class FunctionalModel:
         device: torch.device,
         h: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         activation: str | None = None,
+        name_map: Mapping[str, str] | None = None,
+        output: Callable[[Any], torch.Tensor] | None = None,
+        dropout: Mapping[str, Any] | None = None,
     ):
         self.model = model
         self.trained_names = list(trained_names)
-        trained = set(self.trained_names)
+        # trajectory name → the model's own name (they differ by a wrapper's prefix, integrations.names)
+        self._model_name = dict(name_map) if name_map is not None else {n: n for n in self.trained_names}
+        trained = set(self._model_name.values())
         cast = lambda t: (t.detach().to(device=device, dtype=dtype) if t.is_floating_point() else t.detach().to(device))
         self.constants: Params = {n: cast(p) for n, p in model.named_parameters() if n not in trained}
+        self._select = output
+        self.dropout = DropoutRecord(dropout) if dropout else None
+        config = getattr(model, "config", None)
+        self._hugging_face = config is not None and hasattr(config, "_attn_implementation")
+        self._causal = is_causal_model(model) if self._hugging_face else False
         self.constants.update({n: cast(b) for n, b in model.named_buffers()})
         self.dtype, self.device = dtype, device
         self._h = h
@@ -68,11 +82,54 @@ class FunctionalModel:
                 )
             self._activation_module = modules[activation]
 
-    def output(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, {**self.constants, **params}, (x.unsqueeze(0),))
+    def output(self, params: Mapping[str, torch.Tensor], x: Any) -> torch.Tensor:
+        """f(x; θ) for one sample: a tensor input, or a :class:`StructuredBatch` row of named inputs (passed
+        as keyword arguments; a 1-D ``attention_mask`` becomes the model's 4-D mask first). The output is the
+        model's tensor, the ``.logits`` of a ``ModelOutput``, or ``output(model_output)`` when given. A
+        sample carrying a dropout key (a training sample of a dropout run) sees its recorded masks."""
+        named = {**self.constants, **{self._model_name[n]: v for n, v in params.items()}}
+        key = None
+        if isinstance(x, StructuredBatch) and DROPOUT_KEY in x:
+            key, x = x[DROPOUT_KEY], x.without(DROPOUT_KEY)
+            x = x["__input__"] if "__input__" in x else x
+        if key is not None:
+            mode = ReplayMode(key, self.dropout.calls)
+        else:
+            mode = ReplayMode() if self._hugging_face else contextlib.nullcontext()
+        with mode:
+            if isinstance(x, Mapping):
+                out = functional_call(self.model, named, (), self._keyword_inputs(x))
+            else:
+                out = functional_call(self.model, named, (x.unsqueeze(0),))
+        return self._selected(out).squeeze(0)
+
+    def _keyword_inputs(self, x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = {n: v.unsqueeze(0) for n, v in x.items()}
+        mask = x.get("attention_mask")
+        if self._hugging_face and mask is not None and mask.dim() == 1:
+            inputs["attention_mask"] = per_sample_attention_mask(mask, self._causal, self.dtype)
+        return inputs
+
+    def _selected(self, out: Any) -> torch.Tensor:
+        if self._select is not None:
+            out = self._select(out)
+        elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+            out = out.logits
         if not isinstance(out, torch.Tensor):
-            raise ExplaindError("the model must return a tensor (wrap models that return tuples or dicts)")
-        return out.squeeze(0)
+            raise ExplaindError(
+                f"the model returns a {type(out).__name__}, not a tensor or an output with .logits; say which "
+                "tensor is f with explaind_math.integrations.SelectOutput(model, lambda out: ...)")
+        return out
+
+    def with_dropout_keys(self, xs: Any, step: int, ids: Sequence[int]) -> Any:
+        """The training inputs of ``ids`` at ``step`` with their dropout keys attached (unchanged for a run
+        without dropout), so that :meth:`per_sample_gradients` replays the masks each sample saw."""
+        if self.dropout is None:
+            return xs
+        keys = self.dropout.keys(step, ids).to(self.device)
+        if isinstance(xs, StructuredBatch):
+            return xs.with_entry(DROPOUT_KEY, keys)
+        return StructuredBatch({"__input__": xs, DROPOUT_KEY: keys})
 
     def _activation(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         def capture(module, inputs, output):
@@ -199,24 +256,35 @@ def _index(ys: Any, i: int) -> Any:
 
 
 class TrainingData:
-    """Access to training samples by id: a tuple ``(X, Y)`` of tensors indexed by id, or any object
-    with ``__getitem__(id) -> (x, y)`` (a ``torch.utils.data.Dataset``, a dict, a list)."""
+    """Access to training samples by id: a tuple ``(X, Y)`` of tensors indexed by id, a dict of tensors
+    indexed by id whose ``labels`` entry is Y (``input_ids``, ``attention_mask``, …: the model's keyword
+    inputs), ``(dict, Y)``, or any object with ``__getitem__(id)`` returning ``(x, y)`` or a dict sample
+    (a ``torch.utils.data.Dataset``, a list; variable-length dict samples are padded on the right,
+    labels with −100). A dataset wrapped by :func:`explaind_math.integrations.with_sample_ids` is
+    unwrapped."""
 
-    def __init__(self, data: Any, *, dtype: torch.dtype, device: torch.device):
-        self.data, self.dtype, self.device = data, dtype, device
+    def __init__(self, data: Any, *, dtype: torch.dtype, device: torch.device, label_key: str = "labels"):
+        data = getattr(data, "explaind_base_dataset", data)
+        if isinstance(data, Mapping) and label_key in data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            data = ({n: v for n, v in data.items() if n != label_key}, data[label_key])
+        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Mapping):
+            data = (StructuredBatch(data[0]), data[1])
+        self.data, self.dtype, self.device, self.label_key = data, dtype, device, label_key
         self._tensors = isinstance(data, (tuple, list)) and len(data) == 2 and all(
-            isinstance(d, torch.Tensor) for d in data
+            isinstance(d, (torch.Tensor, StructuredBatch)) for d in data
         )
         if self._tensors and data[0].shape[0] != data[1].shape[0]:
             raise TrajectoryMismatchError(
                 f"training data: {data[0].shape[0]} inputs but {data[1].shape[0]} targets"
             )
 
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+    def _cast(self, t):
+        if isinstance(t, StructuredBatch):
+            return t.to(self.device, self.dtype)
         t = t.to(self.device)
         return t.to(self.dtype) if t.is_floating_point() else t
 
-    def fetch(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(self, ids: Sequence[int]) -> tuple[Any, torch.Tensor]:
         if self._tensors:
             X, Y = self.data
             bad = [i for i in ids if not 0 <= i < X.shape[0]]
@@ -224,16 +292,29 @@ class TrainingData:
                 raise TrajectoryMismatchError(
                     f"sample ids {bad[:5]} are not in the training data ({X.shape[0]} samples, ids 0..{X.shape[0] - 1})"
                 )
-            index = torch.as_tensor(list(ids), dtype=torch.long, device=X.device)
+            index = torch.as_tensor(list(ids), dtype=torch.long, device=X.device if isinstance(X, torch.Tensor) else None)
             return self._cast(X[index]), self._cast(Y[index])
-        xs, ys = [], []
+        items = []
         for i in ids:
             if i < 0 and not isinstance(self.data, Mapping):  # a list would give its last sample for id -1
                 raise TrajectoryMismatchError(f"sample id {i} is negative; ids index the training data from 0")
             try:
-                x, y = self.data[i]
+                items.append(self.data[i])
             except (KeyError, IndexError):
                 raise TrajectoryMismatchError(f"sample id {i} is not in the training data") from None
-            xs.append(torch.as_tensor(x))
-            ys.append(torch.as_tensor(y))
+        if all(isinstance(item, Mapping) for item in items):
+            if any(self.label_key not in item for item in items):
+                raise TrajectoryMismatchError(f"a dict training sample has no {self.label_key!r} entry (its target)")
+            batch = collate_padded(items)
+            y = batch.pop(self.label_key)
+            return self._cast(StructuredBatch(batch)), self._cast(y)
+        xs, ys = [], []
+        for i, item in zip(ids, items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TrajectoryMismatchError(
+                    f"training sample {i} is a {type(item).__name__}{' of length ' + str(len(item)) if isinstance(item, (tuple, list)) else ''}; "
+                    "the training data must give (x, y) or a dict with a labels entry per id (pass the dataset "
+                    "itself, not one that also returns ids)")
+            xs.append(torch.as_tensor(item[0]))
+            ys.append(torch.as_tensor(item[1]))
         return self._cast(torch.stack(xs)), self._cast(torch.stack(ys))

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
+from .integrations.names import unwrap_model
+from .integrations.watch import ForwardWatch
 from .optimizers import rule_for_optimizer
 from .recording_checks import (
     ForwardState,
@@ -49,8 +51,9 @@ from .trajectory import StepRecord, Trajectory, all_finite
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
 
 
-def check_deterministic_modules(model: nn.Module, where: str) -> None:
-    """Refuse BatchNorm in training mode and active dropout: both break "loss = Σ_i w_i ℓ_i"."""
+def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: bool = False) -> None:
+    """Refuse BatchNorm in training mode and active dropout: both break "loss = Σ_i w_i ℓ_i" (``allow_dropout``:
+    ``nn.Dropout`` modules are recorded for replay, :mod:`explaind_math.integrations.forward`)."""
     for name, module in model.named_modules():
         label = name or type(module).__name__
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
@@ -59,7 +62,8 @@ def check_deterministic_modules(model: nn.Module, where: str) -> None:
                 "on the whole batch and no per-sample decomposition exists; put it in eval mode "
                 "(module.eval()) or use LayerNorm/GroupNorm"
             )
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+        recorded = allow_dropout and type(module) is nn.Dropout
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0 and not recorded:
             raise StochasticTrainingError(
                 f"{where}: dropout module {label!r} is active (p={module.p}), so the recorded gradients "
                 "cannot be reproduced; call module.eval() or set p=0"
@@ -102,6 +106,12 @@ class TrajectoryRecorder:
         write_in_background: with ``directory``, write shards from a background thread while training
             goes on (at most one shard queued behind the one being written); a crash then also loses
             the shards not yet committed, never the consistency of the directory.
+        dropout: record active dropout for exact replay (``"auto"``: when the model has an active
+            ``nn.Dropout``). Every training forward then draws its masks from a keyed hash
+            (:mod:`explaind_math.integrations.forward`) and ``record_batch`` must be called once per
+            forward with the ids in row order; the record is a few integers per step in
+            ``trajectory.metadata["dropout"]``. ``False`` keeps refusing active dropout.
+        dropout_seed: the seed of those masks (default: drawn from the OS, recorded).
     """
 
     def __init__(
@@ -116,7 +126,10 @@ class TrajectoryRecorder:
         directory: str | os.PathLike | None = None,
         steps_per_shard: int = 1,
         write_in_background: bool = False,
+        dropout: bool | str = "auto",
+        dropout_seed: int | None = None,
     ):
+        model = unwrap_model(model)  # torch.compile / DDP: parameters named as the model itself names them
         if gradient_rescaling and not record_gradients:
             raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
         self.gradient_rescaling = gradient_rescaling
@@ -169,6 +182,8 @@ class TrajectoryRecorder:
             except BaseException:
                 self._writer.abandon()
                 raise
+        self._watch = ForwardWatch(model, dropout, dropout_seed)  # dropout recorded for replay; autocast refused
+        self._watch.step = self._count
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -196,6 +211,7 @@ class TrajectoryRecorder:
         ids = batch_ids(ids)
         if not ids:
             raise RecordingError("record_batch needs at least one sample id")
+        self._watch.batch(ids)  # with dropout: this micro-batch's ids in row order
         w = batch_weights(ids, weights, reduction)
         for i, wi in zip(ids, w.tolist()):  # a repeated id (sampling with replacement): its weights add up
             self._pending[i] = self._pending.get(i, 0.0) + wi
@@ -212,8 +228,9 @@ class TrajectoryRecorder:
         if self._writer is not None:
             from .storage import ShardedTrajectory
 
-            if metadata is not None:
-                self._writer.set_metadata({**metadata, "gradient_rescaling": self.gradient_rescaling})
+            if metadata is not None or self._watch.records_dropout:
+                self._writer.set_metadata({**(metadata or {}), **self._watch.metadata(),
+                                           "gradient_rescaling": self.gradient_rescaling})
             self._writer.flush()
             self._writer.wait()
             return ShardedTrajectory(self._writer.directory)
@@ -225,7 +242,7 @@ class TrajectoryRecorder:
             steps=list(self._steps),
             initial_state=self._initial_state,
             buffers=self._buffers,
-            metadata={**(metadata or {}), "gradient_rescaling": self.gradient_rescaling},
+            metadata={**(metadata or {}), **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling},
         )
 
     @property
@@ -251,6 +268,7 @@ class TrajectoryRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._watch.close()
         if self._writer is not None and not self._writer.closed:
             self._writer.close()
 
@@ -378,9 +396,10 @@ class TrajectoryRecorder:
                                  "call loss.backward() before optimizer.step() instead")
         if not self._pending:
             raise RecordingError(f"{where}: no batch recorded; call recorder.record_batch(ids) before optimizer.step()")
+        self._watch.before_step(t)  # every training forward of the step has its ids (dropout)
         check_param_groups(optimizer, self._params, where)
         if self.check_modules:
-            check_deterministic_modules(self.model, where)
+            check_deterministic_modules(self.model, where, allow_dropout=self._watch.records_dropout)
             check_batch_coupled_modules(self.model, where)
         self._forward_state.check(self.model, where)
         self._state_watch.check(optimizer, self._params, where)
@@ -448,6 +467,7 @@ class TrajectoryRecorder:
             state[n] = entry
         record = StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
                             current["gradient"])
+        self._watch.after_step(t)
         self._count += 1
         self._last_theta = theta
         self._state_watch.record(optimizer, self._params)

@@ -61,9 +61,10 @@ class StepGradients:
         self._cached = None
 
 
-def _chunk_function(ctx: DecompositionContext, theta_t: Params, step) -> tuple[Callable, torch.Tensor]:
+def _chunk_function(ctx: DecompositionContext, theta_t: Params, step, step_index: int) -> tuple[Callable, torch.Tensor]:
     """The gradients of a slice of the batch: per sample (w_i ∇ℓ_i), or per partition group present."""
     xb, yb = ctx.data.fetch(step.units)
+    xb = ctx.fm.with_dropout_keys(xb, step_index, step.units)  # a dropout run: the masks each sample saw
     rows = torch.as_tensor([ctx.row_of_sample[u] for u in step.units], dtype=torch.long, device=ctx.device)
     weights = step.weights.to(device=ctx.device, dtype=ctx.dtype)
     group_rows = torch.unique(rows) if ctx.grouped_units and ctx.vectorize else None
@@ -88,7 +89,7 @@ def _chunk_function(ctx: DecompositionContext, theta_t: Params, step) -> tuple[C
 def step_gradients(ctx: DecompositionContext, t: int, theta_t: Params) -> StepGradients:
     """The gradients of step t, with the clip factor c_t recovered when the run rescaled its gradients."""
     step = ctx.trajectory.steps[t]
-    chunk, rows = _chunk_function(ctx, theta_t, step)
+    chunk, rows = _chunk_function(ctx, theta_t, step, t)
     slices = chunks(len(step.units), ctx.plan.train_chunk)
     cached = [chunk(slices[0])] if len(slices) == 1 else None
     penalty = penalty_gradient(ctx.penalty, theta_t) if ctx.penalty else None

@@ -1,0 +1,212 @@
+"""Forward passes that the decomposition can replay exactly: dropout and attention.
+
+Dropout masks are not drawn from torch's generator but from a counter-based hash: the mask entry at
+coordinates c of the k-th dropout call of the forward pass of step t, micro-batch m, batch row r is
+
+    keep = hash32(key(seed, t, m, r), k, c) < (1 − p) · 2³²,   mask = keep / (1 − p),
+
+so the recording keeps only integers (the seed, per step the ids of each micro-batch in row order, the
+p of each call): the masks cost no memory and replay bit-identically on any device, at any padded
+length (an entry depends on its coordinates, not on the tensor's shape), and inside ``vmap`` (the
+per-sample key is an input like the sample). Recording masks instead would cost B·(dropout elements)/8
+bytes per step — for GPT-2 small at B = 8, L = 512 about 110 MB per step — and tie replay to the padding
+of the recorded batch.
+
+``scaled_dot_product_attention`` is computed as softmax(q kᵀ·scale + mask) v in plain tensor operations
+(its attention dropout then is one of the dropout calls): this is what makes attention dropout exact, and
+under ``vmap`` it avoids SDPA's missing batching rule (a per-sample loop, measured 10-100× slower).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..errors import RecordingError
+
+__all__ = ["DropoutRecord", "ReplayMode", "RecordMode", "row_key", "hash32", "attention_math",
+           "autocast_in_use"]
+
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B
+_GOLDEN = 0x9E3779B1
+_COORD = (0x27D4EB2D, 0x165667B1, 0x61C88647, 0x2545F491, 0x3C6EF372, 0x1B873593, 0x7FEB352D)
+
+
+def hash32(x):
+    """A 32-bit integer mix (Python int or int64 tensor with values in [0, 2³²))."""
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    return (x >> 16) ^ x
+
+
+def row_key(seed: int, step: int, micro_batch: int, row: int) -> int:
+    """The key of batch row ``row`` of micro-batch ``micro_batch`` of step ``step``."""
+    h = hash32(seed & _M32)
+    for value in (step, micro_batch, row):
+        h = hash32((h ^ value) & _M32)
+    return h
+
+
+def _mask(keys: torch.Tensor, call: int, shape: Sequence[int], p: float, dtype, device) -> torch.Tensor:
+    """mask/(1 − p) for rows with ``keys`` (shape (R,)) and per-row shape ``shape``: (R, *shape)."""
+    base = hash32((keys.to(device=device, dtype=torch.int64) + (call + 1) * _GOLDEN) & _M32)
+    h = base.reshape(-1, *([1] * len(shape)))
+    lin = torch.zeros((), dtype=torch.int64, device=device)
+    for d, size in enumerate(shape):
+        view = [1] * len(shape)
+        view[d] = size
+        lin = lin + torch.arange(size, device=device, dtype=torch.int64).reshape(view) * _COORD[d % len(_COORD)]
+    h = hash32((h ^ (lin & _M32)) & _M32)
+    threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
+    return (h < threshold).to(dtype) * (1.0 / (1.0 - p))
+
+
+def attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, dropout=None):
+    """``F.scaled_dot_product_attention`` as softmax(q kᵀ·scale + mask) v; ``dropout(weights)`` applies the
+    attention dropout (None: none)."""
+    L, S = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    lowest = torch.finfo(scores.dtype).min
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril(diagonal=S - L)
+        scores = scores.masked_fill(~allowed, lowest)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, lowest) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    return weights @ value
+
+
+def _sdpa_arguments(args, kwargs) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _dropout_arguments(args, kwargs) -> tuple[torch.Tensor, float, bool]:
+    bound = dict(zip(("input", "p", "training", "inplace"), args))
+    bound.update(kwargs)
+    return bound["input"], float(bound.get("p", 0.5)), bool(bound.get("training", True))
+
+
+class RecordMode(TorchFunctionMode):
+    """Active during one recorded training forward: every ``F.dropout`` (so every ``nn.Dropout``) and
+    every SDPA call with dropout draws its mask from the hash of the rows' keys; ``calls`` collects the
+    p of each call (0 for an inactive one, which replay must count too)."""
+
+    def __init__(self, keys_of_rows):
+        super().__init__()
+        self._keys_of_rows = keys_of_rows  # batch size → (B,) int64 keys (the batch size is seen at the call)
+        self.calls: list[float] = []
+        self.batch_size: int | None = None
+
+    def _apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        call = len(self.calls)
+        self.calls.append(p)
+        if p == 0.0:
+            return x
+        if self.batch_size is None:
+            self.batch_size = x.shape[0]
+        elif x.shape[0] != self.batch_size:
+            raise RecordingError(
+                f"dropout call {call} has a leading axis of {x.shape[0]}, earlier ones {self.batch_size}: "
+                "recorded dropout needs the batch axis first in every dropout input")
+        keys = self._keys_of_rows(x.shape[0])
+        return x * _mask(keys, call, x.shape[1:], p, x.dtype, x.device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            x, p, training = _dropout_arguments(args, kwargs)
+            return self._apply(x, p if training else 0.0)
+        if func is F.scaled_dot_product_attention:
+            bound = _sdpa_arguments(args, kwargs)
+            p = float(bound.pop("dropout_p", 0.0) or 0.0)
+            if p == 0.0:
+                self.calls.append(0.0)
+                return func(**bound)
+            return attention_math(**bound, dropout=lambda w: self._apply(w, p))
+        return func(*args, **kwargs)
+
+
+class ReplayMode(TorchFunctionMode):
+    """Active during the decomposition's evaluations: SDPA in plain tensor operations (vmap-friendly);
+    with ``key`` (one sample's key, a scalar tensor) and ``calls`` (the recorded p per call), each
+    dropout call applies that sample's recorded mask whatever the module's training flag (the
+    per-sample gradients of a dropout run); without, dropout is what the model does (eval: identity)."""
+
+    def __init__(self, key: torch.Tensor | None = None, calls: Sequence[float] | None = None):
+        super().__init__()
+        self._key, self._calls, self._count = key, calls, 0
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._count
+        self._count += 1
+        if k >= len(self._calls):
+            raise RecordingError(f"the forward pass makes more dropout calls than the {len(self._calls)} recorded")
+        p = self._calls[k]
+        if p == 0.0:
+            return x
+        return x * _mask(self._key.reshape(1), k, x.shape[1:], p, x.dtype, x.device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        replaying = self._key is not None
+        if func is F.dropout and replaying:
+            return self._apply(_dropout_arguments(args, kwargs)[0])
+        if func is F.scaled_dot_product_attention:
+            bound = _sdpa_arguments(args, kwargs)
+            p = float(bound.pop("dropout_p", 0.0) or 0.0)
+            if replaying:
+                return attention_math(**bound, dropout=self._apply)
+            if p:
+                raise RecordingError("scaled_dot_product_attention with dropout_p > 0 outside a replayed "
+                                     "training forward: put the model in eval mode")
+            return attention_math(**bound)
+        return func(*args, **kwargs)
+
+
+class DropoutRecord:
+    """What a recorded run's dropout needs for replay (in ``trajectory.metadata["dropout"]``): the seed,
+    the p of each dropout call of a forward pass, and per step the ids of each micro-batch in row order."""
+
+    def __init__(self, record: dict):
+        self.seed = int(record["seed"])
+        self.calls = [float(p) for p in record["calls"]]
+        self._key_of: dict[int, dict[int, int]] = {}
+        for t, micro_batches in record["steps"].items():
+            keys = {}
+            for m, ids in enumerate(micro_batches):
+                for r, i in enumerate(ids):
+                    keys[int(i)] = row_key(self.seed, int(t), m, r)
+            self._key_of[int(t)] = keys
+
+    def keys(self, step: int, ids: Sequence[int]) -> torch.Tensor:
+        """The key of every sample of ``ids`` at step ``step``."""
+        keys = self._key_of.get(int(step))
+        if keys is None or any(int(i) not in keys for i in ids):
+            raise RecordingError(f"step {step}: the dropout record does not hold the masks of every sample")
+        return torch.tensor([keys[int(i)] for i in ids], dtype=torch.int64)
+
+
+def autocast_in_use() -> str | None:
+    """The device type and dtype of an active autocast region (None if there is none)."""
+    for device_type in ("cpu", "cuda", "mps", "xpu"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                return f"{device_type} autocast to {torch.get_autocast_dtype(device_type)}"
+        except (RuntimeError, TypeError):
+            continue
+    return None

@@ -1,0 +1,150 @@
+"""The recorder's view of the training forward passes: dropout recorded for replay, autocast refused.
+
+One :class:`ForwardWatch` per :class:`~explaind_math.TrajectoryRecorder`. Its hooks on the model's root
+module see every training forward (grad enabled, model in training mode): under autocast the forward is
+refused (mixed precision, see :func:`refuse_autocast`); with dropout recorded, the forward runs inside a
+:class:`~explaind_math.integrations.forward.RecordMode`, whose masks are keyed by (step, micro-batch,
+row), and ``record_batch`` must then be called once per forward with the ids in the batch's row order.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import RecordingError
+from .forward import RecordMode, autocast_in_use, row_key
+
+__all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast"]
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether some ``nn.Dropout`` (or a module with a ``dropout``/``attention_dropout`` probability, as
+    Hugging Face attention modules have) is in training mode with p > 0."""
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        for attribute in ("attention_dropout", "dropout"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, float) and value > 0:
+                return True
+    return False
+
+
+def refuse_autocast(where: str) -> None:
+    """Mixed precision is refused, not decomposed: the recorded ``.grad`` is a bf16/fp16 computation, and
+    the per-sample reconstruction at float32/64 differs from it by the rounding of the low precision
+    (relative 1e-3 to 1e-2), far above the gradient-sum check's tolerance. Keeping that difference as a
+    "precision" pseudo-unit would also absorb any real mismatch (a wrong weight, a missed sample) and so
+    void the check that certifies the decomposition."""
+    active = autocast_in_use()
+    if active:
+        raise RecordingError(
+            f"{where}: mixed precision ({active}) is active in a recorded training forward pass; the "
+            "decomposition is exact only for gradients computed in the precision of the parameters, and a "
+            "bf16/fp16 gradient differs from its exact per-sample sum by its rounding. Train the recorded "
+            "run without autocast (float32, or bfloat16 parameters without autocast)")
+
+
+class ForwardWatch:
+    """Hooks on ``model`` that watch its training forward passes (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, dropout: bool | str = "auto", seed: int | None = None):
+        if dropout not in (True, False, "auto"):
+            raise RecordingError(f"dropout must be True, False or 'auto', got {dropout!r}")
+        self.records_dropout = has_active_dropout(model) if dropout == "auto" else bool(dropout)
+        self.seed = secrets.randbits(31) if seed is None else int(seed)
+        self.step = 0
+        self.calls: list[float] | None = None
+        self._forwards: list[int | None] = []  # per training forward of this step: its batch size (None: no mask)
+        self._orders: list[list[int]] = []  # per record_batch call of this step: ids in row order
+        self._staged: list[list[int]] | None = None
+        self._steps: dict[str, list[list[int]]] = {}
+        self._mode: RecordMode | None = None
+        self._counted = False
+        self._handles = [model.register_forward_pre_hook(self._enter),
+                         model.register_forward_hook(self._exit, always_call=True)]
+
+    # ------------------------------------------------------------------ hooks
+    def _enter(self, module, args):
+        """A training forward: refuse autocast; with dropout, draw its masks from the keys of its rows. A
+        forward without grad in training mode (the recorder's probe) gets fixed keys and is not counted."""
+        if not module.training:
+            return
+        counted = torch.is_grad_enabled()
+        if counted:
+            refuse_autocast(f"step {self.step}")
+        if not self.records_dropout or self._mode is not None:
+            return
+        m, step, seed = (len(self._forwards), self.step, self.seed) if counted else (-1, -1, self.seed)
+        self._mode = RecordMode(lambda size: torch.tensor([row_key(seed, step, m, r) for r in range(size)]))
+        self._counted = counted
+        self._mode.__enter__()
+
+    def _exit(self, module, args, output):
+        mode, self._mode = self._mode, None
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        if not self._counted:
+            return
+        if self.calls is None:
+            self.calls = list(mode.calls)
+        elif mode.calls != self.calls:
+            raise RecordingError(
+                f"step {self.step}: this forward pass made dropout calls with p = {mode.calls}, the first one "
+                f"{self.calls}; recorded dropout needs the same dropout calls in every training forward")
+        self._forwards.append(mode.batch_size)
+
+    # ------------------------------------------------------------------ the recorder's calls
+    def batch(self, ids: Sequence[int]) -> None:
+        if self.records_dropout:
+            self._orders.append([int(i) for i in ids])
+
+    def before_step(self, step: int) -> None:
+        """Check that every training forward of this step has its ids (refuses the step otherwise)."""
+        forwards, orders = self._forwards, self._orders
+        self._forwards, self._orders, self._staged = [], [], None
+        if not self.records_dropout:
+            return
+        where = f"step {step}"
+        if len(forwards) != len(orders):
+            raise RecordingError(
+                f"{where}: {len(forwards)} training forward passes of the model but {len(orders)} record_batch "
+                "calls; with dropout recorded, call record_batch once per forward pass, with the ids in the "
+                "order of the batch's rows (explaind_math.integrations.DataLoaderWithIds gives them)")
+        for m, (size, ids) in enumerate(zip(forwards, orders)):
+            if size is not None and size != len(ids):
+                raise RecordingError(f"{where}: micro-batch {m} has {size} rows but record_batch got {len(ids)} ids")
+        flat = [i for ids in orders for i in ids]
+        if len(set(flat)) != len(flat):
+            raise RecordingError(f"{where}: with dropout, a sample appears in two micro-batches of one step "
+                                 "(each saw its own masks); give each sample once per step")
+        self._staged = orders
+
+    def after_step(self, step: int) -> None:
+        if self.records_dropout and self._staged is not None:
+            self._steps[str(step)] = self._staged
+        self._staged = None
+        self.step = step + 1
+
+    def metadata(self) -> dict:
+        """What goes into ``trajectory.metadata`` (``{}`` without dropout)."""
+        if not self.records_dropout:
+            return {}
+        return {"dropout": {"seed": self.seed, "calls": self.calls or [], "steps": dict(self._steps)}}
+
+    def recorded_bytes(self) -> int:
+        """Bytes the dropout record takes (JSON in the trajectory's metadata)."""
+        return len(json.dumps(self.metadata()))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
