@@ -14,6 +14,8 @@ import torch
 
 from ..errors import ExplaindError, TrajectoryMismatchError
 from ..features import FunctionalModel, TrainingData
+from ..integrations.batches import StructuredBatch
+from ..integrations.names import align_model
 from ..influence import AXES
 from ..quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
 from ..recording import check_deterministic_modules
@@ -156,6 +158,8 @@ class DecompositionContext:
 
 
 def _test_set(test_inputs, test_labels, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(test_inputs, Mapping):  # named inputs (input_ids, attention_mask, …)
+        test_inputs = StructuredBatch(test_inputs).to(device, dtype)
     xs_test = test_inputs.to(device)
     xs_test = xs_test.to(dtype) if xs_test.is_floating_point() else xs_test
     if test_labels is None:
@@ -186,7 +190,7 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
     if unknown:
         raise ExplaindError(f"unknown axes {sorted(unknown)} in keep; axes are {AXES}")
     params = o.params if "param" in keep else "all"
-    trajectory.check_model(model)
+    model, name_map = align_model(model, trajectory)  # names checked (across wrapper prefixes), shapes, buffers
     check_deterministic_modules(model, "decomposition")
     device = o.device
     if device is None:
@@ -200,7 +204,8 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
 
     names = trajectory.parameter_names
     shapes = trajectory.shapes()
-    fm = FunctionalModel(model, names, dtype=dtype, device=device, h=h, activation=activation)
+    fm = FunctionalModel(model, names, dtype=dtype, device=device, h=h, activation=activation, name_map=name_map,
+                         dropout=trajectory.metadata.get("dropout"))
     data = TrainingData(train_data, dtype=dtype, device=device)
     xs_test, y_test = _test_set(test_inputs, test_labels, dtype, device)
     labels, group_index = parameter_rows(params, names, shapes)
