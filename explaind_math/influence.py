@@ -42,6 +42,10 @@ class Influence:
         contraction_per_step: per step, ``"jvp"`` or ``"jacobian"`` (MATH.md §11), or ``"skipped"``.
         plan: the contraction plan (chunk sizes, memory budget) as text.
         unit_kind: what the unit axis indexes: ``"training samples"``, or ``"partition groups"`` (Corollary F.2).
+        accumulation: ``"forward"`` (the §4 recursion) or ``"adjoint"`` (MATH.md §12), and
+            ``accumulation_reason`` why it was chosen. With the adjoint the step axis, when kept, is
+            ``"origin_step"``: the step at which a unit's gradient was computed, summed over every later update
+            that carried it (the update step t of §5 is ``"step"``); both sum to the same totals.
         estimated: True only when some part is an estimate (never for the exact theorems).
     """
 
@@ -67,6 +71,8 @@ class Influence:
     probe_nodes_per_step: list[int] = field(default_factory=list)
     contraction_per_step: list[str] = field(default_factory=list)
     plan: str = ""
+    accumulation: str = "forward"
+    accumulation_reason: str = ""
 
     # ------------------------------------------------------------------ axes
     @property

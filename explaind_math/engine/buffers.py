@@ -22,7 +22,7 @@ from .checks import abs_linear, global_gradient_scale, replay_check
 from .context import DecompositionContext
 from .gradients import StepGradients, check_recorded_gradient
 
-__all__ = ["RuleBuffers", "UnitUpdates"]
+__all__ = ["RuleBuffers", "UnitUpdates", "rule_coefficients"]
 
 Params = dict[str, torch.Tensor]
 
@@ -39,6 +39,15 @@ class UnitUpdates:
     active: torch.Tensor | None
     replay_error: float
     gradient_scale: float
+
+
+def rule_coefficients(ctx: DecompositionContext, step, n: str, had_buffer: bool) -> recurrence.StepCoefficients:
+    """The table (A, C, D, E, s, κ, ρ) of tensor n at a step, given whether its optimizer buffer existed before
+    the step (the rule's ``first_update``); the recorded state is moved to the computation's device and dtype."""
+    hyper = step.hyperparameters[ctx.trajectory.group_of[n]]
+    state = {k: (v.to(device=ctx.device, dtype=ctx.dtype) if isinstance(v, torch.Tensor) else v)
+             for k, v in step.state.get(n, {}).items()}
+    return ctx.trajectory.rule.coefficients(hyper, state, first_update=not had_buffer)
 
 
 class RuleBuffers:
@@ -93,10 +102,8 @@ class RuleBuffers:
 
     def coefficients(self, step, n: str) -> recurrence.StepCoefficients:
         """The table (A, C, D, E, s, κ, ρ) of tensor n at this step (and whether its buffer now exists)."""
+        c = rule_coefficients(self.ctx, step, n, self.has_buffer[n])
         hyper = step.hyperparameters[self.ctx.trajectory.group_of[n]]
-        state = {k: (v.to(device=self.ctx.device, dtype=self.ctx.dtype) if isinstance(v, torch.Tensor) else v)
-                 for k, v in step.state.get(n, {}).items()}
-        c = self.rule.coefficients(hyper, state, first_update=not self.has_buffer[n])
         self.has_buffer[n] = self.has_buffer[n] or self.rule.creates_buffer(hyper)
         return c
 

@@ -17,11 +17,12 @@ from ..features import FunctionalModel, TrainingData
 from ..integrations.batches import StructuredBatch
 from ..integrations.names import align_model
 from ..influence import AXES
-from ..quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
+from ..piecewise import PiecewiseQuadrature, default_quadrature
+from ..quadrature import AdaptiveQuadrature, Quadrature
 from ..recording import check_deterministic_modules
 from ..trajectory import Trajectory
 from .options import DecompositionOptions, keep_axes
-from .plan import ContractionPlan, PathCosts, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
+from .plan import ContractionPlan, MemoryBudgetError, PathCosts, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
 
 __all__ = ["DecompositionContext", "build_context", "default_replay_rtol", "parameter_rows", "unit_rows"]
 
@@ -105,7 +106,7 @@ class DecompositionContext:
     unit_labels: list  # the unit axis: sample ids, or partition groups
     row_of_sample: dict[int, int]  # training-sample id → its row on the unit axis
     keep: tuple[str, ...]
-    quadrature: Quadrature | AdaptiveQuadrature
+    quadrature: Quadrature | AdaptiveQuadrature | PiecewiseQuadrature
     plan: ContractionPlan
     selected: set[int]  # the steps whose Φ_t is computed (all, unless subsampled: Appendix G.2)
     dtype: torch.dtype
@@ -118,6 +119,8 @@ class DecompositionContext:
     grouped_units: bool  # units are partition groups (Corollary F.2), not samples
     forward_ad: bool  # torch.func.jvp runs through the target (else: Jacobians only)
     offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
+    plan_inputs: dict = field(default_factory=dict)  # the sizes the plans are made from (forward §11, adjoint §12)
+    forward_plan_error: Exception | None = None  # the forward plan did not fit the budget (plan is then None)
 
     @property
     def keep_steps(self) -> bool:
@@ -232,17 +235,25 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
     kept_bytes = steps_kept * (bytes_of(kept_shape, itemsize) + 3 * bytes_of(kept_shape[:3], itemsize))
     group_sizes = ([numel[n] for n in names] if group_index is None else
                    [sum(numel[n] for n, g in zip(names, group_index) if g == k) for k in range(len(labels))])
-    plan = plan_contraction(
+    plan_inputs = dict(
         contraction=o.contraction, memory_budget=parse_memory_budget(o.memory_budget), itemsize=itemsize,
         num_params=sum(numel.values()), largest_group=max(group_sizes), num_units=U, num_test=X,
         num_outputs=num_outputs, largest_batch=trajectory.largest_batch(),
         kept_bytes=kept_bytes, per_coordinate=group_index is None, costs=costs,
         test_chunk_size=o.test_chunk_size, train_chunk_size=o.train_chunk_size, node_chunk_size=o.node_chunk_size)
+    plan, forward_plan_error = None, None
+    try:
+        plan = plan_contraction(**plan_inputs)
+    except MemoryBudgetError as error:  # the adjoint (MATH.md §12) may still fit: the driver decides
+        if o.accumulation == "forward":
+            raise
+        forward_plan_error = error
     return DecompositionContext(
         trajectory=trajectory, fm=fm, data=data, loss_fn=loss_fn,
         penalty=penalty, names=names, shapes=shapes, xs_test=xs_test, y_test=y_test, labels=labels,
         group_index=group_index, unit_labels=units, row_of_sample=row_of, keep=keep,
-        quadrature=o.quadrature or gauss_legendre(8), plan=plan, selected=selected, dtype=dtype, device=device,
+        quadrature=o.quadrature or default_quadrature(), plan=plan, selected=selected, dtype=dtype, device=device,
         rtol=rtol, eps_train=torch.finfo(trajectory.dtype).eps,
         rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)), vectorize=o.vectorize,
-        num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad, offsets=offsets)
+        num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad, offsets=offsets,
+        plan_inputs=plan_inputs, forward_plan_error=forward_plan_error)

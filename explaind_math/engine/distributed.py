@@ -29,9 +29,10 @@ from .blocks import BlockResult, StepAccumulator, run_block
 from .buffers import RuleBuffers
 from .context import DecompositionContext
 from .gradients import step_gradients
+from .plan import chunks
 from ..errors import ExplaindError
 
-__all__ = ["block_of_rank", "run_distributed"]
+__all__ = ["block_of_rank", "run_distributed", "scan_buffers", "run_adjoint_distributed"]
 
 _MODES = ("jvp", "jacobian", "skipped")
 
@@ -58,6 +59,18 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool | None = Fa
     blocks = [block_of_rank(num_steps, world, r) for r in range(world)]
     mine = blocks[rank]
 
+    buffers = scan_buffers(ctx, group, blocks, rank, comm)
+
+    # 3. this block from the exact state, then 4. every rank gets the whole run
+    local = run_block(ctx, buffers, mine, progress) if len(mine) else None
+    return _gather(ctx, local, buffers.pseudo_names, blocks, rank, group, comm), list(range(num_steps))
+
+
+def scan_buffers(ctx: DecompositionContext, group, blocks: list[range], rank: int, comm: torch.device) -> RuleBuffers:
+    """The rule's buffers S_r at the start of this rank's block, by the forward scan (module docstring)."""
+    import torch.distributed as dist
+
+    world, mine = len(blocks), blocks[rank]
     # 0. which optimizer buffers exist when each block starts (hyper-parameters only)
     buffers = RuleBuffers(ctx)  # the initial state S_0; rank r > 0 replaces it by the S_r it receives
     created = torch.zeros(len(ctx.names), dtype=torch.float64, device=comm)
@@ -99,9 +112,7 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool | None = Fa
         del carry
     del own
 
-    # 3. this block from the exact state, then 4. every rank gets the whole run
-    local = run_block(ctx, buffers, mine, progress) if len(mine) else None
-    return _gather(ctx, local, buffers.pseudo_names, blocks, rank, group, comm), list(range(num_steps))
+    return buffers
 
 
 def _global_rank(group, rank: int) -> int:
@@ -170,3 +181,92 @@ def _gather(ctx: DecompositionContext, local: BlockResult | None, pseudo_names, 
     f_start = from_rank(local.f_start if local and rank == 0 else None, 0)
     f_end = from_rank(local.f_end if local and rank == last else None, last)
     return BlockResult(kernel, pseudo, residuals, replay, nodes, probes, modes, scales, f_start, f_end)
+
+
+# ---------------------------------------------------------------------------------------------- the adjoint
+def run_adjoint_distributed(ctx: DecompositionContext, group, progress: bool | None = False) -> tuple[BlockResult, list[int]]:
+    """The adjoint (MATH.md §12) with one block of steps per rank; every rank returns the whole run.
+
+    The forward pass of the checks runs on each block from the summed buffer the forward scan carries in.
+    The adjoint entering block r from block r + 1, L_{r+1}, follows the reverse scan
+
+        L_r = O_r + P_r(L_{r+1}),   L_R = 0,
+
+    with O_r block r's own λ carried out of its first step (its backward pass from λ = 0, Φ's included) and P_r
+    the block's A's transposed (λ ← A_sᵀ λ for s = b_r − 1 … a_r, no gradients, no Φ). Every rank runs its own
+    pass, the L's are passed from the last rank down, and each rank then adds the incoming L_{r+1}'s part
+    (κ_s = C_sᵀ P(L_{r+1})_s against its batches' gradients); by linearity the sum is the sequential run's.
+    """
+    import torch.distributed as dist
+
+    from .adjoint import AdjointTotals, adjoint_pass, pseudo_names_of, replay_summed_buffers, summed_unit_context
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ExplaindError("distributed=... needs torch.distributed.init_process_group() to have been called "
+                            "(launch the script with torchrun)")
+    group = None if group is True else group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    N = ctx.trajectory.num_steps
+    blocks = [block_of_rank(N, world, r) for r in range(world)]
+    mine = blocks[rank]
+    summed = summed_unit_context(ctx)
+    checks = replay_summed_buffers(ctx, mine, scan_buffers(summed, group, blocks, rank, comm), progress)
+    totals = AdjointTotals.zeros(ctx, pseudo_names_of(ctx))
+    for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
+        own = adjoint_pass(ctx, mine, checks, sl, totals, progress=progress)
+        incoming = None
+        if rank < world - 1:
+            incoming = {n: torch.empty_like(v, device=comm) for n, v in own.items()}
+            for n in ctx.names:
+                dist.recv(incoming[n], src=_global_rank(group, rank + 1), group=group)
+            incoming = {n: v.to(ctx.device) for n, v in incoming.items()}
+        if rank > 0:
+            out = own if incoming is None else {n: own[n] + _propagate_block(ctx, mine, checks, incoming)[n]
+                                                for n in ctx.names}
+            for n in ctx.names:
+                dist.send(out[n].to(comm).contiguous(), dst=_global_rank(group, rank - 1), group=group)
+        if incoming is not None:  # the incoming λ's part of this block (no Φ: already counted in own)
+            adjoint_pass(ctx, mine, checks, sl, totals, adjoint=incoming, with_phi=False)
+    return _reduce_adjoint(ctx, totals, checks, blocks, rank, group, comm), list(range(N))
+
+
+def _propagate_block(ctx: DecompositionContext, steps: range, checks, adjoint: dict) -> dict:
+    """P_r(λ): λ ← A_sᵀ λ for s = b − 1 … a (a copy; coefficients only, no gradients and no Φ)."""
+    from ..optimizers import template as recurrence
+    from .buffers import rule_coefficients
+
+    lam = {n: v.clone() for n, v in adjoint.items()}
+    for s in reversed(steps):
+        step = ctx.trajectory.steps[s]
+        before = checks.buffers_before(s)
+        for n in ctx.names:
+            if n in set(step.updated):
+                lam[n] = recurrence.propagate_adjoint(lam[n], rule_coefficients(ctx, step, n, before[n]).A)
+    return lam
+
+
+def _reduce_adjoint(ctx: DecompositionContext, totals, checks, blocks, rank, group, comm) -> BlockResult:
+    """Every rank's share summed (each filled its own steps, or its part of the sums), and the per-step facts."""
+    import torch.distributed as dist
+
+    N, mine = ctx.trajectory.num_steps, blocks[rank]
+    X, O = ctx.xs_test.shape[0], ctx.num_outputs
+    facts = torch.zeros((4, N), dtype=torch.float64)
+    f_values = torch.zeros((N + 1, X, O), dtype=ctx.dtype)
+    for k, t in enumerate(mine):
+        facts[:, t] = torch.tensor([checks.replay_errors[k], checks.scales[k], totals.nodes[t],
+                                    totals.probe_nodes[t]], dtype=torch.float64)
+        f_values[t] = checks.f_at(t).cpu()
+    if len(mine) and mine.stop == N:
+        f_values[N] = checks.f_at(N).cpu()
+    tensors = [totals.kernel, *totals.pseudo.values(), totals.residuals, facts, f_values]
+    for k, tensor in enumerate(tensors):
+        moved = tensor.to(comm)
+        dist.all_reduce(moved, group=group)
+        tensors[k] = moved.to(ctx.device if k < len(tensors) - 2 else tensor.device)
+    totals.kernel, totals.residuals = tensors[0], tensors[len(totals.pseudo) + 1]
+    totals.pseudo = dict(zip(totals.pseudo, tensors[1:len(totals.pseudo) + 1]))
+    facts, f_values = tensors[-2], tensors[-1].to(ctx.device)
+    totals.nodes, totals.probe_nodes = [int(v) for v in facts[2]], [int(v) for v in facts[3]]
+    return totals.to_block(ctx, [float(v) for v in facts[0]], [float(v) for v in facts[1]], f_values[0], f_values[N])

@@ -10,20 +10,25 @@ an exact scan), and assembles the :class:`~explaind_math.influence.Influence`. T
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import ExplaindError
 from ..influence import AXES, Influence
+from ..quadrature import Quadrature
 from ..trajectory import Trajectory
 from .blocks import BlockResult, run_block
 from .buffers import RuleBuffers
 from .context import DecompositionContext, build_context
-from .distributed import run_distributed
+from .adjoint import pseudo_names_of, run_adjoint
+from .distributed import run_adjoint_distributed, run_distributed
 from .options import DecompositionOptions, resolve_options
+from .plan import count_accumulation_costs, plan_adjoint
 
-__all__ = ["decompose_trajectory"]
+__all__ = ["decompose_trajectory", "choose_accumulation"]
 
 Params = dict[str, torch.Tensor]
 
@@ -62,16 +67,73 @@ def decompose_trajectory(
       :class:`~explaind_math.engine.options.DecompositionOptions` documents every field.
     """
     opts = resolve_options(options, option_keywords)
+    origin = _check_kept_steps(opts)
+    if origin:  # the context keeps "step"; the result names it origin_step (MATH.md §12)
+        opts = opts.replace(keep=tuple("step" if a == "origin_step" else a for a in opts.keep),
+                            accumulation="adjoint")
     ctx = build_context(model, trajectory, loss_fn, train_data, test_inputs, h=h, activation=activation,
                         test_labels=test_labels, partition=partition, decompose_steps=decompose_steps,
                         penalty=penalty, options=opts)
+    accumulation, why = choose_accumulation(ctx, opts.accumulation)
     distributed, progress = opts.distributed, opts.progress
-    if distributed not in (None, False):
+    if accumulation == "adjoint":
+        ctx = replace(ctx, plan=plan_adjoint(**ctx.plan_inputs))
+        if distributed not in (None, False):
+            block, steps = run_adjoint_distributed(ctx, distributed, progress)
+        else:
+            block, steps = run_adjoint(ctx, progress)
+    elif distributed not in (None, False):
         block, steps = run_distributed(ctx, distributed, progress)
     else:
         block = run_block(ctx, RuleBuffers(ctx), range(trajectory.num_steps), progress)
         steps = list(range(trajectory.num_steps))
-    return _finish(ctx, block, steps, theorem)
+    result = _finish(ctx, block, steps, theorem)
+    result.accumulation, result.accumulation_reason = accumulation, why
+    if origin:
+        result.kernel_axes = tuple("origin_step" if a == "step" else a for a in result.kernel_axes)
+    return result
+
+
+def _check_kept_steps(opts: DecompositionOptions) -> bool:
+    """Whether the origin step (MATH.md §12) is kept; refuses keeping it with the update step, or with forward."""
+    if "origin_step" not in opts.keep:
+        if "step" in opts.keep and opts.accumulation == "adjoint":
+            raise ExplaindError("accumulation='adjoint' sums over the update step t: keep 'origin_step' (the step "
+                                "whose gradient carried the influence, MATH.md §12) instead of 'step', or leave it out")
+        return False
+    if "step" in opts.keep:
+        raise ExplaindError("keep holds both 'step' (the update step t, MATH.md §5) and 'origin_step' (the step "
+                            "whose gradient carried the influence, §12): keep one of them")
+    if opts.accumulation == "forward":
+        raise ExplaindError("keep=('origin_step', …) is the adjoint's step axis (MATH.md §12); it needs "
+                            "accumulation='adjoint' or 'auto', not 'forward' (whose step axis is 'step')")
+    return True
+
+
+def choose_accumulation(ctx: DecompositionContext, requested: str) -> tuple[str, str]:
+    """``"forward"`` (§4) or ``"adjoint"`` (§12) and why: the adjoint needs the unit axis kept and the update step
+    summed; ``"auto"`` takes it when the forward recursion does not fit the memory budget or its counted cost
+    (then memory) is lower (:func:`~explaind_math.engine.plan.count_accumulation_costs`)."""
+    allowed = ctx.keep_units and (not ctx.keep_steps or requested == "adjoint")
+    if requested == "adjoint" and not ctx.keep_units:
+        raise ExplaindError("accumulation='adjoint' attributes to units: keep 'unit' (MATH.md §12); with units "
+                            "summed the forward JVPs along Δθ_t are already cheapest")
+    if requested == "forward" or not allowed:
+        if ctx.plan is None:
+            raise ctx.forward_plan_error
+        return "forward", "requested" if requested == "forward" else "the kept axes need the forward recursion"
+    if requested == "adjoint":
+        return "adjoint", "requested"
+    if ctx.plan is None:
+        return "adjoint", f"the forward recursion does not fit the memory budget ({ctx.forward_plan_error})"
+    i = ctx.plan_inputs
+    quadrature = ctx.quadrature if isinstance(ctx.quadrature, Quadrature) else ctx.quadrature.rules[0]
+    costs = count_accumulation_costs(
+        num_steps=ctx.trajectory.num_steps, batch=i["largest_batch"], num_units=i["num_units"], num_test=i["num_test"],
+        num_outputs=i["num_outputs"], num_params=i["num_params"], num_groups=ctx.num_rows,
+        nodes=len(quadrature.on_interval(0.0, 1.0)), pseudo=len(pseudo_names_of(ctx)), itemsize=i["itemsize"],
+        kept_bytes=i["kept_bytes"])
+    return ("adjoint" if costs.adjoint_is_cheaper() else "forward"), costs.describe()
 
 
 def _finish(ctx: DecompositionContext, block: BlockResult, steps: list[int], theorem: str) -> Influence:

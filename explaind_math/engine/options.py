@@ -21,7 +21,10 @@ import torch
 
 from ..errors import ExplaindError
 
-__all__ = ["DEFAULT_KEEP", "DecompositionOptions", "resolve_options"]
+__all__ = ["ACCUMULATIONS", "DEFAULT_KEEP", "DecompositionOptions", "resolve_options"]
+
+#: how the per-unit influences are accumulated over the steps (MATH.md §4 forward, §12 adjoint)
+ACCUMULATIONS = ("auto", "forward", "adjoint")
 
 #: the five axes of the atomic tensor I[t, j, x, i, o] (MATH.md §5), all kept by default
 DEFAULT_KEEP = ("step", "param", "test", "unit", "output")
@@ -55,6 +58,12 @@ class DecompositionOptions:
         progress: a tqdm progress bar over the steps (None: when tqdm is installed and stderr is a terminal).
         distributed: ``True`` or a ``torch.distributed`` process group: one block of steps per rank, the
             optimizer buffers carried across blocks by an exact scan (launch with ``torchrun``).
+        accumulation: ``"forward"`` (the §4 recursion, one buffer per unit: M · D memory, every unit seen
+            contracted at every step), ``"adjoint"`` (MATH.md §12: the transposed recursion run backward with
+            λ_s, O · X × D memory, only each step's batch contracted; needs "unit" kept and the update step
+            "step" summed; keep ``"origin_step"`` for the step at which a unit's gradient was computed) or
+            ``"auto"`` (the adjoint where the kept axes allow it and its counted cost is lower, or the forward
+            recursion does not fit ``memory_budget``). ``result.accumulation`` says which ran.
     """
 
     quadrature: Any = None
@@ -71,11 +80,14 @@ class DecompositionOptions:
     vectorize: bool = True
     progress: bool | None = None
     distributed: Any = None
+    accumulation: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.keep, str):
             raise ExplaindError(f"keep must be a sequence of axis names, got the string {self.keep!r}")
         object.__setattr__(self, "keep", tuple(self.keep))
+        if self.accumulation not in ACCUMULATIONS:
+            raise ExplaindError(f"accumulation must be one of {ACCUMULATIONS}, got {self.accumulation!r}")
 
     def replace(self, **changes) -> "DecompositionOptions":
         """A copy with some fields changed (unknown names are an error naming them)."""

@@ -39,7 +39,8 @@ import torch
 from ..errors import ExplaindError
 
 __all__ = ["ContractionPlan", "PathCosts", "MemoryBudgetError", "parse_memory_budget", "plan_contraction", "chunks",
-           "bytes_of", "scaled_in_place", "measure_path_costs"]
+           "bytes_of", "scaled_in_place", "measure_path_costs", "plan_adjoint", "AccumulationCosts",
+           "count_accumulation_costs"]
 
 # Stacked Jacobians of one node chunk, without a memory budget. Measured on bench_scaling's MLP (2 CPU
 # cores): chunks of up to 32 MiB were as fast as one node at a time or faster (up to 1.7×), chunks of
@@ -254,6 +255,76 @@ def plan_contraction(
     return ContractionPlan(contraction, test_chunk, train_chunk, tangent_chunk, groupwise, costs,
                            memory_budget, per_coordinate, node_chunk_size or _clamp_node_chunk(node_chunk),
                            1 if node_chunk_size else MIN_NODE_BATCH)
+
+
+def plan_adjoint(*, contraction: str, memory_budget: int | None, itemsize: int, num_params: int, largest_group: int,
+                 num_test: int, num_outputs: int, largest_batch: int, kept_bytes: int, per_coordinate: bool,
+                 costs: PathCosts | None, test_chunk_size: int | None = None, train_chunk_size: int | None = None,
+                 node_chunk_size: int | None = None, **_unused) -> ContractionPlan:
+    """Chunks for the adjoint (MATH.md §12): what is held whatever the chunks is the kept result and the replay
+    pass's D-sized buffers (8 D); per test input, λ, κ and Φ (3 · O · D) plus the Jacobian's working set
+    (4 · O · D, or 4 · O · D_group one group at a time); per training sample, its gradient (3 · D). Half the rest
+    goes to a test chunk (λ for X_c test inputs: when λ of all of them does not fit, the backward pass runs once
+    per test chunk), half to the per-sample gradients. The per-unit buffers of §4 are never formed."""
+    D, O = num_params, num_outputs
+    if memory_budget is None:
+        test_chunk = test_chunk_size or num_test
+        node_chunk = DEFAULT_NODE_CHUNK_BYTES // max(1, test_chunk * O * D * itemsize)
+        return ContractionPlan(contraction, test_chunk, train_chunk_size, None, False, costs, None, per_coordinate,
+                               node_chunk_size or _clamp_node_chunk(node_chunk), 1 if node_chunk_size else MIN_NODE_BATCH)
+    fixed = 8 * D * itemsize + kept_bytes
+    share = (memory_budget - fixed) // 2
+    per_test = 7 * O * D * itemsize
+    groupwise = per_test > share
+    if groupwise:
+        per_test = (3 * O * D + 4 * O * largest_group) * itemsize
+    if fixed > memory_budget or per_test > share:
+        raise MemoryBudgetError(
+            f"the memory budget of {memory_budget / 2**20:.1f} MiB cannot hold the adjoint of one test input: the kept "
+            f"axes ({kept_bytes / 2**20:.1f} MiB) and λ, κ, Φ of {O} outputs × {D} parameters "
+            f"({per_test / 2**20:.1f} MiB). Keep fewer axes, group parameters, or raise memory_budget")
+    test_chunk = test_chunk_size or max(1, min(num_test, share // per_test))
+    train_chunk = train_chunk_size or max(1, min(largest_batch, share // max(1, 3 * D * itemsize)))
+    return ContractionPlan(contraction, test_chunk, train_chunk, None, groupwise, costs, memory_budget, per_coordinate,
+                           node_chunk_size or 1, 1)
+
+
+@dataclass(frozen=True)
+class AccumulationCosts:
+    """Counted cost (in passes over the model, as :meth:`PathCosts.counted`) and memory (bytes) of the forward
+    recursion of §4 and of the adjoint of §12 for one decomposition."""
+
+    forward_cost: float
+    adjoint_cost: float
+    forward_bytes: int
+    adjoint_bytes: int
+
+    def adjoint_is_cheaper(self) -> bool:
+        return (self.adjoint_cost, self.adjoint_bytes) < (self.forward_cost, self.forward_bytes)
+
+    def describe(self) -> str:
+        return (f"counted cost forward {self.forward_cost:.3g} vs adjoint {self.adjoint_cost:.3g} passes; memory "
+                f"forward {self.forward_bytes / 2**20:.1f} MiB vs adjoint {self.adjoint_bytes / 2**20:.1f} MiB")
+
+
+def count_accumulation_costs(*, num_steps: int, batch: int, num_units: int, num_test: int, num_outputs: int,
+                             num_params: int, num_groups: int, nodes: int, pseudo: int, itemsize: int,
+                             kept_bytes: int) -> AccumulationCosts:
+    """The two accumulations counted step by step (MATH.md §11, §12), with U_t = min(U, (t+1) · B) units touched by
+    step t. Forward: B gradients, then per test input and node the cheaper of G · (U_t + P) JVP directions and
+    O reverse passes plus O · D · (U_t + P + 1) multiply–accumulates (3 D to a pass); memory 2 · U · D. Adjoint: B
+    gradients, a batch gradient for the replay pass, per test input O reverse passes per node, the batch's
+    contraction X · O · B · D MACs and λ's update (a few X · O · D); memory 7 · X · O · D."""
+    X, O, D = num_test, num_outputs, max(1, num_params)
+    forward = 0.0
+    for t in range(num_steps):
+        touched = min(num_units, (t + 1) * batch)
+        jvp = num_groups * (touched + pseudo)
+        jacobian = O + O * (touched + pseudo + 1) / 3.0
+        forward += batch + X * nodes * min(jvp, jacobian) + touched / 3.0
+    adjoint = num_steps * (2 * batch + X * nodes * O + X * O * batch / 3.0 + X * O)
+    return AccumulationCosts(forward, adjoint, (2 * num_units * D + 8 * D) * itemsize + kept_bytes,
+                             (7 * X * O * D + 8 * D) * itemsize + kept_bytes)
 
 
 def _clamp_node_chunk(node_chunk: int) -> int:

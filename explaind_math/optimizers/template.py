@@ -15,6 +15,11 @@ The recurrence is written once, here: :func:`scale_buffer`, :func:`feed_buffer`,
 and :func:`subtract_buffered` are the kernels the engine runs (in place on tensors, by rows of a batch),
 and :func:`buffer_step` / :func:`unit_update` compose them. The same functions accept floats, tensors and
 sympy symbols: the proof checks in ``proofs_checks/`` call exactly this code with symbols.
+
+The adjoint (MATH.md §12) runs the transposed recursion backward in time on covectors λ (one row per test
+input and output, stacked on a first axis): :func:`feed_adjoint` (λ_s = λ + D_sᵀ Φ_s), :func:`unit_covector`
+(κ_s = C_sᵀ λ_s + E_sᵀ Φ_s, so that Σ_t Φ_t update_t(u) = −Σ_s ⟨κ_s, grad_s(u)⟩) and :func:`propagate_adjoint`
+(λ ← A_sᵀ λ_s, entering step s − 1). :func:`transpose_linear` applies a coefficient's transpose.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ __all__ = [
     "subtract_buffered",
     "buffer_step",
     "unit_update",
+    "transpose_linear",
+    "propagate_adjoint",
+    "feed_adjoint",
+    "unit_covector",
     "decay_gradient",
     "decay_direct_update",
     "sqrt",
@@ -171,6 +180,57 @@ def buffer_step(buffer, grad, c: StepCoefficients, rows=None):
 def unit_update(buffer, grad, c: StepCoefficients):
     """update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ grad_t(u)), with buffer_t(u) already advanced (a new value)."""
     return subtract_direct(subtract_buffered(None, c.D, buffer), c.E, grad)
+
+
+def transpose_linear(coefficient, covector):
+    """Aᵀ κ (MATH.md §12). A number or tensor A is coordinate-wise, hence its own transpose (broadcast over the
+    covector's leading rows). A callable linear map is transposed by its ``transposed`` attribute (a callable)
+    when it has one, else by ``torch.func.vjp``: for a linear map the vector–Jacobian product at any point
+    (here 0) is the transpose applied. The map must act row by row on a stacked first axis, as it does on the
+    stacked gradients of a batch in the forward recursion."""
+    if not callable(coefficient):
+        return coefficient * covector
+    transposed = getattr(coefficient, "transposed", None)
+    if transposed is not None:
+        return transposed(covector)
+    if not isinstance(covector, torch.Tensor):
+        raise UnsupportedOptimizerError("a callable linear coefficient needs a `transposed` attribute to be "
+                                        "transposed symbolically (torch.func.vjp transposes it for tensors)")
+    _, pullback = torch.func.vjp(coefficient, torch.zeros_like(covector))
+    return pullback(covector)[0]
+
+
+def propagate_adjoint(adjoint, A):
+    """λ ← A_sᵀ λ_s: the adjoint carried from step s into step s − 1 (λ_{s−1} = Φ_{s−1} D_{s−1} + λ_s A_s,
+    MATH.md §12). In place for a tensor λ and a coordinate-wise A; A = 1 (a skipped parameter) leaves it."""
+    if callable(A):
+        return transpose_linear(A, adjoint)
+    if isinstance(adjoint, torch.Tensor):
+        if isinstance(A, torch.Tensor) or A != 1:
+            adjoint.mul_(A)
+        return adjoint
+    return A * adjoint
+
+
+def feed_adjoint(adjoint, D, phi):
+    """λ_s = λ + D_sᵀ Φ_s, with λ = λ_{s+1} A_{s+1} already propagated (MATH.md §12; Φ None: a step whose
+    Φ_s is not computed, Appendix G.2, adds nothing). In place for a tensor λ and a coordinate-wise D."""
+    if phi is None or is_zero(D):
+        return adjoint
+    if isinstance(adjoint, torch.Tensor) and not callable(D):
+        if isinstance(D, torch.Tensor):
+            return adjoint.addcmul_(phi, D)
+        return adjoint.add_(phi, alpha=D)
+    return adjoint + transpose_linear(D, phi)
+
+
+def unit_covector(adjoint, phi, c: StepCoefficients):
+    """κ_s = C_sᵀ λ_s + E_sᵀ Φ_s: every unit's total influence through step s's gradient is −⟨κ_s, grad_s(u)⟩
+    (MATH.md §12, equation 3). A new value (λ is not changed); 0 when C = E = 0."""
+    out = 0 if is_zero(c.C) else transpose_linear(c.C, adjoint)
+    if phi is not None and not is_zero(c.E):
+        out = out + transpose_linear(c.E, phi)
+    return out
 
 
 def decay_gradient(theta, c: StepCoefficients):

@@ -29,6 +29,13 @@ CASES: dict[str, dict[str, Any]] = {
     "adamw_carried_state_jvp": dict(optimizer="adamw", steps=5, keep=("step",), warmup=2),
     "adamw_adaptive_per_tensor": dict(optimizer="adamw", steps=3, keep=("step", "param"), warmup=0, adaptive=True),
     "adamw_one_step": dict(optimizer="adamw", steps=1, keep=("step", "param", "unit"), warmup=0),
+    # the adjoint (MATH.md §12): λ carried across the block boundary by the reverse scan
+    "adjoint_adamw_carried_state": dict(optimizer="adamw", steps=5, keep=("param", "unit"), warmup=2,
+                                        accumulation="adjoint"),
+    "adjoint_sgd_switched_on_origin_step": dict(optimizer="sgd", steps=5, keep=("origin_step", "param", "unit"),
+                                                warmup=0, accumulation="adjoint"),
+    "adjoint_nesterov_one_step": dict(optimizer="nesterov", steps=1, keep=("unit",), warmup=0,
+                                      accumulation="adjoint"),
 }
 
 
@@ -80,4 +87,5 @@ def decompose_case(name: str, *, distributed: Any = None) -> em.Influence:
     model, trajectory, data, X_test = record_case(name)
     quadrature = em.adaptive_gauss_legendre(tol=1e-13) if spec.get("adaptive") else em.gauss_legendre(6)
     return em.decompose_training(model, trajectory, _loss, data, X_test, quadrature=quadrature,
-                                 keep=spec["keep"], params="tensor", dtype=torch.float64, distributed=distributed)
+                                 keep=spec["keep"], params="tensor", dtype=torch.float64, distributed=distributed,
+                                 accumulation=spec.get("accumulation", "auto"))
