@@ -17,8 +17,7 @@ from ..features import FunctionalModel, TrainingData
 from ..integrations.batches import StructuredBatch
 from ..integrations.names import align_model
 from ..influence import AXES
-from ..piecewise import PiecewiseQuadrature, default_quadrature
-from ..quadrature import AdaptiveQuadrature, Quadrature
+from ..quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
 from ..recording import check_deterministic_modules
 from ..trajectory import Trajectory
 from .options import DecompositionOptions, keep_axes
@@ -106,7 +105,7 @@ class DecompositionContext:
     unit_labels: list  # the unit axis: sample ids, or partition groups
     row_of_sample: dict[int, int]  # training-sample id → its row on the unit axis
     keep: tuple[str, ...]
-    quadrature: Quadrature | AdaptiveQuadrature | PiecewiseQuadrature
+    quadrature: Quadrature | AdaptiveQuadrature
     plan: ContractionPlan
     selected: set[int]  # the steps whose Φ_t is computed (all, unless subsampled: Appendix G.2)
     dtype: torch.dtype
@@ -252,7 +251,7 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
         trajectory=trajectory, fm=fm, data=data, loss_fn=loss_fn,
         penalty=penalty, names=names, shapes=shapes, xs_test=xs_test, y_test=y_test, labels=labels,
         group_index=group_index, unit_labels=units, row_of_sample=row_of, keep=keep,
-        quadrature=o.quadrature or default_quadrature(), plan=plan, selected=selected, dtype=dtype, device=device,
+        quadrature=o.quadrature or gauss_legendre(8), plan=plan, selected=selected, dtype=dtype, device=device,
         rtol=rtol, eps_train=torch.finfo(trajectory.dtype).eps,
         rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)), vectorize=o.vectorize,
         num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad, offsets=offsets,
