@@ -322,11 +322,12 @@ def check_step(t: int, step: StepRecord, rule, names: Sequence[str], shapes: Map
             f"the parameters use {num_groups}"
         )
     for gi, hyper in enumerate(step.hyperparameters):
-        if normalized_hyperparameters(rule, hyper, t, gi) != hyper:
-            raise TrajectoryMismatchError(
-                f"step {t}: the hyper-parameters of param group {gi} ({hyper}) are not in the form the "
-                f"{rule.name} rule records"
-            )
+        normalized = normalized_hyperparameters(rule, hyper, t, gi)
+        if normalized != hyper:
+            missing = sorted(set(normalized) - set(hyper))
+            what = (f"lack {missing} (the {rule.name} rule would assume its defaults)" if missing else
+                    f"are not in the form the {rule.name} rule records: {hyper}, read as {normalized}")
+            raise TrajectoryMismatchError(f"step {t}: the hyper-parameters of param group {gi} {what}")
     unknown = sorted(set(step.updated) - set(names))
     if unknown:
         raise TrajectoryMismatchError(f"step {t}: updated parameters {unknown} are not in the trajectory")
@@ -386,9 +387,9 @@ def normalized_hyperparameters(rule, hyper: Any, t: int, group: int) -> dict:
             f"step {t}: the hyper-parameters of param group {group} lack {exc.args[0]!r}, which the "
             f"{rule.name} rule needs (give the values actually used at that step)"
         ) from None
+    except ExplaindError as exc:
+        raise type(exc)(f"step {t}, param group {group}: {exc}") from None
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ExplaindError):
-            raise
         raise TrajectoryMismatchError(
             f"step {t}: the hyper-parameters of param group {group} are malformed ({type(exc).__name__}: {exc})"
         ) from None

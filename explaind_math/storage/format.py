@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import TrajectoryFileError
+from .integrity import check_tensor, tensor_crc32
 
 __all__ = [
     "HEADER_KEY",
@@ -85,7 +86,8 @@ def write_file(path: Path, tensors: Mapping[str, torch.Tensor], description: dic
             v = v.clone()  # safetensors refuses tensors that share memory
         seen.add(storage)
         prepared[k] = v
-    description = {**description, "num_tensors": len(prepared)}
+    description = {**description, "num_tensors": len(prepared),
+                   "tensor_crc32": {k: tensor_crc32(v) for k, v in prepared.items()}}
     atomic_write(path, lambda tmp: save_safetensors(prepared, tmp, description))
     return path.stat().st_size, file_crc32(path)
 
@@ -151,10 +153,11 @@ def open_described_file(path: Path, expected_format: str, expected_version: int,
 class DescribedFile:
     """One file of a trajectory directory, opened memory-mapped, with its JSON description; every
     failure is a :class:`TrajectoryFileError` naming the file. ``size`` and ``crc32``, when given, are
-    the manifest's record of it."""
+    the manifest's record of it; ``check_tensors``: check every tensor against the CRC-32 in the file's
+    own header (for a file the manifest does not list yet)."""
 
     def __init__(self, path: Path, expected_format: str, expected_version: int, *,
-                 size: int | None = None, crc32: int | None = None):
+                 size: int | None = None, crc32: int | None = None, check_tensors: bool = False):
         self.path = path
         if not path.is_file():
             raise TrajectoryFileError(f"{path}: missing (the manifest lists it)")
@@ -175,6 +178,11 @@ class DescribedFile:
                     self.tensors[k] = fh.get_tensor(k)
                 except Exception as exc:
                     raise TrajectoryFileError(f"{path}: tensor {k!r} cannot be read: {exc}") from None
+            if check_tensors:
+                if not isinstance(d.get("tensor_crc32"), dict):
+                    raise TrajectoryFileError(f"{path}: its header has no CRC-32 of its tensors")
+                for k, v in self.tensors.items():
+                    check_tensor(path, k, v, d["tensor_crc32"])
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.tensors:

@@ -2,12 +2,15 @@
 
 After a crash, :func:`recover_trajectory_directory` (run by every writer that opens the directory)
 deletes the temporary files, adopts a shard that was renamed but not yet listed, and deletes shards
-left by an interrupted :func:`truncate_trajectory_directory`. Files that are not ours are left alone.
+left by an interrupted :func:`truncate_trajectory_directory` (an older generation than the manifest's).
+A readable shard is never deleted otherwise: one that cannot be adopted (after a gap, unreadable) is
+moved into :data:`SET_ASIDE_NAME` with a :class:`RecoveryWarning`. Files that are not ours are left alone.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from ..errors import ExplaindError, RecordingError, TrajectoryFileError
@@ -23,9 +26,17 @@ from .manifest import (
     shard_name,
     write_manifest,
 )
-from .shard import Shard, write_shard
+from .shard import Shard, read_shard_header, write_shard
 
-__all__ = ["DirectoryLock", "recover_locked", "recover_trajectory_directory", "truncate_trajectory_directory"]
+__all__ = ["SET_ASIDE_NAME", "DirectoryLock", "RecoveryWarning", "recover_locked", "recover_trajectory_directory",
+           "truncate_trajectory_directory"]
+
+#: the subdirectory where recovery moves the shards it cannot prove part of the trajectory
+SET_ASIDE_NAME = "set-aside"
+
+
+class RecoveryWarning(UserWarning):
+    """Recovery moved shards it could not adopt aside (they are kept, not deleted)."""
 
 
 class DirectoryLock:
@@ -79,39 +90,85 @@ def recover_locked(directory: Path) -> dict | None:
                 f"nor {INITIAL_NAME}; not a trajectory this library can resume"
             )
         return None
+    rebuilt = not (directory / MANIFEST_NAME).is_file()
     listed = {(first, stop) for first, stop, _, _ in manifest["shards"]}
-    changed = not (directory / MANIFEST_NAME).is_file()
-    # a shard renamed into place but not yet in the manifest is a finished step: adopt it when it
-    # continues the listed steps and was written by this generation (not left by a truncation)
-    while True:
-        n = manifest["num_steps"]
-        candidates = [key for key in shards if key[0] == n and key not in listed]
-        if len(candidates) != 1:
-            break
-        key = candidates[0]
-        path = shards[key]
-        shard = Shard.read(path, manifest, key[0], key[1], size=None, crc32=None)
-        if shard.generation != manifest["generation"]:
-            break
-        manifest["shards"].append([key[0], key[1], path.stat().st_size, file_crc32(path)])
-        manifest["num_steps"] = key[1]
-        listed.add(key)
-        changed = True
+    generations = {key: _generation(path) for key, path in shards.items() if key not in listed}
+    changed = _adopt(directory, manifest, shards, listed, generations, rebuilt) or rebuilt
     if changed:
         write_manifest(directory, manifest)
-    for key, path in shards.items():  # stale: beyond an adopted chain, or left by a truncation
-        if key not in listed:
-            path.unlink(missing_ok=True)
+    set_aside = []
+    for key, path in sorted(shards.items()):
+        if key in listed:
+            continue
+        generation = generations[key]
+        if generation is not None and generation < manifest["generation"]:
+            path.unlink(missing_ok=True)  # superseded: a truncation with a newer generation was committed
+        else:
+            set_aside.append(path)
+    if set_aside:
+        _set_aside(directory, set_aside, manifest["num_steps"])
     fsync_directory(directory)
     return manifest
+
+
+def _generation(path: Path) -> int | None:
+    """A shard's generation from its header alone; None when the header cannot be read."""
+    try:
+        return int(read_shard_header(path)["generation"])
+    except (TrajectoryFileError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _adopt(directory: Path, manifest: dict, shards: dict, listed: set, generations: dict, rebuilt: bool) -> bool:
+    """Append to the manifest the shards that continue its steps: renamed into place but not yet listed
+    (same generation), or, when the manifest was lost and rebuilt from θ_0, the newest generation found.
+    Each is read and checked in full first; returns whether any was adopted."""
+    changed = False
+    while True:
+        n = manifest["num_steps"]
+        candidates = [key for key in shards if key[0] == n and key not in listed and generations[key] is not None]
+        if rebuilt and candidates:
+            newest = max(generations[key] for key in candidates)
+            candidates = [key for key in candidates if generations[key] == newest]
+        else:
+            candidates = [key for key in candidates if generations[key] == manifest["generation"]]
+        if len(candidates) != 1:
+            return changed
+        key = candidates[0]
+        path = shards[key]
+        try:
+            Shard.read(path, manifest, key[0], key[1], size=None, crc32=None, check_tensors=True)
+        except TrajectoryFileError:
+            return changed
+        manifest["shards"].append([key[0], key[1], path.stat().st_size, file_crc32(path)])
+        manifest["num_steps"] = key[1]
+        manifest["generation"] = generations[key]
+        listed.add(key)
+        changed = True
+
+
+def _set_aside(directory: Path, paths: list[Path], num_steps: int) -> None:
+    """Move shards that are not part of the recovered trajectory into SET_ASIDE_NAME, with a warning."""
+    target = directory / SET_ASIDE_NAME
+    target.mkdir(exist_ok=True)
+    for path in paths:
+        os.replace(path, target / path.name)
+    fsync_directory(target)
+    warnings.warn(
+        f"{directory}: recovered {num_steps} steps (steps 0..{num_steps - 1}); shards "
+        f"{[p.name for p in paths]} do not continue them (a shard before them is missing or unreadable) and were "
+        f"moved, intact, into {target}. Put the missing shard back and move them back to recover the later steps",
+        RecoveryWarning, stacklevel=3,
+    )
 
 
 def recover_trajectory_directory(directory: str | os.PathLike) -> int:
     """Tidy a trajectory directory after a crash and return how many steps it holds.
 
     Deletes temporary files of interrupted writes, adds to the manifest a shard that was written but
-    not yet listed (the crash came between the two renames: its steps are finished), and deletes
-    shards that are listed nowhere (left by an interrupted truncation). Every recorder opened on the
+    not yet listed (the crash came between the two renames: its steps are finished), deletes shards of
+    an older generation than the manifest (left by an interrupted truncation), and moves the other
+    unlisted shards (after a gap, unreadable) into ``set-aside/`` with a :class:`RecoveryWarning`. Every recorder opened on the
     directory does this first; call it yourself to learn which step to restore your checkpoint to.
     Raises :class:`RecordingError` while a recorder is writing the directory.
     """

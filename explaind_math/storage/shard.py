@@ -29,9 +29,10 @@ class Shard:
 
     @classmethod
     def read(cls, path: Path, manifest: Mapping[str, Any], first: int, stop: int, *,
-             size: int | None, crc32: int | None) -> "Shard":
-        """Open the shard file ``path`` (checked against the manifest's ``size`` and ``crc32`` when given)."""
-        f = DescribedFile(path, SHARD_FORMAT, DIRECTORY_VERSION, size=size, crc32=crc32)
+             size: int | None, crc32: int | None, check_tensors: bool = False) -> "Shard":
+        """Open the shard file ``path`` (checked against the manifest's ``size`` and ``crc32`` when given, and
+        each tensor against its header's CRC-32 with ``check_tensors``)."""
+        f = DescribedFile(path, SHARD_FORMAT, DIRECTORY_VERSION, size=size, crc32=crc32, check_tensors=check_tensors)
         d = f.description
         try:
             if (d["first_step"], d["stop_step"]) != (first, stop):

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TrajectoryFileError
+from ..errors import ExplaindError, TrajectoryFileError
 from ..trajectory import Trajectory
 from .format import atomic_write, open_described_file, save_safetensors
+from .integrity import check_description, check_tensor, field_checksums, tensor_crc32
 from .records import decode_state, decode_step, encode_state, encode_step
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_file", "save_file"]
 
 FORMAT_NAME = "explaind_math.trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a CRC-32 of every tensor and of every field of the description
 
 
 def save_file(trajectory: Trajectory, path: str | os.PathLike) -> Path:
@@ -45,6 +46,8 @@ def save_file(trajectory: Trajectory, path: str | os.PathLike) -> Path:
         "num_tensors": len(tensors),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    description["tensor_crc32"] = {k: tensor_crc32(v) for k, v in tensors.items()}
+    description["field_crc32"] = field_checksums(description)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, description))
     return path
@@ -57,6 +60,8 @@ def load_file(path: str | os.PathLike, cls: type[Trajectory] = Trajectory) -> Tr
         return _read(path, cls)
     except TrajectoryFileError:
         raise
+    except ExplaindError as exc:  # the trajectory's own checks (shapes, NaN/Inf, state the rule needs)
+        raise TrajectoryFileError(f"{path}: {exc}") from None
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         # a readable header whose description is incomplete, mistyped or inconsistent with the tensors
         raise TrajectoryFileError(
@@ -70,13 +75,16 @@ def _read(path: str | os.PathLike, cls: type[Trajectory]) -> Trajectory:
     if not path.is_file():
         raise TrajectoryFileError(f"{path}: no such trajectory file")
     with open_described_file(path, FORMAT_NAME, FORMAT_VERSION, "an explaind_math trajectory") as (fh, d, keys):
+        check_description(path, d, keys)
+
         def get(key: str) -> torch.Tensor:
             if key not in keys:
                 raise TrajectoryFileError(f"{path}: tensor {key!r} is missing")
             try:
-                return fh.get_tensor(key)
+                value = fh.get_tensor(key)
             except Exception as exc:
                 raise TrajectoryFileError(f"{path}: tensor {key!r} cannot be read: {exc}") from None
+            return check_tensor(path, key, value, d["tensor_crc32"])
 
         names = d["parameter_names"]
         steps_json = d["steps"]
