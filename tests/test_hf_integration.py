@@ -1,0 +1,212 @@
+"""Hugging Face models and real training loops (issue 16): dropout decomposed exactly, padded dict batches,
+ModelOutput/.logits, wrapper prefixes, the Trainer integration and its refusals, autocast refused naming
+precision. Tiny GPT-2 and BERT models built from configs (no hub weights, no network)."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import explaind_math as em
+from explaind_math.errors import RecordingError, ReplayMismatchError, TrajectoryMismatchError
+from explaind_math.integrations import DataLoaderWithIds, SelectOutput, collate_padded, with_sample_ids
+from explaind_math.integrations import hf
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+V = 16
+
+
+def example(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sequences(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        length = int(torch.randint(3, 8, (), generator=g))
+        ids = torch.randint(0, V, (length,), generator=g)
+        items.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": ids.clone()})
+    return items
+
+
+def gpt2(dtype=torch.float64, attn="eager", dropout=0.1):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=8, n_head=2, n_positions=12, vocab_size=V, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, attn_implementation=attn)
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def train_plain(model, data, steps=3, **recorder_options):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    recorder = em.TrajectoryRecorder(model, optimizer, **recorder_options)
+    loader = DataLoaderWithIds(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model.train()
+    done = 0
+    while done < steps:
+        for ids, batch in loader:
+            optimizer.zero_grad()
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            weights = hf.causal_lm_weights(labels)
+            loss = sum(weights[i].to(logits.dtype) * hf.causal_lm_loss(logits[i], labels[i]) for i in range(len(ids)))
+            loss.backward()
+            recorder.record_batch(ids, weights=weights)
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    model.eval()
+    return recorder.trajectory()
+
+
+def decompose(model, trajectory, data, **options):
+    test = collate_padded(sequences(2, seed=9))
+    labels = test.pop("labels")
+    return em.decompose_function_of_output(model, trajectory, hf.causal_lm_loss, data, test, hf.causal_lm_loss,
+                                           test_labels=labels, keep=("unit", "test", "output"),
+                                           quadrature=em.gauss_legendre(8), dtype=torch.float64, **options)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_dropout_run_with_padding_decomposes_exactly(attn):
+    """Dropout (nn.Dropout and attention dropout, eager or SDPA) on padded batches: the gradient-sum check
+    passes at every step (it raises otherwise) and the float64 residual is at rounding level."""
+    data = sequences(12, seed=1)
+    model = gpt2(attn=attn)
+    trajectory = train_plain(model, data)
+    record = trajectory.metadata["dropout"]
+    assert sum(p > 0 for p in record["calls"]) >= 5 and len(record["steps"]) == 3
+    result = decompose(model, trajectory, data)
+    assert result.relative_residual <= 1e-9
+    assert result.max_replay_error <= 1e-8
+
+
+def test_wrong_masks_fail_the_gradient_check():
+    """The proof that replay used the recorded masks: another seed fails the step-0 gradient-sum check."""
+    data = sequences(8, seed=1)
+    model = gpt2()
+    trajectory = train_plain(model, data, steps=1)
+    trajectory.metadata["dropout"]["seed"] += 1
+    with pytest.raises(ReplayMismatchError, match="step 0"):
+        decompose(model, trajectory, data)
+
+
+def test_causal_lm_weights_reproduce_the_models_own_loss():
+    """HF's loss is computed in float32 (it upcasts the logits to float32, and so also rounds float64 logits):
+    the comparison is in float32."""
+    model = gpt2(dtype=torch.float32, dropout=0.0)
+    batch = collate_padded(sequences(5, seed=3))
+    model.zero_grad()
+    model(**batch).loss.backward()
+    own = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    w = hf.causal_lm_weights(labels)
+    sum(w[i] * hf.causal_lm_loss(logits[i], labels[i]) for i in range(5)).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, own[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_wrapper_prefixes_on_both_sides():
+    data = sequences(8, seed=1)
+    model = gpt2(dropout=0.0)
+    trajectory = train_plain(model, data, steps=2)
+    wrapped = SelectOutput(model, lambda out: out.logits)  # names gain the prefix "model."
+    direct, through = decompose(model, trajectory, data), decompose(wrapped, trajectory, data)
+    assert torch.allclose(direct.kernel, through.kernel, rtol=0, atol=1e-12)
+    other = gpt2(dropout=0.0)
+    other.transformer.h = torch.nn.ModuleList()  # a different architecture: no prefix makes the names agree
+    with pytest.raises(TrajectoryMismatchError, match="the model does not have"):
+        decompose(other, trajectory, data)
+
+
+def test_recording_through_a_wrapper_records_the_models_names():
+    model = gpt2(dropout=0.0)
+    ddp_like = torch.nn.DataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = em.TrajectoryRecorder(ddp_like, optimizer)
+    assert [n for n, _, _ in recorder._params] == [n for n, _ in model.named_parameters()]
+    recorder.close()
+
+
+def test_autocast_is_refused_naming_precision():
+    data = sequences(4, seed=1)
+    model = gpt2(dtype=torch.float32, dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    em.TrajectoryRecorder(model, optimizer)
+    batch = collate_padded(data)
+    batch.pop("labels")
+    model.train()
+    with pytest.raises(RecordingError, match="mixed precision"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+
+
+def test_training_data_errors_name_the_fix():
+    data = sequences(4, seed=1)
+    wrapped = with_sample_ids(data)
+    from explaind_math.features import TrainingData
+
+    xs, ys = TrainingData(wrapped, dtype=torch.float64, device=torch.device("cpu")).fetch([0, 2])
+    assert xs["input_ids"].shape[0] == 2 and ys.shape == xs["input_ids"].shape
+    bad = [(0, torch.zeros(2), torch.tensor(1))]  # a dataset that also returns its ids
+    with pytest.raises(TrajectoryMismatchError, match="not one that also returns ids"):
+        TrainingData(bad, dtype=torch.float64, device=torch.device("cpu")).fetch([0])
+
+
+def trainer_args(tmp_path, **overrides):
+    from transformers import TrainingArguments
+
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, report_to=[],
+                    save_strategy="no", logging_strategy="no", use_cpu=True, learning_rate=1e-3)
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+    ({"bf16": True}, "bf16=True: mixed precision"),
+    ({"optim": "adafactor"}, "optim='adafactor'"),
+])
+def test_trainer_settings_without_an_exact_rule_are_refused_before_training(tmp_path, setting, match):
+    model = gpt2(dtype=torch.float32, dropout=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RecordingError, match=match):
+        trainer = hf.RecordingTrainer(model=model, args=trainer_args(tmp_path, **setting),
+                                      train_dataset=hf.with_sample_ids(sequences(8, seed=1)),
+                                      data_collator=em.integrations.padded_collate)
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no step was taken
+
+
+def test_trainer_with_a_custom_loss_function_is_refused(tmp_path):
+    with pytest.raises(RecordingError, match="compute_loss_func"):
+        hf.RecordingTrainer(model=gpt2(dtype=torch.float32, dropout=0.0), args=trainer_args(tmp_path),
+                            train_dataset=hf.with_sample_ids(sequences(8, seed=1)),
+                            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+
+
+@pytest.mark.parametrize("flag, bound", [([], 1e-6), (["--float64"], 1e-9)])
+def test_gpt2_trainer_example(flag, bound):
+    """The example: HF Trainer, dropout on, clipping, accumulation, schedule, padded variable-length sequences."""
+    out = example("hf_gpt2_trainer").main(["--quick", *flag])
+    assert out["relative_residual"] <= bound
+    trajectory = out["trajectory"]
+    assert trajectory.metadata["gradient_rescaling"] and len(trajectory.metadata["dropout"]["steps"]) == 4
+    assert all(len(mbs) == 2 for mbs in trajectory.metadata["dropout"]["steps"].values())  # accumulation 2
+
+
+def test_bert_classifier_example():
+    out = example("hf_bert_classifier").main(["--quick"])
+    assert out["relative_residual"] <= 1e-9
