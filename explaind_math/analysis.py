@@ -29,7 +29,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .errors import ExplaindError, QueryRangeError
 from .influence import AXES, Influence
+from .query_range import positions
 
 __all__ = [
     "Accumulated",
@@ -174,15 +176,7 @@ def _source_tensor(result: Influence, source: str) -> tuple[torch.Tensor, tuple[
 
 
 def _positions(selection, size: int, axis: str) -> list[int]:
-    if selection is None:
-        return list(range(size))
-    if isinstance(selection, slice):
-        return list(range(size))[selection]
-    items = [selection] if isinstance(selection, (int, np.integer)) else list(selection)
-    for k in items:
-        if not -size <= int(k) < size:
-            raise IndexError(f"{axis} index {k} is out of range for an axis of length {size}")
-    return [int(k) % size for k in items]
+    return positions(selection, size, f"{axis} index")
 
 
 def _is_window_list(steps) -> bool:
@@ -194,12 +188,14 @@ def _step_matrix(result: Influence, steps) -> tuple[torch.Tensor, list, bool]:
     """Rows: the selected steps (one row per step) or windows (a row of ones per window)."""
     values = list(result.steps)
     n = len(values)
+    if isinstance(steps, (list, tuple)) and any(isinstance(w, slice) for w in steps):
+        raise ExplaindError("steps: give a list of step windows as (start, stop) pairs of step numbers, not slices")
     if _is_window_list(steps):
         rows, labels = [], []
         for start, stop in steps:
             row = [1.0 if start <= s < stop else 0.0 for s in values]
             if not any(row):
-                raise ValueError(f"the step window ({start}, {stop}) holds none of the result's steps {values[0]}…{values[-1]}")
+                raise QueryRangeError(f"the step window ({start}, {stop}) holds none of the result's steps {values[0]}…{values[-1]}")
             rows.append(row)
             labels.append(f"{start}:{stop}")
         return torch.tensor(rows, dtype=torch.float64), labels, True
@@ -207,7 +203,7 @@ def _step_matrix(result: Influence, steps) -> tuple[torch.Tensor, list, bool]:
         steps = [s for s in steps]
         missing = [s for s in steps if s not in values]
         if missing:
-            raise ValueError(f"steps {missing[:10]} are not among the result's steps")
+            raise QueryRangeError(f"steps {missing[:10]} are not among the result's steps {values[0]}…{values[-1]}")
         steps = [values.index(s) for s in steps]
     chosen = _positions(steps, n, "step")
     matrix = torch.zeros(len(chosen), n, dtype=torch.float64)
@@ -315,9 +311,20 @@ def accumulated_influence(result: Influence, keep: Sequence[str] = ("test", "out
     """Accumulated influence I(S, J, X, U, O) = Σ_{t∈S, j∈J, x∈X, i∈U, o∈O} I[t, j, x, i, o] (MATH.md §5),
     keeping the axes in ``keep`` (canonical order); ``source`` picks I, Ψ, Ξ, … (:data:`SOURCES`).
     Selections as in the module docstring."""
+    _check_selection(selection)
     keep = _check_keep(result, source, keep, _is_window_list(selection.get("steps")))
     values, axes, coords, _ = _select(result, source, **selection)
     return _sum_except(values, axes, coords, keep, source)
+
+
+SELECTIONS = ("steps", "params", "groups", "tests", "units", "outputs", "parameter_names")
+
+
+def _check_selection(selection: dict) -> None:
+    unknown = [k for k in selection if k not in SELECTIONS]
+    if unknown:
+        hints = [f"{k!r} (did you mean {k + 's'!r}?)" if k + "s" in SELECTIONS else repr(k) for k in unknown]
+        raise ExplaindError(f"unknown selection {', '.join(hints)}; the selections are {SELECTIONS}")
 
 
 def accumulated_importance(result: Influence, keep: Sequence[str] = (), *,
@@ -335,6 +342,7 @@ def accumulated_importance(result: Influence, keep: Sequence[str] = (), *,
     inner = tuple(a for a in AXES if a in keep or a in absolute_over)
     keep = _check_keep(result, source, keep, _is_window_list(selection.get("steps")))
     _check_keep(result, source, inner, False)
+    _check_selection(selection)
     values, axes, coords, _ = _select(result, source, **selection)
     inside = _sum_except(values, axes, coords, inner, source)
     return _sum_except(inside.values.abs(), inside.axes, inside.coords, keep, source)
@@ -393,6 +401,9 @@ def similarity_matrix(result: Influence, *, source: str = "kernel", sum_over: Se
     acc = accumulated_influence(result, keep, source=source, **selection)
     vectors = acc.values.movedim(acc.axes.index("test"), 0).reshape(acc.values.shape[acc.axes.index("test")], -1)
     norms = vectors.norm(dim=1)
+    if not bool((norms > 0).any()):
+        raise ExplaindError("every selected test input has zero influence over the selection: the similarity is "
+                            "undefined (select steps, parameters or units where the result has influence)")
     cosine = (vectors @ vectors.T) / (norms[:, None] * norms[None, :])
     tests = acc.coords["test"]
     return Accumulated(cosine, ("test", "other_test"), {"test": tests, "other_test": list(tests)}, f"similarity_{source}")

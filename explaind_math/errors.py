@@ -35,3 +35,7 @@ class StochasticTrainingError(ExplaindError):
 
 class RecordingError(ExplaindError):
     """The training loop was used in a way the recorder cannot turn into an exact trajectory."""
+
+
+class QueryRangeError(ExplaindError, IndexError):
+    """A query of a result asks for positions, steps or ids outside the result (or selects nothing)."""

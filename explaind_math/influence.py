@@ -15,6 +15,9 @@ from typing import Sequence
 
 import torch
 
+from .errors import ExplaindError
+from .query_range import position
+
 __all__ = ["Influence", "AXES"]
 
 #: canonical axis order of the kernel tensor; Ψ and Ξ have the same order without "unit"
@@ -142,15 +145,23 @@ class Influence:
         if "param" not in self.kernel_axes:
             raise ValueError("this result summed the parameter axis; decompose with 'param' in keep")
         total = self.kernel_sum(("param", "test", "output")) + self.pseudo_unit_sum(("param", "test", "output"))
-        total = total if test is None else total[:, test : test + 1]
-        total = total if output is None else total[..., output : output + 1]
+        if test is not None:
+            test = position(test, total.shape[1], "test")
+            total = total[:, test : test + 1]
+        if output is not None:
+            output = position(output, total.shape[2], "output")
+            total = total[..., output : output + 1]
         return {label: float(v) for label, v in zip(self.param_labels, total.sum(dim=(1, 2)))}
 
     def top_units(self, test: int, output: int, k: int = 5) -> list[tuple[int, float]]:
         """The k training samples with the largest |Σ_{t,j} I[t, j, x, i, o]| for one prediction."""
         if "unit" not in self.kernel_axes:
             raise ValueError("this result summed the unit axis; decompose with 'unit' in keep")
-        scores = self.kernel_sum(("test", "unit", "output"))[test, :, output]
+        scores = self.kernel_sum(("test", "unit", "output"))
+        test, output = position(test, scores.shape[0], "test"), position(output, scores.shape[2], "output")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ExplaindError(f"k must be a positive integer (how many units), got {k!r}")
+        scores = scores[test, :, output]
         order = torch.argsort(scores.abs(), descending=True)[:k]
         return [(self.units[int(i)], float(scores[i])) for i in order]
 
