@@ -33,6 +33,7 @@ VERIFY_ROWS: dict[str, str] = {
     "step_subsampling": "Appendix G.2 step subsampling",
     "contraction": "§11 contraction planning",
     "block_scan": "§11 block scan (distributed)",
+    "adjoint": "§12 adjoint accumulation",
 }
 
 ALL_RULES = tuple(RULE_LABELS)
@@ -120,6 +121,14 @@ THEOREMS: tuple[Theorem, ...] = (
         test_note="2 gloo ranks under torchrun = one process, 1e-12",
         proof_checks=("proofs_checks/check_block_scan.py",), examples=("examples/distributed.py",),
         verify_rows=("block_scan",)),
+    Theorem(
+        key="adjoint", title="§12 — the adjoint: per-unit influences by λ_s run backward, only each step's batch contracted",
+        section="§12", rules=ALL_RULES, functions=("accumulation=",), reference=None,
+        reference_note="the forward recursion of §4 is its reference",
+        property_tests=("tests/test_adjoint.py::test_adjoint_equals_forward_for_every_rule",
+                        "tests/test_adjoint.py::test_adjoint_with_partitions_targets_and_penalty"),
+        test_note="adjoint = forward to 1e-12 of the L1 mass; origin-step totals = update-step totals",
+        proof_checks=("proofs_checks/check_adjoint.py",), examples=("benchmarks/bench_adjoint.py",), verify_rows=("adjoint",)),
     Theorem(
         key="corollary_3_3_i", title="Corollary 3.3 (i) — functions of the output h(f)", section="§6 (i)",
         rules=ALL_RULES, functions=("decompose_function_of_output", "targets.*"),
