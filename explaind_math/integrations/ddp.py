@@ -1,0 +1,47 @@
+"""Recording a ``DistributedDataParallel`` run: one trajectory for all ranks.
+
+DDP averages the ranks' gradients, so the step's gradient is (1/W) Σ_r Σ_{i∈B_r} w_i ∇ℓ_i: before every
+``optimizer.step()`` each rank's recorded ids and weights are gathered (``all_gather_object``) and every
+weight divided by the world size W. Every rank then holds the same trajectory (the parameters are equal
+on all ranks); save it from one::
+
+    recorder = DistributedTrajectoryRecorder(ddp_model, optimizer)
+    ...                                   # each rank: record_batch(ids of its shard of the batch)
+    if dist.get_rank() == 0:
+        recorder.trajectory().save("run.safetensors")
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ..errors import RecordingError
+from ..recording import TrajectoryRecorder
+
+__all__ = ["DistributedTrajectoryRecorder"]
+
+
+class DistributedTrajectoryRecorder(TrajectoryRecorder):
+    """A :class:`~explaind_math.TrajectoryRecorder` whose steps hold the ids and weights of every rank
+    (``group``: the process group DDP averages over; default the world)."""
+
+    def __init__(self, model, optimizer, *, group=None, **kwargs):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RecordingError("DistributedTrajectoryRecorder needs an initialised torch.distributed process group")
+        super().__init__(model, optimizer, **kwargs)
+        if self._watch.records_dropout:
+            self.close()
+            raise RecordingError("dropout in a DDP run is not recorded yet (each rank draws its own masks): "
+                                 "train with dropout off under DDP, or record a single-process run")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+
+    def _check_and_prepare(self, optimizer, args, kwargs) -> None:
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, dict(self._pending), group=self.group)
+        merged: dict[int, float] = {}
+        for pending in gathered:
+            for i, w in pending.items():
+                merged[i] = merged.get(i, 0.0) + w / self.world_size
+        self._pending = merged
+        super()._check_and_prepare(optimizer, args, kwargs)
