@@ -20,6 +20,7 @@ import torch
 from ..optimizers import template as recurrence
 from .checks import abs_linear, global_gradient_scale, replay_check
 from .context import DecompositionContext
+from .diagnosis import diagnose_replay_mismatch
 from .gradients import StepGradients, check_recorded_gradient
 
 __all__ = ["RuleBuffers", "UnitUpdates", "rule_coefficients"]
@@ -154,7 +155,8 @@ class RuleBuffers:
         delta = {n: theta_next[n] - theta_t[n] for n in self.ctx.names}
         total = {n: unit_totals[n] + sum(pseudo[p][n] for p in self.pseudo_names) for n in self.ctx.names}
         replay_error = replay_check(t, total, delta, theta_t, theta_next, self.ctx.rtol, self.ctx.eps_train,
-                                    updated, update_rounding)
+                                    updated, update_rounding,
+                                    diagnose=lambda: diagnose_replay_mismatch(self.ctx, t, total, delta))
         # rows that can hold a non-zero update: every unit whose buffer was ever fed, and this step's batch
         active = torch.nonzero(self.touched.clone().index_fill_(0, gradients.rows, True)).flatten()
         return UnitUpdates(unit_updates, unit_totals, pseudo, active, replay_error, gradients.scale)

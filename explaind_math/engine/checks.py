@@ -11,7 +11,7 @@ formed by the block runner (:mod:`~explaind_math.engine.blocks`).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -24,11 +24,13 @@ Params = dict[str, torch.Tensor]
 
 
 def replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: Params, rtol: float,
-                  eps_train: float, updated: set[str], update_rounding: Mapping[str, float]) -> float:
+                  eps_train: float, updated: set[str], update_rounding: Mapping[str, float],
+                  diagnose: Callable[[], str] | None = None) -> float:
     """Raise :class:`ReplayMismatchError` unless |Σ_u update_t(u) − Δθ_t| ≤ rtol·max|Δθ_t| + 16 ε max|θ| + r,
     with r the first-order effect of the gradients' rounding on this update (``update_rounding``: it
     matters where a preconditioner amplifies a gradient that is zero up to rounding, e.g. Adam on an
-    attention key bias, which softmax ignores)."""
+    attention key bias, which softmax ignores). ``diagnose()`` names the most likely cause of a mismatch
+    (:mod:`~explaind_math.engine.diagnosis`)."""
     worst = 0.0
     for n in total:
         err = float((total[n] - delta[n]).abs().max()) if total[n].numel() else 0.0
@@ -42,6 +44,7 @@ def replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: P
                 f"differs from θ_{{t+1}} − θ_t by {err:.3e} (tolerance {tol:.3e}, max |Δθ| {scale:.3e}). "
                 "Is the training loss a weighted sum of the per-sample losses given as loss_fn, over exactly "
                 "the ids recorded for this step? Was the gradient clipped or the parameter changed by hand?"
+                + _diagnosis(diagnose)
             )
         worst = max(worst, err / scale if scale > 0 else err)
     return worst
@@ -100,8 +103,13 @@ def recover_gradient_scale(t: int, summed: Params, penalty_grad: Params | None,
     return c
 
 
+def _diagnosis(diagnose: Callable[[], str] | None) -> str:
+    return "" if diagnose is None else " " + diagnose()
+
+
 def check_gradient_sum(t: int, summed: Params, penalty_grad: Params | None,
-                        recorded: Mapping[str, torch.Tensor], rtol: float, eps_train: float) -> None:
+                        recorded: Mapping[str, torch.Tensor], rtol: float, eps_train: float,
+                        diagnose: Callable[[], str] | None = None) -> None:
     """The recorded ``.grad`` must equal Σ_i w_{t,i} ∇ℓ_i(θ_t) (+ ∇R): pinpoints a non-additive loss.
     Rounding is measured against the largest gradient of any tensor: a tensor whose true gradient is zero
     (an attention key bias) holds only the rounding of the others' backward pass."""
@@ -118,4 +126,5 @@ def check_gradient_sum(t: int, summed: Params, penalty_grad: Params | None,
                 "must be a weighted sum of per-sample losses loss_fn(model(x_i), y_i) over exactly the ids given "
                 "to record_batch (weights as recorded), plus the penalty if one is given; for clip_grad_norm_ "
                 "record with TrajectoryRecorder(..., gradient_rescaling=True)."
+                + _diagnosis(diagnose)
             )

@@ -20,6 +20,7 @@ from ..influence import AXES
 from ..quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
 from ..recording import check_deterministic_modules
 from ..trajectory import Trajectory
+from .input_checks import check_loss_fn, check_test_inputs, check_training_sample, first_target_size
 from .options import DecompositionOptions, keep_axes
 from .plan import ContractionPlan, MemoryBudgetError, PathCosts, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
 
@@ -209,6 +210,8 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
     fm = FunctionalModel(model, names, dtype=dtype, device=device, h=h, activation=activation, name_map=name_map,
                          dropout=trajectory.metadata.get("dropout"))
     data = TrainingData(train_data, dtype=dtype, device=device)
+    check_loss_fn(loss_fn)
+    check_test_inputs(test_inputs)
     xs_test, y_test = _test_set(test_inputs, test_labels, dtype, device)
     labels, group_index = parameter_rows(params, names, shapes)
     units, row_of = unit_rows(trajectory.units(), partition)
@@ -221,7 +224,8 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
         offsets[n], acc = acc, acc + numel[n]
 
     theta_0 = {n: trajectory.parameters[0][n].to(device=device, dtype=dtype) for n in names}
-    num_outputs = fm.target(theta_0, xs_test[0], y_test[0]).detach().numel()
+    num_outputs = first_target_size(fm, theta_0, xs_test, y_test)  # a failure names test_inputs
+    check_training_sample(fm, theta_0, loss_fn, data, trajectory, o.vectorize)  # … or train_data, or loss_fn
     forward_ad, why = fm.supports_forward_ad(theta_0, xs_test[0], y_test[0])
     if not forward_ad and o.contraction == "jvp":
         raise ExplaindError(f"contraction='jvp' needs forward-mode AD through the model, which PyTorch refuses here "

@@ -14,8 +14,9 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import ExplaindError
-from .checks import check_gradient_sum, recover_gradient_scale
+from .checks import check_gradient_sum, recover_gradient_scale, with_penalty
 from .context import DecompositionContext
+from .diagnosis import diagnose_gradient_mismatch
 from .plan import chunks, scaled_in_place
 
 __all__ = ["StepGradients", "step_gradients", "check_recorded_gradient", "penalty_gradient"]
@@ -112,5 +113,20 @@ def check_recorded_gradient(ctx: DecompositionContext, t: int, gradients: StepGr
     clip factor was recovered, which already compared them)."""
     step = ctx.trajectory.steps[t]
     if step.gradient is not None and not ctx.rescaling:
-        check_gradient_sum(t, gradients.summed, gradients.penalty, step.gradient, ctx.rtol, ctx.eps_train)
+        check_gradient_sum(t, gradients.summed, gradients.penalty, step.gradient, ctx.rtol, ctx.eps_train,
+                           diagnose=lambda: _diagnose(ctx, t, gradients))
+
+
+def _diagnose(ctx: DecompositionContext, t: int, gradients: StepGradients) -> str:
+    """The most likely cause of a failed gradient-sum check (recomputes the step's gradients once)."""
+    def with_penalties(g: StepGradients) -> Params:
+        return {n: with_penalty(g.summed, g.penalty, n) for n in g.summed}
+
+    def recompute() -> Params:
+        again = step_gradients(ctx, t, ctx.theta(t))
+        for _ in again.chunks():
+            pass
+        return with_penalties(again)
+
+    return diagnose_gradient_mismatch(ctx, t, with_penalties(gradients), ctx.trajectory.steps[t].gradient, recompute)
 
