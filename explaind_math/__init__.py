@@ -16,6 +16,7 @@ from .errors import (
     UnsupportedOptimizerError,
 )
 from .influence import Influence
+from .piecewise import default_quadrature, piecewise_gauss_legendre
 from .quadrature import adaptive, adaptive_gauss_legendre, gauss_legendre, midpoint
 from .engine import DecompositionOptions, MemoryBudgetError
 from .recording import TrajectoryRecorder
@@ -67,6 +68,8 @@ __all__ = [
     "midpoint",
     "adaptive",
     "adaptive_gauss_legendre",
+    "piecewise_gauss_legendre",
+    "default_quadrature",
     "MemoryBudgetError",
     "DecompositionOptions",
     "ExplaindError",

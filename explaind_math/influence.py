@@ -49,6 +49,11 @@ class Influence:
             ``accumulation_reason`` why it was chosen. With the adjoint the step axis, when kept, is
             ``"origin_step"``: the step at which a unit's gradient was computed, summed over every later update
             that carried it (the update step t of §5 is ``"step"``); both sum to the same totals.
+        breakpoints_per_step, nodes_per_input_per_step: with the piecewise rule (MATH.md §13, the default),
+            per step and test input the breakpoints α* found and the nodes used (``nodes_per_step`` is then
+            the most any input used); empty for the other rules.
+        steps_over_tolerance: the steps where a piece's certified residual stayed over the rule's tolerance
+            (a non-smooth operation the rule does not bracket); a warning names the likely operation.
         estimated: True only when some part is an estimate (never for the exact theorems).
     """
 
@@ -76,6 +81,9 @@ class Influence:
     plan: str = ""
     accumulation: str = "forward"
     accumulation_reason: str = ""
+    breakpoints_per_step: list[list[list[float]]] = field(default_factory=list)
+    nodes_per_input_per_step: list[list[int]] = field(default_factory=list)
+    steps_over_tolerance: list[int] = field(default_factory=list)
 
     # ------------------------------------------------------------------ axes
     @property

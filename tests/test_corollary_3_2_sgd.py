@@ -16,6 +16,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import explaind_math as em
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
     REPLAY_RTOL,
@@ -49,7 +50,7 @@ def test_sgd_reconstruction_is_exact_on_smooth_models(spec, device):
     """Corollary 3.2 on tanh/GELU MLPs, CNNs and attention with every SGD flag: residual ≤ 1e-9 relative."""
     run = es.train_and_record(spec, device=device)
     result = es.decompose(run, replay_rtol=REPLAY_RTOL)
-    assert result.theorem == THEOREM and result.quadrature == "gauss_legendre(8)"
+    assert result.theorem == THEOREM and result.quadrature == em.default_quadrature().describe()
     assert result.units == run.trajectory.units()
     check_certificate(run, result, SMOOTH_RTOL)
     check_skipped_parameters(run, result)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+import explaind_math as em
 from explaind_math.optimizers import RULES, register_rule
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import REPLAY_RTOL, SMOOTH_RTOL, check_certificate, check_skipped_parameters
@@ -104,7 +105,7 @@ def test_every_rule_is_exact_with_groups_schedulers_and_frozen_parameters(rule, 
     spec = data.draw(es.training_runs(families=es.SMOOTH_FAMILIES, rules=(rule,)), label="spec")
     run = es.train_and_record(spec, device=device)
     result = es.decompose(run, replay_rtol=REPLAY_RTOL)
-    assert result.quadrature == "gauss_legendre(8)"
+    assert result.quadrature == em.default_quadrature().describe()
     assert result.kernel_axes == ("step", "param", "test", "unit", "output")
     assert result.units == run.trajectory.units()
     assert run.trajectory.optimizer == rule

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import explaind_math as em
 from explaind_math import ReplayMismatchError
 from explaind_math.testing import strategies as es
 from explaind_math.testing.residuals import (
@@ -55,7 +56,7 @@ def test_adamw_reconstruction_is_exact_on_smooth_models(spec, device):
     """Theorem 3.1 on tanh/GELU MLPs, CNNs and attention, every AdamW/Adam flag: residual ≤ 1e-9 relative."""
     run = es.train_and_record(spec, device=device)
     result = es.decompose(run, replay_rtol=REPLAY_RTOL)
-    assert result.quadrature == "gauss_legendre(8)"
+    assert result.quadrature == em.default_quadrature().describe()
     assert result.theorem == THEOREM
     assert result.kernel_axes == ("step", "param", "test", "unit", "output")
     assert result.units == run.trajectory.units()

@@ -9,7 +9,7 @@ distributed run gives each rank one block, from the state carried in by the scan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,7 @@ class BlockResult:
     scales: list[float]
     f_start: torch.Tensor
     f_end: torch.Tensor
+    step_nodes: list = field(default_factory=list)  # per step: the piecewise rule's StepNodes (or None)
 
     @classmethod
     def empty(cls, ctx: DecompositionContext, pseudo_names, f_start: torch.Tensor) -> "BlockResult":
@@ -72,6 +73,7 @@ class BlockResult:
         self.probe_nodes.append(part.probe_nodes)
         self.modes.append(part.mode)
         self.scales.append(scale)
+        self.step_nodes.append(part.step_nodes)
 
 
 def run_block(ctx: DecompositionContext, buffers: RuleBuffers, steps: range, progress: bool | None = False) -> BlockResult:

@@ -17,7 +17,8 @@ from ..features import FunctionalModel, TrainingData
 from ..integrations.batches import StructuredBatch
 from ..integrations.names import align_model
 from ..influence import AXES
-from ..quadrature import AdaptiveQuadrature, Quadrature, gauss_legendre
+from ..piecewise import PiecewiseQuadrature, default_quadrature
+from ..quadrature import AdaptiveQuadrature, Quadrature
 from ..recording import check_deterministic_modules
 from ..trajectory import Trajectory
 from .input_checks import check_loss_fn, check_test_inputs, check_training_sample, first_target_size
@@ -106,7 +107,7 @@ class DecompositionContext:
     unit_labels: list  # the unit axis: sample ids, or partition groups
     row_of_sample: dict[int, int]  # training-sample id → its row on the unit axis
     keep: tuple[str, ...]
-    quadrature: Quadrature | AdaptiveQuadrature
+    quadrature: Quadrature | AdaptiveQuadrature | PiecewiseQuadrature
     plan: ContractionPlan
     selected: set[int]  # the steps whose Φ_t is computed (all, unless subsampled: Appendix G.2)
     dtype: torch.dtype
@@ -255,7 +256,7 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
         trajectory=trajectory, fm=fm, data=data, loss_fn=loss_fn,
         penalty=penalty, names=names, shapes=shapes, xs_test=xs_test, y_test=y_test, labels=labels,
         group_index=group_index, unit_labels=units, row_of_sample=row_of, keep=keep,
-        quadrature=o.quadrature or gauss_legendre(8), plan=plan, selected=selected, dtype=dtype, device=device,
+        quadrature=o.quadrature or default_quadrature(), plan=plan, selected=selected, dtype=dtype, device=device,
         rtol=rtol, eps_train=torch.finfo(trajectory.dtype).eps,
         rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)), vectorize=o.vectorize,
         num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad, offsets=offsets,

@@ -19,9 +19,12 @@ from typing import Sequence
 import torch
 
 from ..errors import NonFiniteError
+from ..piecewise import PiecewiseQuadrature, StepNodes
 from ..quadrature import Quadrature, select_nodes
 from .buffers import UnitUpdates
 from .context import DecompositionContext
+from .pairs import directional_at_pairs, jacobian_at_pairs
+from .piecewise_step import piecewise_step_nodes
 from .plan import chunks, scaled_in_place
 
 __all__ = ["StepContribution", "contract_step", "directional", "contract_tensor", "KERNEL_CONTRACTIONS",
@@ -40,6 +43,7 @@ class StepContribution:
     nodes: int
     probe_nodes: int
     mode: str
+    step_nodes: StepNodes | None = None  # the piecewise rule's nodes and breakpoints per test input
 
 
 class Segment:
@@ -91,10 +95,15 @@ def _choose_mode(ctx: DecompositionContext, seg: Segment, updates: UnitUpdates) 
     return ctx.plan.mode_for_step(directions, ctx.num_outputs, macs), groups, active
 
 
-def _select_nodes(ctx: DecompositionContext, seg: Segment, batches, f_t, f_next) -> tuple[list, int, dict | None]:
+def _select_nodes(ctx: DecompositionContext, seg: Segment, batches, f_t, f_next,
+                  updates: UnitUpdates | None = None) -> tuple[list | StepNodes, int, dict | None]:
     """The quadrature nodes (α_k, w_k) of this step: a fixed rule's, or an adaptive rule's chosen by probing
     the exact residual with JVPs. When every kept direction fits one JVP batch, the probes ARE the
-    contraction (their sum over directions is Φ Σ_u update_t(u)): their values are returned as well."""
+    contraction (their sum over directions is Φ Σ_u update_t(u)): their values are returned as well. The
+    piecewise rule (MATH.md §13) gives nodes per test input (a :class:`StepNodes`)."""
+    if isinstance(ctx.quadrature, PiecewiseQuadrature) and seg.moving:
+        nodes = piecewise_step_nodes(ctx, seg, f_t, f_next, updates)
+        return nodes, nodes.probe_evaluations, None
     if isinstance(ctx.quadrature, Quadrature) or not seg.moving:
         rule = ctx.quadrature if isinstance(ctx.quadrature, Quadrature) else ctx.quadrature.rules[0]
         return rule.on_interval(0.0, 1.0), 0, None
@@ -123,7 +132,7 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
     mode, groups, active = _choose_mode(ctx, seg, updates)
     batches = jvp_batches(ctx, seg.moving, groups, active, updates) if mode == "jvp" and seg.moving else None
     out = KeptTensors.zeros(ctx, updates.pseudo)
-    pairs, probe_nodes, fused = _select_nodes(ctx, seg, batches, f_t, f_next)
+    pairs, probe_nodes, fused = _select_nodes(ctx, seg, batches, f_t, f_next, updates)
     if seg.moving:
         if fused is not None:
             jv = sum(w * fused[alpha] for alpha, w in pairs)
@@ -134,6 +143,9 @@ def contract_step(ctx: DecompositionContext, t: int, theta_t: Params, theta_next
             contract_by_jacobian(ctx, seg, pairs, active, updates, out)
     if not out.all_finite():
         raise NonFiniteError(non_finite_message(ctx, seg, pairs))
+    if isinstance(pairs, StepNodes):  # nodes per test input: the step's count is the largest
+        return StepContribution(out.kernel, out.pseudo, out.predicted, max(pairs.nodes_per_input), probe_nodes,
+                                mode, pairs)
     return StepContribution(out.kernel, out.pseudo, out.predicted, len(pairs), probe_nodes, mode)
 
 
@@ -239,7 +251,11 @@ def scatter_jvp(batch, jv: torch.Tensor, sl: slice, out: KeptTensors) -> None:
 
 def contract_by_jvp(ctx: DecompositionContext, seg: Segment, pairs, batches, out: KeptTensors) -> None:
     """Φ_t(x) v = Σ_k w_k J(x; θ_t(α_k)) v for every kept direction v (:func:`jvp_batches`): one
-    forward-mode JVP per direction and node."""
+    forward-mode JVP per direction and node (with nodes per test input: per (input, node) pair)."""
+    if isinstance(pairs, StepNodes):
+        for batch, tangents in batches:
+            scatter_jvp(batch, directional_at_pairs(ctx, seg, pairs.triples(), tangents.get()), slice(None), out)
+        return
     for batch, tangents in batches:
         for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
             jv = None
@@ -252,7 +268,9 @@ def contract_by_jvp(ctx: DecompositionContext, seg: Segment, pairs, batches, out
 def _integrated_jacobian(ctx: DecompositionContext, seg: Segment, pairs, sl: slice, wrt: list[str]) -> Params:
     """Φ_t(x) = Σ_k w_k ∂_θ f(x; θ_t(α_k)) for test chunk ``sl`` and the tensors ``wrt``. The nodes are
     evaluated ``plan.node_chunk`` at a time in one vmapped call; the quadrature sum is accumulated in place
-    (into the first node's Jacobian when nodes go one at a time)."""
+    (into the first node's Jacobian when nodes go one at a time). Nodes per test input: by pairs."""
+    if isinstance(pairs, StepNodes):
+        return jacobian_at_pairs(ctx, seg, pairs.triples(), list(range(ctx.xs_test.shape[0]))[sl], wrt)
     phi: Params = {}
     for nodes in chunks(len(pairs), ctx.plan.node_chunk if len(pairs) >= ctx.plan.min_node_batch else 1):
         alphas = [alpha for alpha, _ in pairs[nodes]]
@@ -333,6 +351,8 @@ def contract_tensor(ctx: DecompositionContext, n: str, phi_n: torch.Tensor, sl: 
 def non_finite_message(ctx: DecompositionContext, seg: Segment, pairs) -> str:
     """Name the first node where the derivative along Δθ_t is NaN or Inf (found only once one occurred)."""
     tangent = {n: seg.delta[n].unsqueeze(0) for n in seg.moving}
+    if isinstance(pairs, StepNodes):
+        pairs = sorted({(a, w) for _, a, w in pairs.triples()})
     bad = [alpha for alpha, _ in pairs if not bool(torch.isfinite(directional(ctx, seg.point(alpha), tangent)).all())]
     where = f"at α = {bad[0]:.6g}" if bad else f"at one of the nodes α ∈ {[round(a, 6) for a, _ in pairs]}"
     return (f"step {seg.t}: the derivative of the decomposed quantity is NaN or Inf {where} on the segment "

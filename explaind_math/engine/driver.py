@@ -26,6 +26,7 @@ from .context import DecompositionContext, build_context
 from .adjoint import pseudo_names_of, run_adjoint
 from .distributed import run_adjoint_distributed, run_distributed
 from .options import DecompositionOptions, resolve_options
+from .piecewise_step import record_piecewise_nodes
 from .plan import count_accumulation_costs, plan_adjoint
 
 __all__ = ["decompose_trajectory", "choose_accumulation"]
@@ -152,6 +153,7 @@ def _finish(ctx: DecompositionContext, block: BlockResult, steps: list[int], the
         probe_nodes_per_step=block.probe_nodes, contraction_per_step=block.modes, plan=ctx.plan.describe(),
         unit_kind="partition groups" if ctx.grouped_units else "training samples",
     )
+    record_piecewise_nodes(result, getattr(block, "step_nodes", []), steps)
     skipped = sorted(set(range(ctx.trajectory.num_steps)) - ctx.selected)
     if skipped:
         result.estimated = True

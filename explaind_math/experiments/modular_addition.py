@@ -48,6 +48,8 @@ from ..trajectory import Trajectory
 
 __all__ = [
     "ModularAdditionTransformer",
+    "PaperModularAdditionTransformer",
+    "paper_token_data",
     "TrainingRun",
     "modular_addition_data",
     "train_test_split",
@@ -188,6 +190,60 @@ class ModularAdditionTransformer(nn.Module):
         return out[0] if single else out
 
 
+class PaperModularAdditionTransformer(nn.Module):
+    """The one-layer Transformer of the paper's code (issue 14): a ReLU model, as the paper trains it.
+
+        h₀ = √d · E[tokens]                                tokens [a, P, b, P + 1], vocabulary P + 2
+        h₁ = h₀ + Σ_heads O_k · SDPA(W_k h₀, W_k h₀, W_k h₀)   four heads of width d / heads; one
+                                                           projection W_k per head serves as query,
+                                                           key and value; per-head output maps O_k
+        h₂ = h₁ + ReLU(W₂ ReLU(W₁ h₁ + b₁) + b₂)           MLP d → width → d, ReLU after each linear
+        f(x) = log_softmax(D h₂[last])                     decoder without bias, P + 2 outputs
+
+    No positional encoding, no layer norm. Along a step θ_t + α Δθ_t it is smooth (softmax attention)
+    except where a pre-activation of either ReLU crosses 0: the case of MATH.md §13.
+    """
+
+    def __init__(self, p: int = 23, d_model: int = 32, heads: int = 4, mlp_width: int = 64):
+        super().__init__()
+        _check_modulus(p)
+        if heads < 1 or d_model < 1 or d_model % heads:
+            raise ExplaindError(f"d_model ({d_model}) must be a positive multiple of the number of heads ({heads})")
+        self.p, self.d_model, self.heads = p, d_model, heads
+        self.embed = nn.Embedding(p + 2, d_model)
+        width = d_model // heads
+        self.head_projections = nn.ModuleList(nn.Linear(d_model, width) for _ in range(heads))
+        self.head_outputs = nn.ModuleList(nn.Linear(width, d_model) for _ in range(heads))
+        self.linear1 = nn.Linear(d_model, mlp_width)
+        self.linear2 = nn.Linear(mlp_width, d_model)
+        self.decoder = nn.Linear(d_model, p + 2, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, P + 2) at the last position for tokens (B, 4); (4,) gives (P + 2,)."""
+        single = tokens.dim() == 1
+        if single:
+            tokens = tokens.unsqueeze(0)
+        h = self.embed(tokens) * math.sqrt(self.d_model)
+        attended = h
+        for project, output in zip(self.head_projections, self.head_outputs):
+            z = project(h)
+            weights = torch.softmax(z @ z.transpose(-1, -2) / math.sqrt(z.shape[-1]), dim=-1)
+            attended = attended + output(weights @ z)  # scaled dot-product attention, written out
+        h = attended + F.relu(self.linear2(F.relu(self.linear1(attended))))
+        out = F.log_softmax(self.decoder(h[:, -1]), dim=-1)
+        return out[0] if single else out
+
+
+def paper_token_data(p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All p² samples as the paper's code writes them: tokens (p², 4) = [a, p, b, p + 1] ('+' is token p,
+    '=' token p + 1) and labels (a + b) mod p; sample id a·p + b (:func:`sample_id`)."""
+    _check_modulus(p)
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    tokens = torch.stack([a, torch.full_like(a, p), b, torch.full_like(a, p + 1)], dim=1)
+    return tokens, (a + b) % p
+
+
 #: the paper's layer names (legend of its Figure 3a), in the order of the forward pass
 PAPER_LAYER_ORDER = ("embedding", "attention encoder", "attention decoder", "linear 1", "linear 2", "decoder", "norms")
 
@@ -198,6 +254,7 @@ _LAYER_OF_MODULE = {
     "linear1": "linear 1", "linear2": "linear 2",
     "norm1": "norms", "norm2": "norms",
     "decoder": "decoder",
+    "head_projections": "attention encoder", "head_outputs": "attention decoder",
 }
 
 
