@@ -464,6 +464,11 @@ class TrajectoryRecorder:
                 entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
             for key in self.rule.state_keys(current["hyper"][gi]):
                 entry[key] = st[key].detach().cpu().clone()
+                if not all_finite(entry[key]):  # trajectory() would refuse the whole run: refuse this step
+                    raise NonFiniteError(
+                        f"step {t}: the optimizer state {key!r} of parameter {n!r} became NaN or Inf; the {t} "
+                        "steps before it are kept (recorder.trajectory())"
+                    )
             state[n] = entry
         record = StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
                             current["gradient"])

@@ -517,3 +517,24 @@ def test_weighted_random_sampler_loop_is_exact():
         opt.step()
     assert repeated, "the sampler drew no repeated id: the test tests nothing"
     _assert_exact(_decompose(model, rec.trajectory(), X, Y))
+
+
+def test_optimizer_state_overflowing_to_inf_is_refused_and_earlier_steps_stay_readable():
+    """A finite gradient of 1e160 passes the gradient check but AdamW's exp_avg_sq overflows to Inf while θ stays
+    finite (m / √v = 0): the loader would refuse the whole run, so the recorder refuses that step."""
+    X, Y = _data()
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    rec = em.TrajectoryRecorder(model, opt)
+    _step(model, opt, rec, X, Y, 0)
+    ids = _batch(1)
+    opt.zero_grad()
+    F.cross_entropy(model(X[ids]), Y[ids]).backward()
+    model[0].weight.grad.mul_(1e160)
+    rec.record_batch(ids)
+    with pytest.raises(NonFiniteError, match=r"step 1: the optimizer state 'exp_avg_sq' of parameter '0.weight' "
+                                             r"became NaN or Inf; the 1 steps before it are kept"):
+        opt.step()
+    traj = rec.trajectory()
+    assert traj.num_steps == 1
+    _assert_exact(_decompose(model, traj, X, Y))
