@@ -266,3 +266,23 @@ def test_float32_test_inputs_are_cast_and_exact(trained):
     model, traj, X, Y = trained
     result = _fn(model, traj, F.cross_entropy, (X, Y), X[:3].float())
     assert result.relative_residual <= 1e-6
+
+
+def test_zeroed_first_moment_on_resume_is_named_as_optimizer_state(tmp_path):
+    """The resume check compares the recorded state (step counts, exp_avg_sq); exp_avg is not recorded per step,
+    so a zeroed one surfaces at the replay, which names the optimizer state and the resume."""
+    from explaind_math.testing.sharded_runs import make_data, make_training, train_step
+
+    X, Y = make_data()
+    model, opt, sched = make_training("adamw")
+    with em.TrajectoryRecorder(model, opt, directory=tmp_path) as rec:
+        for t in range(3):
+            train_step(model, opt, sched, X, Y, t, rec)
+    for state in opt.state.values():
+        state["exp_avg"].zero_()
+    with em.TrajectoryRecorder(model, opt, directory=tmp_path) as rec:
+        for t in range(3, 5):
+            train_step(model, opt, sched, X, Y, t, rec)
+    with pytest.raises(ReplayMismatchError, match=r"step 3.*Most likely cause: the optimizer state .* not restored "
+                                                  r"when recording resumed"):
+        em.decompose_adamw_training(model, em.Trajectory.load(tmp_path), F.cross_entropy, (X, Y), X[:3])

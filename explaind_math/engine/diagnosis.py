@@ -137,5 +137,7 @@ def diagnose_replay_mismatch(ctx, t: int, total: Params, delta: Params) -> str:
         return ("Most likely cause: " + _where_it_started(t) + ". (Recording with record_gradients=True lets the "
                 "gradient-sum check tell a loss that is not the recorded one from a changed optimizer state)")
     return ("Most likely cause: the optimizer state or hyper-parameters used differ from the recorded ones (the "
-            "gradients matched): an optimizer state edited between steps, or a flag changed outside param_groups. "
-            "Fix: change the optimizer only through param_groups and optimizer.step()")
+            "gradients matched): an optimizer state edited between steps or not restored when recording resumed "
+            "(a zeroed exp_avg or momentum buffer), or a flag changed outside param_groups. Fix: change the "
+            "optimizer only through param_groups and optimizer.step(); on resume, optimizer.load_state_dict from "
+            "the same checkpoint as the model")
