@@ -50,7 +50,7 @@ def build_model(dtype: torch.dtype, layers: int = 2):
     return GPT2LMHeadModel(config).to(dtype)
 
 
-def train(model, train_set, out_dir: str, epochs: int):
+def train(model, train_set, out_dir: str, epochs: int, seed: int = 0):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
@@ -58,7 +58,7 @@ def train(model, train_set, out_dir: str, epochs: int):
                              lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=True, seed=0, dataloader_num_workers=0)
     trainer = hf.RecordingTrainer(model=model, args=args, train_dataset=hf.with_sample_ids(train_set),
-                                  data_collator=padded_collate)
+                                  data_collator=padded_collate, recorder_options={"dropout_seed": seed})
     trainer.train()
     return trainer.recorder.trajectory()
 
@@ -67,13 +67,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 sequences, 2 epochs (the test suite's run)")
     parser.add_argument("--float64", action="store_true", help="train and decompose in float64")
+    parser.add_argument("--dropout-seed", type=int, default=0, help="the seed of the recorded dropout masks")
     a = parser.parse_args(argv)
     dtype = torch.float64 if a.float64 else torch.float32
     train_set = synthetic_sequences(16 if a.quick else 64, seed=1)
     test_set = synthetic_sequences(2, seed=2)
     model = build_model(dtype)
     with tempfile.TemporaryDirectory() as out_dir:
-        trajectory = train(model, train_set, out_dir, epochs=2 if a.quick else 4)
+        trajectory = train(model, train_set, out_dir, epochs=2 if a.quick else 4, seed=a.dropout_seed)
     model.eval()  # the test-time f(x; θ): dropout off
     test_batch = collate_padded(test_set)
     test_labels = test_batch.pop("labels")

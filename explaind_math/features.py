@@ -3,6 +3,7 @@
 * per-sample gradients g_{t,i} = w_{t,i} ∇_θ ℓ_i(θ_t):  vmap(grad(ℓ), in_dims over samples)
 * Jacobian of the target at one node, J(x; θ) = ∂_θ f(x; θ):  vmap(jacrev(f), in_dims over test inputs)
 * directional derivatives J(x; θ) v for several tangents v:  vmap over tangents of jvp(f)
+* per-sample loss derivatives ⟨∇ℓ_i(θ), v⟩ for several tangents v:  vmap over tangents of jvp(ℓ_1..ℓ_B)
 
 The model is written once as a per-example function (``functional_call`` on ``x.unsqueeze(0)``)
 and lifted; frozen parameters and buffers are closed over as constants.
@@ -11,6 +12,7 @@ and lifted; frozen parameters and buffers are closed over as constants.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -69,6 +71,11 @@ class FunctionalModel:
         config = getattr(model, "config", None)
         self._hugging_face = config is not None and hasattr(config, "_attn_implementation")
         self._causal = is_causal_model(model) if self._hugging_face else False
+        attention = getattr(config, "_attn_implementation", None) if self._hugging_face else None
+        if attention not in (None, "eager", "sdpa"):
+            warnings.warn(f"attention implementation {attention!r}: its kernels have no vmap batching rule, so per-sample "
+                          "gradients and Jacobians fall back to a per-sample loop (slow); set "
+                          "model.set_attn_implementation('eager') or 'sdpa' before decomposing (same function)")
         self.constants.update({n: cast(b) for n, b in model.named_buffers()})
         self.dtype, self.device = dtype, device
         self._h = h
@@ -226,6 +233,31 @@ class FunctionalModel:
         loss_one = self._checked_loss(loss_fn)
         rows = [grad(loss_one)(params, xs[i], _index(ys, i)) for i in range(xs.shape[0])]
         return {n: torch.stack([r[n] for r in rows]) for n in params}
+
+    def per_sample_loss_jvp(self, params: Params, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor], xs: Any,
+                            ys: Any, tangents: Params, *, vectorize: bool = True,
+                            tangent_chunk_size: int | None = None) -> torch.Tensor:
+        """⟨∇_θ ℓ_i(θ), v_k⟩ for every sample i of a batch and every tangent v_k (stacked on a leading axis K):
+        (K, B), unweighted. One forward-mode JVP of the vector (ℓ_1(θ), …, ℓ_B(θ)) per tangent, batched over the
+        tangents with vmap: the per-sample gradients (B · D numbers) are never formed. Parameters missing from
+        ``tangents`` are held fixed. ``vectorize=False``: the samples and the tangents in loops."""
+        loss_one = self._checked_loss(loss_fn)
+        fixed = {n: v for n, v in params.items() if n not in tangents}
+        moving = {n: params[n] for n in tangents}
+
+        def losses(p: Params) -> torch.Tensor:
+            full = {**fixed, **p}
+            if vectorize:
+                return vmap(loss_one, in_dims=(None, 0, 0))(full, xs, ys)
+            return torch.stack([loss_one(full, xs[i], _index(ys, i)) for i in range(xs.shape[0])])
+
+        def one(tangent: Params) -> torch.Tensor:
+            return jvp(losses, (moving,), (tangent,))[1]
+
+        if vectorize:
+            return vmap(one, chunk_size=tangent_chunk_size)(tangents)
+        K = next(iter(tangents.values())).shape[0]
+        return torch.stack([one({n: v[k] for n, v in tangents.items()}) for k in range(K)])
 
     def group_gradients(self, params: Params, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor], xs: torch.Tensor,
                         ys: Any, group_weights: torch.Tensor) -> Params:

@@ -158,7 +158,7 @@ class TrainerRecording:
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        losses = torch.stack([self.per_sample_loss(logits[i], labels[i]) for i in range(logits.shape[0])])
+        losses = torch.func.vmap(self.per_sample_loss)(logits, labels)  # ℓ_i, the decomposition's function
         weights = self.sample_weights(labels, num_items_in_batch)
         self.recorder.record_batch(ids, weights=weights)
         loss = (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()
