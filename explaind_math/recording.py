@@ -84,7 +84,8 @@ class TrajectoryRecorder:
         record_gradients: also store each step's ``.grad`` (lets the replay check tell a loss that is
             not a weighted sum of per-sample losses from other mismatches; costs one copy of θ per step).
         check_modules: refuse BatchNorm in training mode and active dropout at every step, and probe the
-            forward at the first step (two forwards of its batch, and its first sample alone).
+            forward at the first step (two forwards of its batch, and its first sample alone), and refuse a
+            changed scalar module attribute (a temperature).
         gradient_rescaling: the ``.grad`` seen by ``optimizer.step()`` may be c_t · Σ_i w_{t,i} ∇ℓ_i
             with one scalar c_t per step — ``torch.nn.utils.clip_grad_norm_`` over all trained
             parameters, or a constant loss scale. The decomposition recovers c_t from the recorded
@@ -157,7 +158,7 @@ class TrajectoryRecorder:
                 seen.add(id(p))
                 self._params.append((name_of[id(p)], p, gi))
         # buffers and frozen parameters: recorded once (as the trajectory's buffers), checked every step
-        self._forward_state = ForwardState(model, [p for _, p, _ in self._params])
+        self._forward_state = ForwardState(model, [p for _, p, _ in self._params], attributes=check_modules)
         self._buffers = dict(self._forward_state.tensors)
         self._state_watch = OptimizerStateWatch()
         self._probe_input: tuple | None = None

@@ -115,14 +115,15 @@ class ForwardState:
     """What the forward reads besides the trained parameters, recorded once: buffers (persistent or
     not), frozen parameters (not in the optimizer) and plain scalar module attributes."""
 
-    def __init__(self, model: nn.Module, trained: Iterable[torch.Tensor]):
+    def __init__(self, model: nn.Module, trained: Iterable[torch.Tensor], *, attributes: bool = True):
         trained_ids = {id(p) for p in trained}
         self.tensors = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
         self.frozen = [n for n, p in model.named_parameters() if id(p) not in trained_ids]
         for n, p in model.named_parameters():
             if id(p) not in trained_ids:
                 self.tensors[n] = p.detach().cpu().clone()
-        self.attributes = _plain_attributes(model)
+        self.check_attributes = attributes
+        self.attributes = _plain_attributes(model) if attributes else {}
 
     def check(self, model: nn.Module, where: str) -> None:
         """Raise naming the first buffer, frozen parameter or attribute that differs from the recorded one."""
@@ -143,13 +144,14 @@ class ForwardState:
                     f"{where}: buffer {n!r} changed during training (a BatchNorm running statistic?); "
                     "the decomposition needs a model whose buffers stay fixed"
                 )
-        now = _plain_attributes(model)
+        now = _plain_attributes(model) if self.check_attributes else {}
         for key in sorted(set(now) | set(self.attributes)):
             if now.get(key, "<absent>") != self.attributes.get(key, "<absent>"):
                 raise RecordingError(
                     f"{where}: module attribute {key!r} changed from {self.attributes.get(key, '<absent>')!r} to "
                     f"{now.get(key, '<absent>')!r} since recording started; the forward must stay the same function "
-                    "of θ during training"
+                    "of θ during training (check_modules=False skips this check, for an attribute the forward does "
+                    "not read)"
                 )
 
 

@@ -538,3 +538,14 @@ def test_optimizer_state_overflowing_to_inf_is_refused_and_earlier_steps_stay_re
     traj = rec.trajectory()
     assert traj.num_steps == 1
     _assert_exact(_decompose(model, traj, X, Y))
+
+
+def test_an_attribute_the_forward_does_not_read_may_change_with_check_modules_false():
+    X, Y = _data()
+    model = _WithBuffer(persistent=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    rec = em.TrajectoryRecorder(model, opt, check_modules=False)
+    for t in range(2):
+        model.calls = t  # a counter, not read by forward
+        _step(model, opt, rec, X, Y, t)
+    _assert_exact(_decompose(model, rec.trajectory(), X, Y))
