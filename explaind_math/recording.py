@@ -163,6 +163,7 @@ class TrajectoryRecorder:
         self._state_watch = OptimizerStateWatch()
         self._probe_input: tuple | None = None
         self._probe_pending = check_modules
+        self._probe_rows: int | None = None  # rows of the last record_batch call: the captured forward's batch
         self._snapshots: list[dict[str, torch.Tensor]] = []
         self._steps: list[StepRecord] = []
         self._initial_state: dict[str, dict] = {}
@@ -210,6 +211,7 @@ class TrajectoryRecorder:
                 self._pending = {}
             self._scale_at_batch = scale
         ids = batch_ids(ids)
+        self._probe_rows = len(ids)
         if not ids:
             raise RecordingError("record_batch needs at least one sample id")
         self._watch.batch(ids)  # with dropout: this micro-batch's ids in row order
@@ -409,7 +411,7 @@ class TrajectoryRecorder:
                       if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention))]
             self._probe_pending = False  # the forward hook stops capturing during the probe
             try:
-                probe_forward(self.model, *self._probe_input, where, exempt)
+                probe_forward(self.model, *self._probe_input, where, exempt, batch_rows=self._probe_rows)
             except Exception:
                 self._probe_pending = True
                 raise

@@ -243,9 +243,11 @@ def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
                for x, y in zip(a, b))
 
 
-def probe_forward(model: nn.Module, args: tuple, kwargs: dict, where: str, exempt: Sequence[nn.Module] = ()) -> None:
+def probe_forward(model: nn.Module, args: tuple, kwargs: dict, where: str, exempt: Sequence[nn.Module] = (), *,
+                  batch_rows: int | None = None) -> None:
     """Two forwards of the captured batch must agree (no randomness besides the ``exempt`` modules, whose
-    randomness is recorded), and the first sample's output must not depend on the rest of the batch.
+    randomness is recorded), and the first sample's output must not depend on the rest of the batch (probed
+    when the inputs' leading dimension is the ``batch_rows`` ids recorded for them: samples along dim 0).
     The RNG states, buffers and modes are restored afterwards: training is not perturbed."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     modes = [(m, m.training) for m in exempt]
@@ -265,7 +267,7 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, where: str, exemp
                     "augmentation into the data pipeline, where each sample's transformed input is its own sample)"
                 )
             size = _batch_size(args, kwargs)
-            if size is not None and size >= 2:
+            if size is not None and size >= 2 and size == batch_rows:
                 alone = _tensors_of(model(*_rows(args, size, slice(0, 1)), **_rows(kwargs, size, slice(0, 1))))
                 together = [t[:1] if t.dim() > 0 and t.shape[0] == size else t for t in first]
                 if _differs(together, alone):

@@ -549,3 +549,27 @@ def test_an_attribute_the_forward_does_not_read_may_change_with_check_modules_fa
         model.calls = t  # a counter, not read by forward
         _step(model, opt, rec, X, Y, t)
     _assert_exact(_decompose(model, rec.trajectory(), X, Y))
+
+
+class _SequenceFirst(nn.Module):
+    """Inputs (T, B, F): dim 0 is time, not samples; every output row depends on the whole sequence."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.inner = nn.Linear(4, 3).to(DT)
+
+    def forward(self, x):
+        return self.inner(x - x.mean(0, keepdim=True))
+
+
+def test_the_coupling_probe_slices_only_a_leading_dimension_of_the_recorded_batch_size():
+    X = torch.randn(6, 5, 4, dtype=DT)  # (T, B, F)
+    model = _SequenceFirst()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = em.TrajectoryRecorder(model, opt)
+    opt.zero_grad()
+    model(X).pow(2).mean().backward()
+    rec.record_batch(range(5))  # 5 samples along dim 1: dim 0 (6) is not theirs, so it is not sliced
+    opt.step()
+    assert rec.trajectory().num_steps == 1
