@@ -573,3 +573,28 @@ def test_the_coupling_probe_slices_only_a_leading_dimension_of_the_recorded_batc
     rec.record_batch(range(5))  # 5 samples along dim 1: dim 0 (6) is not theirs, so it is not sliced
     opt.step()
     assert rec.trajectory().num_steps == 1
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # every name gains the prefix "model."
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_frozen_parameter_is_checked_through_a_wrapper_prefix_too():
+    X, Y = _data()
+    model = _mlp()
+    model[2].bias.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    rec = em.TrajectoryRecorder(model, opt)
+    for t in range(2):
+        _step(model, opt, rec, X, Y, t)
+    traj = rec.trajectory()
+    _assert_exact(_decompose(_Wrapper(model), traj, X, Y))
+    with torch.no_grad():
+        model[2].bias.add_(0.5)
+    with pytest.raises(TrajectoryMismatchError, match=r"buffer '2.bias' of the model differs"):
+        _decompose(_Wrapper(model), traj, X, Y)

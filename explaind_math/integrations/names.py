@@ -80,7 +80,8 @@ def align_model(model: nn.Module, trajectory) -> tuple[nn.Module, dict[str, str]
         if tuple(params[name_map[n]].shape) != tuple(shapes[n]):
             raise TrajectoryMismatchError(f"parameter {n!r}: trajectory shape {shapes[n]}, model shape "
                                           f"{tuple(params[name_map[n]].shape)}")
-    buffers = dict(module.named_buffers())
+    buffers = dict(module.named_buffers())  # with the frozen parameters, which the recorder stores alike
+    buffers.update({n: p for n, p in params.items() if n not in set(name_map.values())})
     for n, value in trajectory.buffers.items():
         b = buffers.get(added + n[len(stripped):] if n.startswith(stripped) else n)
         if b is None or tuple(b.shape) != tuple(value.shape) or not torch.equal(b.detach().cpu().to(value.dtype), value):
