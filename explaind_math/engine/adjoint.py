@@ -9,7 +9,9 @@ adjoint λ_s (a covector per test input x and output o):
 (a skipped parameter: A = 1, C = D = E = 0). Only step s's batch is contracted at step s, and memory is λ
 (X · O × D) instead of one buffer per unit (U · D). The step index of (3) is the *origin step* s at which the
 unit's gradient was computed (kept as the axis ``origin_step``), not the update step t of §5; both sum to the
-same totals. Pseudo-units: the decay unit's gradient κ θ_s and direct move −ρ θ_s, a penalty's s c_s ∇R(θ_s),
+same totals. The batch's share ⟨κ_s, grad_s(u)⟩ is formed from the per-sample gradients and a matrix product, or
+as forward-mode JVPs of the batch's per-sample losses along the rows of κ_s, without per-sample gradients
+(``batch_contraction``, chosen per step by the plan). Pseudo-units: the decay unit's gradient κ θ_s and direct move −ρ θ_s, a penalty's s c_s ∇R(θ_s),
 and the carried state b, whose influence is −⟨λ_0 A_0, b⟩.
 
 The certificates stay those of the forward recursion: a forward pass (:func:`replay_summed_buffers`) advances
@@ -31,7 +33,7 @@ from .blocks import BlockResult, StepAccumulator
 from .buffers import RuleBuffers, rule_coefficients
 from .context import DecompositionContext
 from .contract import KERNEL_CONTRACTIONS, Segment, integrated_jacobian, step_nodes
-from .gradients import step_gradients
+from .gradients import penalty_gradient, step_batch, step_gradients
 from .plan import chunks
 
 __all__ = ["ForwardChecks", "AdjointTotals", "summed_unit_context", "replay_summed_buffers", "adjoint_pass",
@@ -103,6 +105,7 @@ class AdjointTotals:
     residuals: torch.Tensor
     nodes: list[int]
     probe_nodes: list[int]
+    batch_modes: list[str] = dataclasses.field(default_factory=list)  # per step: "gradients", "jvp" or "none"
 
     @classmethod
     def zeros(cls, ctx: DecompositionContext, pseudo_names, device=None) -> "AdjointTotals":
@@ -110,7 +113,7 @@ class AdjointTotals:
         S = N if ctx.keep_steps else 1
         zeros = lambda shape: torch.zeros(shape, dtype=ctx.dtype, device=device or ctx.device)  # noqa: E731
         return cls(zeros((S, rows, X, len(ctx.unit_labels), O)), {p: zeros((S, rows, X, O)) for p in pseudo_names},
-                   zeros((N, X, O)), [0] * N, [0] * N)
+                   zeros((N, X, O)), [0] * N, [0] * N, ["none"] * N)
 
     def to_block(self, ctx: DecompositionContext, checks_replay: list[float], scales: list[float],
                  f_start: torch.Tensor, f_end: torch.Tensor) -> BlockResult:
@@ -124,9 +127,11 @@ class AdjointTotals:
             return acc
 
         modes = ["adjoint"] * ctx.trajectory.num_steps
-        return BlockResult(accumulator(self.kernel), {p: accumulator(v) for p, v in self.pseudo.items()},
-                           list(self.residuals.unbind(0)), checks_replay, self.nodes, self.probe_nodes, modes,
-                           scales, f_start, f_end)
+        block = BlockResult(accumulator(self.kernel), {p: accumulator(v) for p, v in self.pseudo.items()},
+                            list(self.residuals.unbind(0)), checks_replay, self.nodes, self.probe_nodes, modes,
+                            scales, f_start, f_end)
+        block.batch_modes = list(self.batch_modes)  # how each step's batch was contracted (the driver notes it)
+        return block
 
 
 def _rows(ctx: DecompositionContext, n: str, p: int):
@@ -154,6 +159,33 @@ def _contract_direction(ctx, n: str, covector: torch.Tensor, direction: torch.Te
     axis = "coordinate" if ctx.per_coordinate else "group"
     target[_rows(ctx, n, K.shape[2]), sl] += sign * torch.einsum(KERNEL_CONTRACTIONS[axis, False][0], K,
                                                                  direction.reshape(-1))
+
+
+def _batch_mode(ctx: DecompositionContext, step, fed: list[str], rows: int) -> str:
+    """The plan's choice for this step's batch (:meth:`~.plan.ContractionPlan.batch_mode_for_step`): K = X_c · O
+    covector rows on the parameter groups the fed tensors fall in."""
+    groups = len(set(fed)) if ctx.per_coordinate else len({ctx.row_of_tensor(n) for n in fed})
+    return ctx.plan.batch_mode_for_step(rows, groups, len(step.units))
+
+
+def _contract_batch_by_jvp(ctx, s: int, theta_s: Params, kappa: Params, coefficients, fed: list[str], scale: float,
+                           sl: slice, kernel: torch.Tensor) -> None:
+    """kernel[row, sl, u, :] −= c_s w_u ⟨∇ℓ_u(θ_s), κ_s[x, o]⟩ restricted to each parameter group, for the batch's
+    units: per group one forward-mode JVP of the batch's per-sample losses along every row of κ (vmapped, in
+    ``plan.tangent_chunk`` rows), :meth:`~explaind_math.features.FunctionalModel.per_sample_loss_jvp`. The same
+    numbers as the gradient path's matrix product, without the B · D per-sample gradients."""
+    step = ctx.trajectory.steps[s]
+    xb, yb, rows, weights = step_batch(ctx, step, s)
+    X_c, O = sl.stop - sl.start, ctx.num_outputs
+    groups: dict[int, list[str]] = {}
+    for n in fed:
+        groups.setdefault(ctx.row_of_tensor(n), []).append(n)
+    for row, names in groups.items():
+        tangents = {n: kappa[n] if coefficients[n].gradient_sign == 1 else -kappa[n] for n in names}
+        values = ctx.fm.per_sample_loss_jvp(theta_s, ctx.loss_fn, xb, yb, tangents, vectorize=ctx.vectorize,
+                                            tangent_chunk_size=ctx.plan.tangent_chunk)  # (X_c · O, B)
+        part = (values * (weights * scale)).reshape(X_c, O, -1).transpose(1, 2)  # (X_c, B, O)
+        kernel[row, sl].index_add_(1, rows, part, alpha=-1)
 
 
 def _step_phi(ctx, s: int, theta_s: Params, theta_next: Params, moving: list[str], checks: ForwardChecks,
@@ -209,15 +241,22 @@ def adjoint_pass(ctx: DecompositionContext, steps: range, checks: ForwardChecks,
             kappa[n] = recurrence.unit_covector(lam[n], p, c)
         k = s if ctx.keep_steps else 0
         fed = [n for n in moving if not isinstance(kappa[n], int)]
-        gradients = step_gradients(ctx, s, theta_s) if fed or ctx.penalty else None
-        if fed:
-            for rows, g in gradients.chunks():
-                for n in fed:
-                    grads = g[n] if coefficients[n].gradient_sign == 1 else -g[n]
-                    _contract_units(ctx, n, kappa[n], grads, rows, sl, totals.kernel[k])
-                del g
-        _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s, gradients.penalty if gradients else None, sl,
-                     totals, k)
+        by_jvp = bool(fed) and _batch_mode(ctx, step, fed, K) == "jvp"
+        totals.batch_modes[s] = "jvp" if by_jvp else "gradients" if fed else "none"
+        if by_jvp:  # ⟨grad_s(u), κ⟩ as JVPs of the batch's losses: no per-sample gradients (issue 15, item 4)
+            scale = checks.scales[s - checks.steps.start]
+            _contract_batch_by_jvp(ctx, s, theta_s, kappa, coefficients, fed, scale, sl, totals.kernel[k])
+            penalty = None if not ctx.penalty else {n: v * scale for n, v in penalty_gradient(ctx.penalty, theta_s).items()}
+        else:
+            gradients = step_gradients(ctx, s, theta_s) if fed or ctx.penalty else None
+            if fed:
+                for rows, g in gradients.chunks():
+                    for n in fed:
+                        grads = g[n] if coefficients[n].gradient_sign == 1 else -g[n]
+                        _contract_units(ctx, n, kappa[n], grads, rows, sl, totals.kernel[k])
+                    del g
+            penalty = gradients.penalty if gradients else None
+        _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s, penalty, sl, totals, k)
         for n, c in coefficients.items():
             lam[n] = recurrence.propagate_adjoint(lam[n], c.A)
         theta_next = theta_s

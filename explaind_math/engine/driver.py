@@ -78,7 +78,8 @@ def decompose_trajectory(
     accumulation, why = choose_accumulation(ctx, opts.accumulation)
     distributed, progress = opts.distributed, opts.progress
     if accumulation == "adjoint":
-        ctx = replace(ctx, plan=plan_adjoint(**ctx.plan_inputs))
+        ctx = replace(ctx, plan=plan_adjoint(**ctx.plan_inputs, batch_contraction=opts.batch_contraction,
+                                             forward_ad=ctx.forward_ad))
         if distributed not in (None, False):
             block, steps = run_adjoint_distributed(ctx, distributed, progress)
         else:
@@ -90,9 +91,21 @@ def decompose_trajectory(
         steps = list(range(trajectory.num_steps))
     result = _finish(ctx, block, steps, theorem)
     result.accumulation, result.accumulation_reason = accumulation, why
+    if accumulation == "adjoint":
+        _note_batch_contraction(result, getattr(block, "batch_modes", []))
     if origin:
         result.kernel_axes = tuple("origin_step" if a == "step" else a for a in result.kernel_axes)
     return result
+
+
+def _note_batch_contraction(result: Influence, modes: list[str]) -> None:
+    """How the adjoint contracted the steps' batches (``batch_contraction``, MATH.md §12), as a note."""
+    counts = {m: modes.count(m) for m in ("gradients", "jvp") if m in modes}
+    if counts:
+        ways = {"gradients": "per-sample gradients (vmap∘grad) and a matrix product",
+                "jvp": "forward-mode JVPs of the per-sample losses (no per-sample gradients)"}
+        result.notes.append("batch contraction: " + "; ".join(f"{ways[m]} at {c} step{'s' * (c != 1)}"
+                                                              for m, c in counts.items()))
 
 
 def _check_kept_steps(opts: DecompositionOptions) -> bool:

@@ -19,7 +19,7 @@ from .context import DecompositionContext
 from .diagnosis import diagnose_gradient_mismatch
 from .plan import chunks, scaled_in_place
 
-__all__ = ["StepGradients", "step_gradients", "check_recorded_gradient", "penalty_gradient"]
+__all__ = ["StepGradients", "step_gradients", "check_recorded_gradient", "penalty_gradient", "step_batch"]
 
 Params = dict[str, torch.Tensor]
 
@@ -62,12 +62,18 @@ class StepGradients:
         self._cached = None
 
 
-def _chunk_function(ctx: DecompositionContext, theta_t: Params, step, step_index: int) -> tuple[Callable, torch.Tensor]:
-    """The gradients of a slice of the batch: per sample (w_i ∇ℓ_i), or per partition group present."""
+def step_batch(ctx: DecompositionContext, step, step_index: int):
+    """The batch of a step as the engine evaluates it: inputs (with their dropout keys), targets, the unit-axis
+    row of every sample, and the weights w_{t,i}."""
     xb, yb = ctx.data.fetch(step.units)
     xb = ctx.fm.with_dropout_keys(xb, step_index, step.units)  # a dropout run: the masks each sample saw
     rows = torch.as_tensor([ctx.row_of_sample[u] for u in step.units], dtype=torch.long, device=ctx.device)
-    weights = step.weights.to(device=ctx.device, dtype=ctx.dtype)
+    return xb, yb, rows, step.weights.to(device=ctx.device, dtype=ctx.dtype)
+
+
+def _chunk_function(ctx: DecompositionContext, theta_t: Params, step, step_index: int) -> tuple[Callable, torch.Tensor]:
+    """The gradients of a slice of the batch: per sample (w_i ∇ℓ_i), or per partition group present."""
+    xb, yb, rows, weights = step_batch(ctx, step, step_index)
     group_rows = torch.unique(rows) if ctx.grouped_units and ctx.vectorize else None
     if group_rows is not None and group_rows.numel() <= 2:
         # a partition with few groups in this batch (Corollary F.2): one weighted-loss gradient per group

@@ -21,10 +21,13 @@ import torch
 
 from ..errors import ExplaindError
 
-__all__ = ["ACCUMULATIONS", "DEFAULT_KEEP", "DecompositionOptions", "resolve_options"]
+__all__ = ["ACCUMULATIONS", "BATCH_CONTRACTIONS", "DEFAULT_KEEP", "DecompositionOptions", "resolve_options"]
 
 #: how the per-unit influences are accumulated over the steps (MATH.md §4 forward, §12 adjoint)
 ACCUMULATIONS = ("auto", "forward", "adjoint")
+
+#: how the adjoint contracts a step's batch with its covectors (MATH.md §12)
+BATCH_CONTRACTIONS = ("auto", "jvp", "gradients")
 
 #: the five axes of the atomic tensor I[t, j, x, i, o] (MATH.md §5), all kept by default
 DEFAULT_KEEP = ("step", "param", "test", "unit", "output")
@@ -64,6 +67,13 @@ class DecompositionOptions:
             "step" summed; keep ``"origin_step"`` for the step at which a unit's gradient was computed) or
             ``"auto"`` (the adjoint where the kept axes allow it and its counted cost is lower, or the forward
             recursion does not fit ``memory_budget``). ``result.accumulation`` says which ran.
+        batch_contraction: how the adjoint contracts each step's batch with the O · X covector rows κ_s of
+            λ_s C_s + Φ_s E_s (MATH.md §12): ``"gradients"`` (the per-sample gradients by vmap∘grad, B · D
+            numbers, then a matrix product), ``"jvp"`` (one forward-mode JVP of the vector of the batch's
+            per-sample losses along each row κ, batched over the rows with vmap: the B · D gradients are never
+            formed) or ``"auto"`` (per step the cheaper by counted cost, or the JVP path when ``memory_budget``
+            cannot hold one batch's per-sample gradients; gradients per coordinate or without forward-mode AD).
+            Both are exact; the forward recursion always forms the per-sample gradients (its buffers need them).
     """
 
     quadrature: Any = None
@@ -81,6 +91,7 @@ class DecompositionOptions:
     progress: bool | None = None
     distributed: Any = None
     accumulation: str = "auto"
+    batch_contraction: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.keep, str):
@@ -88,6 +99,8 @@ class DecompositionOptions:
         object.__setattr__(self, "keep", tuple(self.keep))
         if self.accumulation not in ACCUMULATIONS:
             raise ExplaindError(f"accumulation must be one of {ACCUMULATIONS}, got {self.accumulation!r}")
+        if self.batch_contraction not in BATCH_CONTRACTIONS:
+            raise ExplaindError(f"batch_contraction must be one of {BATCH_CONTRACTIONS}, got {self.batch_contraction!r}")
 
     def replace(self, **changes) -> "DecompositionOptions":
         """A copy with some fields changed (unknown names are an error naming them)."""

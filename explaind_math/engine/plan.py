@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ExplaindError
+from .options import BATCH_CONTRACTIONS
 
 __all__ = ["ContractionPlan", "PathCosts", "MemoryBudgetError", "parse_memory_budget", "plan_contraction", "chunks",
            "bytes_of", "scaled_in_place", "measure_path_costs", "plan_adjoint", "AccumulationCosts",
-           "count_accumulation_costs"]
+           "count_accumulation_costs", "BATCH_CONTRACTIONS", "batch_contraction_costs"]
 
 # Stacked Jacobians of one node chunk, without a memory budget. Measured on bench_scaling's MLP (2 CPU
 # cores): chunks of up to 32 MiB were as fast as one node at a time or faster (up to 1.7×), chunks of
@@ -140,6 +141,11 @@ class ContractionPlan:
         per_coordinate: the parameter axis is the atomic j (only the Jacobian path is exact and sensible).
         node_chunk: quadrature nodes whose Jacobians are formed in one vmapped call (1: one call per node).
         min_node_batch: steps with fewer nodes than this take them one at a time.
+        batch_contraction: the adjoint's contraction of a step's batch with the K covector rows κ_s
+            (:meth:`batch_mode_for_step`): ``"gradients"`` (vmap∘grad, then a matrix product), ``"jvp"`` (one
+            forward-mode JVP of the batch's per-sample losses per row, batched with vmap) or ``"auto"``.
+        num_params: D, the trained parameters (the matrix product's multiply–accumulates per row and sample).
+        forward_ad: forward-mode AD runs through the model (else ``"auto"`` never takes the JVP path).
     """
 
     contraction: str
@@ -152,6 +158,9 @@ class ContractionPlan:
     per_coordinate: bool
     node_chunk: int = 1
     min_node_batch: int = MIN_NODE_BATCH
+    batch_contraction: str = "gradients"
+    num_params: int = 0
+    forward_ad: bool = True
 
     def mode_for_step(self, directions: int, outputs: int, contraction_macs: float) -> str:
         """``"jvp"`` if K = ``directions`` JVPs cost less than O = ``outputs`` reverse passes plus the
@@ -164,8 +173,24 @@ class ContractionPlan:
         jacobian_cost = outputs * self.costs.per_output + contraction_macs * self.costs.per_mac
         return "jvp" if jvp_cost <= jacobian_cost else "jacobian"
 
+    def batch_mode_for_step(self, rows: int, groups: int, batch: int) -> str:
+        """The adjoint's way to form ⟨grad_s(u), κ⟩ for the ``batch`` samples of a step and ``rows`` covector rows
+        on each of ``groups`` parameter groups: ``"jvp"`` when its counted cost (:func:`batch_contraction_costs`)
+        is lower, or when the memory budget cannot hold the batch's per-sample gradients at once (the plan split
+        the batch: ``train_chunk`` < ``batch``; the JVP path never forms B · D gradients); else ``"gradients"``."""
+        if self.batch_contraction in ("jvp", "gradients"):
+            return self.batch_contraction
+        if self.per_coordinate or not self.forward_ad:
+            return "gradients"
+        jvp, gradients = batch_contraction_costs(rows, groups, batch, self.num_params,
+                                                 self.costs or PathCosts.counted(self.num_params))
+        split = self.budget is not None and self.train_chunk is not None and self.train_chunk < batch
+        return "jvp" if jvp <= gradients or split else "gradients"
+
     def describe(self) -> str:
         parts = [f"contraction={self.contraction}", f"test_chunk={self.test_chunk}"]
+        if self.batch_contraction != "gradients":
+            parts.append(f"batch_contraction={self.batch_contraction}")
         if self.train_chunk is not None:
             parts.append(f"train_chunk={self.train_chunk}")
         if self.tangent_chunk is not None:
@@ -260,18 +285,28 @@ def plan_contraction(
 def plan_adjoint(*, contraction: str, memory_budget: int | None, itemsize: int, num_params: int, largest_group: int,
                  num_test: int, num_outputs: int, largest_batch: int, kept_bytes: int, per_coordinate: bool,
                  costs: PathCosts | None, test_chunk_size: int | None = None, train_chunk_size: int | None = None,
-                 node_chunk_size: int | None = None, **_unused) -> ContractionPlan:
+                 node_chunk_size: int | None = None, batch_contraction: str = "auto", forward_ad: bool = True,
+                 **_unused) -> ContractionPlan:
     """Chunks for the adjoint (MATH.md §12): what is held whatever the chunks is the kept result and the replay
     pass's D-sized buffers (8 D); per test input, λ, κ and Φ (3 · O · D) plus the Jacobian's working set
     (4 · O · D, or 4 · O · D_group one group at a time); per training sample, its gradient (3 · D). Half the rest
     goes to a test chunk (λ for X_c test inputs: when λ of all of them does not fit, the backward pass runs once
-    per test chunk), half to the per-sample gradients. The per-unit buffers of §4 are never formed."""
+    per test chunk), half to the per-sample gradients (or, on the JVP path of ``batch_contraction``, to the
+    tangents: 3 · D per covector row, :meth:`ContractionPlan.batch_mode_for_step`). The per-unit buffers of §4 are
+    never formed."""
+    if batch_contraction not in BATCH_CONTRACTIONS:
+        raise ExplaindError(f"batch_contraction must be one of {BATCH_CONTRACTIONS}, got {batch_contraction!r}")
+    if batch_contraction == "jvp" and per_coordinate:
+        raise ExplaindError("batch_contraction='jvp' with params='coordinate' would take one JVP per coordinate; "
+                            "use batch_contraction='gradients' (or 'auto')")
+    batch = dict(batch_contraction=batch_contraction, num_params=num_params, forward_ad=forward_ad)
     D, O = num_params, num_outputs
     if memory_budget is None:
         test_chunk = test_chunk_size or num_test
         node_chunk = DEFAULT_NODE_CHUNK_BYTES // max(1, test_chunk * O * D * itemsize)
         return ContractionPlan(contraction, test_chunk, train_chunk_size, None, False, costs, None, per_coordinate,
-                               node_chunk_size or _clamp_node_chunk(node_chunk), 1 if node_chunk_size else MIN_NODE_BATCH)
+                               node_chunk_size or _clamp_node_chunk(node_chunk), 1 if node_chunk_size else MIN_NODE_BATCH,
+                               **batch)
     fixed = 8 * D * itemsize + kept_bytes
     share = (memory_budget - fixed) // 2
     per_test = 7 * O * D * itemsize
@@ -285,8 +320,22 @@ def plan_adjoint(*, contraction: str, memory_budget: int | None, itemsize: int, 
             f"({per_test / 2**20:.1f} MiB). Keep fewer axes, group parameters, or raise memory_budget")
     test_chunk = test_chunk_size or max(1, min(num_test, share // per_test))
     train_chunk = train_chunk_size or max(1, min(largest_batch, share // max(1, 3 * D * itemsize)))
-    return ContractionPlan(contraction, test_chunk, train_chunk, None, groupwise, costs, memory_budget, per_coordinate,
-                           node_chunk_size or 1, 1)
+    tangent_chunk = max(1, share // max(1, 3 * D * itemsize))
+    return ContractionPlan(contraction, test_chunk, train_chunk, tangent_chunk, groupwise, costs, memory_budget,
+                           per_coordinate, node_chunk_size or 1, 1, **batch)
+
+
+def batch_contraction_costs(rows: int, groups: int, batch: int, num_params: int, costs: PathCosts) -> tuple[float, float]:
+    """The two exact ways to form ⟨grad_s(u), κ_k⟩ for the ``batch`` samples u of a step and ``rows`` covector rows
+    κ_k on each of ``groups`` parameter groups (MATH.md §12, the O · X rows of λ_s C_s + Φ_s E_s), with the plan's
+    unit costs: (JVP path, gradient path). JVP: per group and row one forward-mode JVP of the vector of the
+    batch's per-sample losses, a directional pass per sample (groups · rows · batch directions). Gradients:
+    vmap∘grad, a reverse pass per sample, then the matrix product rows · batch · D multiply–accumulates. Counted
+    (:meth:`PathCosts.counted`) the JVP path is cheaper only when groups · rows < 1 + rows / 3, one row on one
+    group; it never holds the B · D per-sample gradients, which the plan weighs when the budget splits a batch."""
+    jvp = groups * rows * batch * costs.per_direction
+    gradients = batch * costs.per_output + rows * batch * max(1, num_params) * costs.per_mac
+    return jvp, gradients
 
 
 @dataclass(frozen=True)
@@ -312,9 +361,10 @@ def count_accumulation_costs(*, num_steps: int, batch: int, num_units: int, num_
                              kept_bytes: int) -> AccumulationCosts:
     """The two accumulations counted step by step (MATH.md §11, §12), with U_t = min(U, (t+1) · B) units touched by
     step t. Forward: B gradients, then per test input and node the cheaper of G · (U_t + P) JVP directions and
-    O reverse passes plus O · D · (U_t + P + 1) multiply–accumulates (3 D to a pass); memory 2 · U · D. Adjoint: B
-    gradients, a batch gradient for the replay pass, per test input O reverse passes per node, the batch's
-    contraction X · O · B · D MACs and λ's update (a few X · O · D); memory 7 · X · O · D."""
+    O reverse passes plus O · D · (U_t + P + 1) multiply–accumulates (3 D to a pass); memory 2 · U · D. Adjoint: a
+    batch gradient for the replay pass, per test input O reverse passes per node, the batch's contraction (the
+    cheaper of B gradients plus X · O · B · D MACs and G · X · O · B JVP directions, :func:`batch_contraction_costs`)
+    and λ's update (a few X · O · D); memory 7 · X · O · D."""
     X, O, D = num_test, num_outputs, max(1, num_params)
     forward = 0.0
     for t in range(num_steps):
@@ -322,7 +372,8 @@ def count_accumulation_costs(*, num_steps: int, batch: int, num_units: int, num_
         jvp = num_groups * (touched + pseudo)
         jacobian = O + O * (touched + pseudo + 1) / 3.0
         forward += batch + X * nodes * min(jvp, jacobian) + touched / 3.0
-    adjoint = num_steps * (2 * batch + X * nodes * O + X * O * batch / 3.0 + X * O)
+    contraction = min(batch_contraction_costs(X * O, num_groups, batch, D, PathCosts.counted(D)))
+    adjoint = num_steps * (batch + X * nodes * O + contraction + X * O)
     return AccumulationCosts(forward, adjoint, (2 * num_units * D + 8 * D) * itemsize + kept_bytes,
                              (7 * X * O * D + 8 * D) * itemsize + kept_bytes)
 

@@ -123,11 +123,13 @@ THEOREMS: tuple[Theorem, ...] = (
         verify_rows=("block_scan",)),
     Theorem(
         key="adjoint", title="§12 — the adjoint: per-unit influences by λ_s run backward, only each step's batch contracted",
-        section="§12", rules=ALL_RULES, functions=("accumulation=",), reference=None,
+        section="§12", rules=ALL_RULES, functions=("accumulation=", "batch_contraction="), reference=None,
         reference_note="the forward recursion of §4 is its reference",
         property_tests=("tests/test_adjoint.py::test_adjoint_equals_forward_for_every_rule",
-                        "tests/test_adjoint.py::test_adjoint_with_partitions_targets_and_penalty"),
-        test_note="adjoint = forward to 1e-12 of the L1 mass; origin-step totals = update-step totals",
+                        "tests/test_adjoint.py::test_adjoint_with_partitions_targets_and_penalty",
+                        "tests/test_adjoint_batch_jvp.py::test_jvp_and_gradient_paths_agree_on_random_runs"),
+        test_note="adjoint = forward to 1e-12 of the L1 mass; origin-step totals = update-step totals; the batch "
+                  "by JVPs = by per-sample gradients",
         proof_checks=("proofs_checks/check_adjoint.py",), examples=("benchmarks/bench_adjoint.py",), verify_rows=("adjoint",)),
     Theorem(
         key="corollary_3_3_i", title="Corollary 3.3 (i) — functions of the output h(f)", section="§6 (i)",
