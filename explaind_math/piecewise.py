@@ -238,6 +238,7 @@ class _Piece:
     b: float
     fa: torch.Tensor
     fb: torch.Tensor
+    inner: list[float] = field(default_factory=list)  # breakpoints strictly inside (a, b)
     depth: int = 0
     order: int = 0
     previous: tuple | None = None  # (pairs, residual ok, value along v) of the last order tried
@@ -245,23 +246,20 @@ class _Piece:
 
 def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: torch.Tensor, f_b: torch.Tensor,
                            breakpoints: list[list[float]]) -> StepNodes:
-    """Per test input, the accepted (α, w) on the pieces between its breakpoints (module docstring, 2 and 3).
+    """Per test input, the accepted (α, w) on pieces of [0, 1] (module docstring, 2 and 3).
+
+    Each input starts with one piece [0, 1]. A piece is tried with the orders of the rule; one that holds
+    breakpoints and is not resolved by the orders up to :data:`ORDERS_ACROSS_KINKS` is split at its middle
+    breakpoint (f there is evaluated), so only the kinks that matter at the tolerance cost pieces (a small
+    step moves few pre-activations far: most crossings change ∂_α f by little); a piece without breakpoints
+    that no order resolves is bisected (a missed breakpoint), up to ``rule.max_depth``.
 
     ``probe(alphas, inputs)`` → (P, 2, O): Φ(x; θ(α)) Δθ_t and Φ(x; θ(α)) v at the pairs (input, α);
     ``target_at(alphas, inputs)`` → (P, O): f(x; θ(α)); ``f_a``, ``f_b`` (X, O): f at α = 0 and 1."""
     X = f_a.shape[0]
     eps = torch.finfo(f_a.dtype).eps
     scale = [1.0 + float(torch.maximum(f_a[x].abs().max(), f_b[x].abs().max())) for x in range(X)]
-    inner = [(x, a) for x in range(X) for a in breakpoints[x]]
-    f_inner = target_at([a for _, a in inner], [x for x, _ in inner]) if inner else None
-    pieces, k = [], 0
-    for x in range(X):
-        ends = [(0.0, f_a[x])]
-        for a in breakpoints[x]:
-            ends.append((a, f_inner[k]))
-            k += 1
-        ends.append((1.0, f_b[x]))
-        pieces += [_Piece(x, a, b, fa, fb) for (a, fa), (b, fb) in zip(ends, ends[1:]) if b > a]
+    pieces = [_Piece(x, 0.0, 1.0, f_a[x], f_b[x], list(breakpoints[x])) for x in range(X)]
     out = StepNodes([[] for _ in range(X)], breakpoints)
     rules = [gauss_legendre(n) for n in rule.orders]
     while pieces:
@@ -275,37 +273,50 @@ def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: tor
     return out
 
 
+#: the orders tried on a piece that holds breakpoints before it is split at one (GL(1) … GL(4) here)
+ORDERS_ACROSS_KINKS = 4
+
+
+def _judge(rule, p: _Piece, ps, part, scale, eps) -> tuple[bool, bool, torch.Tensor, float]:
+    """(residual ok, agrees with the previous order on v, the integral along v, the residual) of one piece."""
+    w = torch.tensor([wt for _, wt in ps], dtype=part.dtype, device=part.device)
+    integral = torch.tensordot(w, part, dims=1)  # (2, O)
+    residual = float((p.fb - p.fa - integral[0]).abs().max())
+    noise = NOISE_FACTOR * eps * (1.0 + float(torch.maximum(p.fa.abs().max(), p.fb.abs().max())))
+    ok = residual <= max(rule.tol * (p.b - p.a) * scale[p.x], noise)
+    agree = False
+    if p.previous is not None:
+        size = float(integral[1].abs().max())
+        v_budget = max(rule.tol * (p.b - p.a) * (scale[p.x] + size), NOISE_FACTOR * eps * (1.0 + size))
+        agree = float((integral[1] - p.previous[2]).abs().max()) <= v_budget
+    return ok, agree, integral[1], residual
+
+
 def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, target_at) -> list:
-    """One round: every piece's residual at its current order; accept, raise the order, or bisect."""
+    """One round: every piece's residual at its current order; accept, raise the order, or split."""
     following, to_split, k = [], [], 0
     for p, ps in zip(pieces, pairs):
         part = values[k:k + len(ps)]
         k += len(ps)
-        w = torch.tensor([wt for _, wt in ps], dtype=part.dtype, device=part.device)
-        integral = torch.tensordot(w, part, dims=1)  # (2, O)
-        residual = float((p.fb - p.fa - integral[0]).abs().max())
-        noise = NOISE_FACTOR * eps * (1.0 + float(torch.maximum(p.fa.abs().max(), p.fb.abs().max())))
-        budget = rule.tol * (p.b - p.a) * scale[p.x]
-        ok = residual <= max(budget, noise)
-        agree = False
-        if p.previous is not None:
-            v_budget = rule.tol * (p.b - p.a) * (scale[p.x] + float(integral[1].abs().max()))
-            v_noise = NOISE_FACTOR * eps * (1.0 + float(integral[1].abs().max()))
-            agree = float((integral[1] - p.previous[2]).abs().max()) <= max(v_budget, v_noise)
+        ok, agree, along_v, residual = _judge(rule, p, ps, part, scale, eps)
+        last = p.order + 1 >= (min(len(rules), ORDERS_ACROSS_KINKS) if p.inner else len(rules))
         if p.previous is not None and ok and p.previous[1] and agree:
-            out.pairs[p.x].extend(p.previous[0])
-        elif p.order + 1 < len(rules):
-            p.previous, p.order = (ps, ok, integral[1]), p.order + 1
+            out.pairs[p.x].extend(p.previous[0])  # order n_{k-1}: its error is estimated by n_k
+        elif not last:
+            p.previous, p.order = (ps, ok, along_v), p.order + 1
             following.append(p)
-        elif ok or p.depth >= rule.max_depth:
+        elif p.inner or (not ok and p.depth < rule.max_depth):
+            to_split.append(p)
+        else:
             out.pairs[p.x].extend(ps)
             if not ok:
                 out.over_tolerance.append((p.x, p.a, p.b, residual))
-        else:
-            to_split.append(p)
     if to_split:
-        mids = target_at([0.5 * (p.a + p.b) for p in to_split], [p.x for p in to_split])
-        for p, fm in zip(to_split, mids):
-            m = 0.5 * (p.a + p.b)
-            following += [_Piece(p.x, p.a, m, p.fa, fm, p.depth + 1), _Piece(p.x, m, p.b, fm, p.fb, p.depth + 1)]
+        cuts = [p.inner[len(p.inner) // 2] if p.inner else 0.5 * (p.a + p.b) for p in to_split]
+        f_cut = target_at(cuts, [p.x for p in to_split])
+        for p, m, fm in zip(to_split, cuts, f_cut):
+            left = [a for a in p.inner if a < m]
+            right = [a for a in p.inner if a > m]
+            depth = p.depth if p.inner else p.depth + 1
+            following += [_Piece(p.x, p.a, m, p.fa, fm, left, depth), _Piece(p.x, m, p.b, fm, p.fb, right, depth)]
     return following
