@@ -87,8 +87,9 @@ def check_training_sample(fm, theta_0, loss_fn, data, trajectory, vectorize: boo
         ) from None
     try:
         value = loss_fn(out, y)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            fm.per_sample_gradients(theta_0, loss_fn, xb, yb, vectorize=vectorize)  # as the engine calls it
+        if vectorize and isinstance(value, torch.Tensor) and value.numel() == 1:
+            # vmapped over the sample, as the engine evaluates it (a target of shape (1,) fails only there)
+            torch.func.vmap(lambda xi, yi: loss_fn(fm.output(theta_0, xi), yi))(xb, yb)
     except ExplaindError:
         raise
     except _INTERNAL as exc:
