@@ -424,10 +424,11 @@ class TrajectoryRecorder:
         else:
             previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
             for n, p, _ in self._params:
-                if not torch.equal(p.detach().cpu(), previous[n]):
+                if p.dtype != previous[n].dtype or not torch.equal(p.detach().cpu(), previous[n]):
+                    how = f" (dtype {previous[n].dtype} -> {p.dtype})" if p.dtype != previous[n].dtype else ""
                     raise RecordingError(
                         f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
-                        "outside optimizer.step(); such changes cannot be attributed"
+                        f"outside optimizer.step(){how}; such changes cannot be attributed"
                     )
         hyper = [self.rule.hyperparameters(g) for g in optimizer.param_groups]
         updated, gradient = [], {}

@@ -116,8 +116,14 @@ class Trajectory:
         if missing_group:
             raise TrajectoryMismatchError(f"parameters without a param group: {missing_group}")
         shapes = {n: tuple(self.parameters[0][n].shape) for n in names if n in self.parameters[0]}
+        dtypes = {n: self.parameters[0][n].dtype for n in names if n in self.parameters[0]}
         for t, snapshot in enumerate(self.parameters):
             check_snapshot(t, snapshot, names, shapes)
+            changed = [n for n in names if snapshot[n].dtype != dtypes[n]]
+            if changed:
+                raise TrajectoryMismatchError(
+                    f"θ_{t}[{changed[0]!r}] is {snapshot[changed[0]].dtype}, θ_0 has {dtypes[changed[0]]}"
+                )
         num_groups = max(self.group_of.values()) + 1
         for t, step in enumerate(self.steps):
             check_step(t, step, rule, names, shapes, self.group_of, num_groups)

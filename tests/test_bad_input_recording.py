@@ -598,3 +598,30 @@ def test_frozen_parameter_is_checked_through_a_wrapper_prefix_too():
         model[2].bias.add_(0.5)
     with pytest.raises(TrajectoryMismatchError, match=r"buffer '2.bias' of the model differs"):
         _decompose(_Wrapper(model), traj, X, Y)
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_dtype_changed_mid_run_is_refused_before_the_shards_become_unreadable(directory, tmp_path):
+    """float32 → float64 keeps the values (torch.equal holds) but would write θ of another dtype than the manifest's."""
+    X, Y = _data()
+    model = _mlp().float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = em.TrajectoryRecorder(model, opt, directory=tmp_path if directory else None)
+    ids = _batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(X[ids].float()), Y[ids]).backward()
+    rec.record_batch(ids)
+    opt.step()
+    model.double()
+    _refused(model, opt, rec, X, Y, 1, RecordingError, r"step 1: parameter '0.weight' changed .*dtype torch.float32 -> "
+                                                         r"torch.float64")
+    rec.close()
+    traj = em.Trajectory.load(tmp_path) if directory else rec.trajectory()
+    assert traj.num_steps == 1 and traj.dtype == torch.float32
+
+
+def test_snapshots_of_mixed_dtypes_are_refused_by_validation():
+    theta = {"w": torch.ones(2)}
+    with pytest.raises(TrajectoryMismatchError, match=r"θ_1\['w'\] is torch.float64, θ_0 has torch.float32"):
+        em.Trajectory.from_records(optimizer="sgd", parameters=[theta, {"w": torch.ones(2, dtype=DT)}],
+                                   batches=[[0]], hyperparameters=[{"lr": 0.1}])
