@@ -13,7 +13,6 @@ import time
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 import explaind_math as em
