@@ -42,9 +42,12 @@ asserted about time. Four tables:
    ru_maxrss deltas do not work here: ru_maxrss cannot be reset, includes training and warm-up, and on
    Linux it survives exec, so a subprocess reports the peak of the large parent that started it.
 
-Why GELU and not the ReLU of Nanda et al.: along a step a ReLU network is only piecewise polynomial,
-so every fixed rule (midpoint included) converges slowly and the adaptive rule bisects each kink to
-max_depth (README, "Tolerances"); on a smooth model the comparison is between rules that converge.
+0. First, the paper's own ReLU models (``relu_fidelity.py`` beside this file, issue 14): its
+   modular-addition Transformer with a ReLU MLP and a ReLU/max-pool CNN on the digits, every rule
+   (midpoint 10/100 batched and one node per call, GL 2/4/8, hp-adaptive, bisection, the default
+   piecewise rule of MATH.md §13), float32 and float64, with the max entry error against a float64
+   reference and the ratios against the targets. Table 1 below keeps the GELU variant, where every rule
+   converges, as the smooth comparison.
 
 Run (intra-op threads: --threads, default 2, set once for every measurement and every subprocess):
 
@@ -268,7 +271,8 @@ def fidelity_rows(run: Run, repeats: int, include_adaptive: bool = True, adaptiv
             quad, note = tune_adaptive(run, n, TARGET_RESIDUAL)
             rules.append((f"adaptive(GL({n}), {quad.tol:.0e})", quad, note))
     rules += [("midpoint(10)", em.midpoint(10), "paper"), ("midpoint(100)", em.midpoint(100), "paper"),
-              (ONE_NODE_PER_CALL, em.midpoint(100), "paper's rule, one Jacobian call per node", {"node_chunk_size": 1})]
+              (ONE_NODE_PER_CALL, em.midpoint(100), "paper's rule, one Jacobian call per node", {"node_chunk_size": 1}),
+              (DEFAULT_RULE, None, "quadrature=None: piecewise GL (MATH.md §13), orders per piece and input")]
     rows = []
     for label, quad, note, *options in rules:
         best, result = float("inf"), None
@@ -289,6 +293,7 @@ def _node_chunk_of(plan: str) -> int:
 
 
 ONE_NODE_PER_CALL = "midpoint(100) 1 node/call"
+DEFAULT_RULE = "piecewise (default)"
 
 
 def reference(rows: list[Row], label: str = "midpoint(100)") -> Row:
@@ -581,6 +586,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per rule (best is kept)")
     parser.add_argument("--scaling-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-relu", action="store_true", help="leave out table 0 (the paper's ReLU models)")
     parser.add_argument("--measure", default="both", choices=["time", "memory", "both"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -597,6 +603,12 @@ def main(argv=None) -> int:
     print(machine_line(args.threads))
     print(f"mode: {'quick' if args.quick else 'full'}; times are the best of {repeats} run(s) "
           "(midpoint(100): one run); no timing is asserted")
+
+    if not args.skip_relu:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import relu_fidelity
+
+        relu_fidelity.main(quick=args.quick)
 
     runs, fidelity = {}, {}
     for dtype in (torch.float64, torch.float32):
