@@ -3,6 +3,7 @@
     python benchmarks/bench_adjoint.py --quick                 # a minute: both scalings, both modes, batch paths
     python benchmarks/bench_adjoint.py                         # larger sizes
     python benchmarks/bench_adjoint.py --mnist [--steps 40]    # 60,000 MNIST-shaped samples, one epoch (937 steps)
+    python benchmarks/bench_adjoint.py --speedup               # the same MLP where forward still fits: N = 8 steps
 
 Timings: every comparison runs interleaved in one process (the modes alternate, best of ``--repeats``), and the
 tables report ratios; the machines this project runs on are shared (2 cores, other test runs at the same time),
@@ -126,34 +127,51 @@ def in_subprocess(*args) -> dict:
 
 
 def scaling_tables(quick: bool, repeats: int) -> None:
-    hidden, inputs, classes, B = (16, 8, 3, 8) if quick else (32, 16, 4, 16)
-    NB = 64 if quick else 256
-    sizes = {}
-    for M in ((16, 32, 64) if quick else (64, 128, 256)):  # M doubles, N · B fixed
-        sizes[f"M={M}, N={NB // B}, B={B}"] = (M, B, NB // B, hidden, inputs, classes)
-    for N in ((4, 8, 16) if quick else (8, 16, 32)):  # N doubles, B fixed (M = N · B: every sample once)
-        sizes[f"M={N * B}, N={N}, B={B}"] = (N * B, B, N, hidden, inputs, classes)
-    runs = {name: record(*size) for name, size in sizes.items()}
+    hidden, inputs, classes, B = (16, 8, 3, 8) if quick else (128, 32, 4, 32)
+    NB = 64 if quick else 1024
+    Ms = (16, 32, 64) if quick else (256, 512, 1024)
+    Ns = (2, 4, 8) if quick else (8, 16, 32)
+    m_sizes = [(M, B, NB // B, hidden, inputs, classes) for M in Ms]  # M doubles, N · B fixed (M ≤ N · B)
+    n_sizes = [(N * B, B, N, hidden, inputs, classes) for N in Ns]  # N doubles, B fixed, every sample once
+    sizes = list(dict.fromkeys(m_sizes + n_sizes))
+    D = inputs * hidden + hidden + hidden * classes + classes
+    print(f"MLP {inputs}-{hidden}-{classes} (D = {D}), AdamW, float64, 10 test inputs × {classes} outputs, "
+          f"keep=('param', 'unit'), gauss_legendre(4); best of {repeats}, the modes alternating")
+    runs = {size: record(*size) for size in sizes}
     variants = {"forward": lambda r: decompose(r, "forward"), "adjoint": lambda r: decompose(r, "adjoint")}
     timed = interleaved(runs, variants, repeats)
-    print("\n| run | forward s | adjoint s | adjoint s/step | forward / adjoint | forward Δpeak MiB | "
-          "adjoint Δpeak MiB | adjoint residual |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, size in sizes.items():
-        f, a = timed["seconds"][name, "forward"], timed["seconds"][name, "adjoint"]
-        peaks = {m: in_subprocess(size, m, "auto", None).get("peak_delta_mib", float("nan"))
-                 for m in ("forward", "adjoint")}
-        print(f"| {name} | {f:.3f} | {a:.3f} | {a / size[2] * 1e3:.1f} ms | {f / a:.2f} | "
-              f"{peaks['forward']:.1f} | {peaks['adjoint']:.1f} | {timed['residual'][name, 'adjoint']:.1e} |")
+    peaks = {(size, m): in_subprocess(size, m, "auto", None).get("peak_delta_mib", float("nan"))
+             for size in sizes for m in ("forward", "adjoint")}
+    for title, rows in (("M doubles, N · B fixed", m_sizes), ("N doubles, B fixed", n_sizes)):
+        print(f"\n{title}\n\n| M | N | B | forward s | adjoint s | adjoint ms/step | forward / adjoint | "
+              "forward Δpeak MiB | adjoint Δpeak MiB | adjoint residual |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for size in rows:
+            f, a = timed["seconds"][size, "forward"], timed["seconds"][size, "adjoint"]
+            print(f"| {size[0]} | {size[2]} | {size[1]} | {f:.2f} | {a:.2f} | {a / size[2] * 1e3:.0f} | {f / a:.2f} | "
+                  f"{peaks[size, 'forward']:.1f} | {peaks[size, 'adjoint']:.1f} | {timed['residual'][size, 'adjoint']:.1e} |")
     # the batch contraction of the adjoint: per-sample gradients vs JVPs of the per-sample losses
-    batch_runs = {name: runs[name] for name in list(sizes)[-2:]}
+    batch_runs = {size: runs[size] for size in (m_sizes[0], m_sizes[-1])}
     ways = {way: (lambda r, way=way: decompose(r, "adjoint", batch_contraction=way)) for way in ("gradients", "jvp")}
     timed = interleaved(batch_runs, ways, repeats)
-    print("\n| run | batch by gradients s | batch by JVP s | JVP / gradients |")
-    print("|---|---|---|---|")
-    for name in batch_runs:
-        g, j = timed["seconds"][name, "gradients"], timed["seconds"][name, "jvp"]
-        print(f"| {name} | {g:.3f} | {j:.3f} | {j / g:.2f} |")
+    print("\nthe adjoint's batch contraction\n\n| M | N | B | by gradients s | by JVP s | JVP / gradients |")
+    print("|---|---|---|---|---|---|")
+    for size in batch_runs:
+        g, j = timed["seconds"][size, "gradients"], timed["seconds"][size, "jvp"]
+        print(f"| {size[0]} | {size[2]} | {size[1]} | {g:.2f} | {j:.2f} | {j / g:.2f} |")
+
+
+def speedup(repeats: int, steps: int = 8) -> None:
+    """The MNIST-shaped MLP (D = 101,770, 10 test inputs × 10 outputs) on a size the forward mode holds: N steps of
+    64, every sample once (M = 64 N); forward and adjoint interleaved in this process."""
+    size = (64 * steps, 64, steps, 128, 784, 10)
+    run = {size: record(*size)}
+    timed = interleaved(run, {"forward": lambda r: decompose(r, "forward"), "adjoint": lambda r: decompose(r, "adjoint")},
+                        repeats)
+    f, a = timed["seconds"][size, "forward"], timed["seconds"][size, "adjoint"]
+    print(f"\nMNIST shape, M = {size[0]}, N = {steps}, B = 64: forward {f:.1f} s, adjoint {a:.1f} s "
+          f"({a / steps:.2f} s/step), speed-up of the adjoint {f / a:.1f}x; residuals "
+          f"{timed['residual'][size, 'forward']:.1e} / {timed['residual'][size, 'adjoint']:.1e}")
 
 
 def mnist(steps: int | None, directory: str | None) -> None:
@@ -195,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mnist", action="store_true")
+    parser.add_argument("--speedup", action="store_true", help="forward vs adjoint on the MNIST-shaped MLP, N = 8")
     parser.add_argument("--steps", type=int, default=None, help="--mnist: only the first k steps (extrapolated)")
     parser.add_argument("--dir", default=None, help="--mnist: where the trajectory is written (a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -205,7 +224,9 @@ def main() -> None:
         print(json.dumps(peak_worker(json.loads(args.one))))
         return
     print("shared machine (2 cores, other test runs at the same time): compare ratios within this run")
-    if args.mnist:
+    if args.speedup:
+        speedup(args.repeats, args.steps or 8)
+    elif args.mnist:
         mnist(args.steps, args.dir)
     else:
         scaling_tables(args.quick, args.repeats)
