@@ -122,9 +122,11 @@ def _suspicious(za, zb, dza, dzb, h):
     return same & toward & reach
 
 
-def _sample_grid(rule: PiecewiseQuadrature, kink_probe: KinkProbe, num_inputs: int):
-    """Per input, sorted α samples with z, dz, gate there: the grid, halved where a double crossing may hide."""
-    alphas = [k / rule.grid for k in range(rule.grid + 1)]
+def _sample_grid(rule: PiecewiseQuadrature, kink_probe: KinkProbe, num_inputs: int, interval=(0.0, 1.0)):
+    """Per input, sorted α samples with z, dz, gate there: the grid on ``interval``, halved where a double
+    crossing may hide."""
+    lo, hi = interval
+    alphas = [lo + (hi - lo) * k / rule.grid for k in range(rule.grid + 1)]
     values = kink_probe([a for a in alphas for _ in range(num_inputs)],
                         [x for _ in alphas for x in range(num_inputs)])
     if values is None:
@@ -196,12 +198,12 @@ def _refine_roots(kink_probe: KinkProbe, brackets, eps: float, iterations: int =
 
 
 def find_breakpoints(rule: PiecewiseQuadrature, kink_probe: KinkProbe, num_inputs: int,
-                     eps: float) -> tuple[list[list[float]], int]:
+                     eps: float, interval=(0.0, 1.0)) -> tuple[list[list[float]], int]:
     """Per test input, the sorted breakpoints α* ∈ (0, 1) of one step, and the kink evaluations spent.
 
     ``kink_probe(alphas, inputs)`` returns (z, dz/dα, gate), each (P, E), for the pairs (input, α), or None
     when the model has no kink; ``eps`` is the computation's machine epsilon (the roots' rounding)."""
-    samples, evaluations = _sample_grid(rule, kink_probe, num_inputs)
+    samples, evaluations = _sample_grid(rule, kink_probe, num_inputs, interval)
     found: list[list[float]] = [[] for _ in range(num_inputs)]
     if samples is None:
         return found, evaluations
@@ -210,7 +212,7 @@ def find_breakpoints(rule: PiecewiseQuadrature, kink_probe: KinkProbe, num_input
         roots, _ = _refine_roots(kink_probe, brackets, eps)
         evaluations += len(roots)
         for x, alpha, gate, scale in roots:
-            if gate <= max(eps, 1e-12) ** 0.5 * (1.0 + scale) and 0.0 < alpha < 1.0:
+            if gate <= max(eps, 1e-12) ** 0.5 * (1.0 + scale) and interval[0] < alpha < interval[1]:
                 found[x].append(alpha)
     for x in range(num_inputs):
         found[x] = _merged(sorted(found[x]), eps)
@@ -239,20 +241,22 @@ class _Piece:
     fa: torch.Tensor
     fb: torch.Tensor
     inner: list[float] = field(default_factory=list)  # breakpoints strictly inside (a, b)
+    searched: bool = False  # breakpoints were searched for again inside this piece (a missed one)
     depth: int = 0
     order: int = 0
     previous: tuple | None = None  # (pairs, residual ok, value along v) of the last order tried
 
 
 def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: torch.Tensor, f_b: torch.Tensor,
-                           breakpoints: list[list[float]]) -> StepNodes:
+                           breakpoints: list[list[float]], find_inside=None) -> StepNodes:
     """Per test input, the accepted (α, w) on pieces of [0, 1] (module docstring, 2 and 3).
 
     Each input starts with one piece [0, 1]. A piece is tried with the orders of the rule; one that holds
     breakpoints and is not resolved by the orders up to :data:`ORDERS_ACROSS_KINKS` is split at its middle
     breakpoint (f there is evaluated), so only the kinks that matter at the tolerance cost pieces (a small
     step moves few pre-activations far: most crossings change ∂_α f by little); a piece without breakpoints
-    that no order resolves is bisected (a missed breakpoint), up to ``rule.max_depth``.
+    that no order resolves has missed a breakpoint: ``find_inside(x, a, b)`` searches it again on a grid of
+    that piece (once), and failing that it is bisected, up to ``rule.max_depth``.
 
     ``probe(alphas, inputs)`` → (P, 2, O): Φ(x; θ(α)) Δθ_t and Φ(x; θ(α)) v at the pairs (input, α);
     ``target_at(alphas, inputs)`` → (P, O): f(x; θ(α)); ``f_a``, ``f_b`` (X, O): f at α = 0 and 1."""
@@ -267,7 +271,7 @@ def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: tor
         flat = [(p.x, alpha) for p, ps in zip(pieces, pairs) for alpha, _ in ps]
         values = probe([a for _, a in flat], [x for x, _ in flat])
         out.probe_evaluations += len(flat)
-        pieces = _advance(rule, rules, pieces, pairs, values, scale, eps, out, target_at)
+        pieces = _advance(rule, rules, pieces, pairs, values, scale, eps, out, target_at, find_inside)
     for ps in out.pairs:
         ps.sort()
     return out
@@ -292,7 +296,7 @@ def _judge(rule, p: _Piece, ps, part, scale, eps) -> tuple[bool, bool, torch.Ten
     return ok, agree, integral[1], residual
 
 
-def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, target_at) -> list:
+def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, target_at, find_inside=None) -> list:
     """One round: every piece's residual at its current order; accept, raise the order, or split."""
     following, to_split, k = [], [], 0
     for p, ps in zip(pieces, pairs):
@@ -306,6 +310,9 @@ def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, tar
             p.previous, p.order = (ps, ok, along_v), p.order + 1
             following.append(p)
         elif p.inner or (not ok and p.depth < rule.max_depth):
+            if not p.inner and not p.searched and find_inside is not None:
+                p.inner, p.searched = [a for a in find_inside(p.x, p.a, p.b) if p.a < a < p.b], True
+                out.breakpoints[p.x] = sorted(out.breakpoints[p.x] + p.inner)
             to_split.append(p)
         else:
             out.pairs[p.x].extend(ps)
@@ -318,5 +325,6 @@ def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, tar
             left = [a for a in p.inner if a < m]
             right = [a for a in p.inner if a > m]
             depth = p.depth if p.inner else p.depth + 1
-            following += [_Piece(p.x, p.a, m, p.fa, fm, left, depth), _Piece(p.x, m, p.b, fm, p.fb, right, depth)]
+            following += [_Piece(p.x, p.a, m, p.fa, fm, left, p.searched, depth),
+                          _Piece(p.x, m, p.b, fm, p.fb, right, p.searched, depth)]
     return following

@@ -54,13 +54,19 @@ def piecewise_step_nodes(ctx: DecompositionContext, seg, f_t: torch.Tensor, f_ne
     X = ctx.xs_test.shape[0]
     eps = torch.finfo(ctx.dtype).eps
     suspects: dict = {}
-    breakpoints, kink_evaluations = find_breakpoints(
-        rule, lambda alphas, inputs: kink_values(ctx, seg, alphas, inputs, suspects), X, eps)
+    kink_probe = lambda alphas, inputs: kink_values(ctx, seg, alphas, inputs, suspects)  # noqa: E731
+    breakpoints, kink_evaluations = find_breakpoints(rule, kink_probe, X, eps)
+
+    def find_inside(x: int, a: float, b: float) -> list[float]:
+        """A missed breakpoint of input x in (a, b): the search again, on a grid of that piece."""
+        found, _ = find_breakpoints(rule, lambda alphas, idx: kink_probe(alphas, [x for _ in idx]), 1, eps, (a, b))
+        return found[0]
+
     v = entry_direction(ctx, seg, updates)
     tangents = {n: torch.stack([seg.delta[n], v[n]]) for n in seg.moving}
     nodes = select_piecewise_nodes(
         rule, lambda alphas, inputs: probe_values(ctx, seg, alphas, inputs, tangents),
-        lambda alphas, inputs: target_at_pairs(ctx, seg, alphas, inputs), f_t, f_next, breakpoints)
+        lambda alphas, inputs: target_at_pairs(ctx, seg, alphas, inputs), f_t, f_next, breakpoints, find_inside)
     nodes.probe_evaluations += kink_evaluations
     nodes.suspects = suspects
     return nodes
