@@ -1,6 +1,8 @@
-"""examples/table1_revisited.py --quick: the paper's Table 1 (Section 3.1) on three recorded models.
+"""examples/table1_revisited.py --quick: the paper's Table 1 (Section 3.1) on three smooth recorded models and
+two ReLU ones (the paper's kind: a ReLU/max-pool CNN and the paper's ReLU Transformer).
 
 What must hold, and why:
+- ReLU models: the default piecewise rule (MATH.md §13) ≤ 1e-9 relative, where GL(8) is not (kinks).
 - GL(8) and adaptive GL(8): relative residual ≤ 1e-9 (README "Tolerances", smooth models; the quick runs'
   steps are small; the adaptive rule's per-step tolerance 1e-11 over 5 steps bounds the total by 5e-11).
 - Wherever the relative residual δ is below 1e-9: EPK accuracy 1 and KL ≤ max|residual|²/2 + 1e-14
@@ -42,12 +44,14 @@ def _row(rows, model_prefix, rule):
 
 
 MODELS = ("CNN", "Transformer", "ResNet")
+#: the paper's kind of model: ReLU (and max-pooling), integrated between kinks by the default rule
+RELU_MODELS = ("ReLU CNN", "ReLU Transformer")
 
 
 def test_one_row_per_model_and_rule(example, rows):
-    assert len(rows) == len(MODELS) * len(example.RULES)
-    for model in MODELS:
-        for label, _ in example.RULES:
+    assert len(rows) == len(MODELS) * len(example.RULES) + len(RELU_MODELS) * len(example.RELU_RULES)
+    for model in MODELS + RELU_MODELS:
+        for label, _ in (example.RELU_RULES if model in RELU_MODELS else example.RULES):
             row = _row(rows, model, label)
             assert row["seconds"] > 0 and 0.0 <= row["epk_accuracy"] <= 1.0
     for label, n in [("midpoint(10)", 10), ("midpoint(100)", 100), ("gauss_legendre(2)", 2),
@@ -63,7 +67,13 @@ def test_gauss_legendre_8_and_adaptive_reach_the_smooth_tolerance(rows, model):
         assert _row(rows, model, rule)["relative_residual"] <= SMOOTH_TOLERANCE, rule
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", RELU_MODELS)
+def test_default_rule_is_exact_on_relu_models_where_gauss_legendre_8_is_not(rows, model):
+    assert _row(rows, model, "piecewise (default)")["relative_residual"] <= SMOOTH_TOLERANCE
+    assert _row(rows, model, "gauss_legendre(8)")["relative_residual"] > SMOOTH_TOLERANCE
+
+
+@pytest.mark.parametrize("model", MODELS + RELU_MODELS)
 def test_tiny_residual_means_same_decisions_and_distributions(rows, model):
     tiny = [r for r in rows if r["model"].startswith(model) and r["relative_residual"] <= SMOOTH_TOLERANCE]
     assert tiny  # at least GL(8)
