@@ -21,7 +21,8 @@ import torch
 
 from ..errors import ExplaindError
 
-__all__ = ["ACCUMULATIONS", "BATCH_CONTRACTIONS", "DEFAULT_KEEP", "DecompositionOptions", "resolve_options"]
+__all__ = ["ACCUMULATIONS", "BATCH_CONTRACTIONS", "DEFAULT_KEEP", "DecompositionOptions", "resolve_options",
+           "split_option_keywords"]
 
 #: how the per-unit influences are accumulated over the steps (MATH.md §4 forward, §12 adjoint)
 ACCUMULATIONS = ("auto", "forward", "adjoint")
@@ -124,6 +125,14 @@ def resolve_options(options: DecompositionOptions | None, keywords: Mapping[str,
     if unknown:
         raise TypeError(f"unknown decomposition option(s) {unknown}; the options are {list(_FIELDS)}")
     return dataclasses.replace(options, **keywords) if keywords else options
+
+
+def split_option_keywords(keywords: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(the options among ``keywords``, the rest): a theorem function that forwards both — the target's
+    arguments (``h``, ``test_labels``, ``activation``, ``partition``, ``penalty``) and the options — to the
+    engine, but reads an option itself, resolves only the first part."""
+    options = {k: v for k, v in keywords.items() if k in _FIELDS}
+    return options, {k: v for k, v in keywords.items() if k not in _FIELDS}
 
 
 def keep_axes(keep: Iterable[str]) -> tuple[str, ...]:

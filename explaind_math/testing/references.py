@@ -35,7 +35,7 @@ def _relative_to_mass(actual: torch.Tensor, expected: torch.Tensor, what: str) -
 
 def assert_engine_equals_reference(engine, reference, theorem: str, family: str) -> float:
     """The engine's :class:`~explaind_math.Influence` (every axis kept, ``params="coordinate"``) equals the
-    reference's :class:`~explaind_math.theorems._reference.ReferenceDecomposition` entrywise, I and Ψ each to
+    reference's :class:`~explaind_math.theorems.reference.ReferenceDecomposition` entrywise, I and Ψ each to
     :data:`REFERENCE_RTOL` of its L1 mass; f(x; θ_0), f(x; θ_N) and the axis labels agree. Returns the worst
     relative difference (logged as "engine against reference")."""
     assert engine.kernel_axes == ATOMIC_AXES, f"the engine kept {engine.kernel_axes}, the comparison needs all axes"

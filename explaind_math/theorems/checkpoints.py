@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import TrajectoryMismatchError
 from ..features import TrainingData
-from ..engine import DecompositionOptions, resolve_options
+from ..engine.options import DecompositionOptions, resolve_options, split_option_keywords
 from ..influence import Influence
 from ..recording import TrajectoryRecorder
 from ..trajectory import weights_for
@@ -96,11 +96,13 @@ def decompose_from_checkpoints(
         raise TrajectoryMismatchError(f"{len(checkpoints)} checkpoints but {len(batches)} batches")
     if persistence_steps is not None and len(persistence_steps) != len(checkpoints):
         raise TrajectoryMismatchError("persistence_steps needs one entry per checkpoint")
-    opts = resolve_options(options, option_keywords)
+    option_fields, target_arguments = split_option_keywords(option_keywords)
+    opts = resolve_options(options, option_fields)
     results = []
     for index, (ckpt, batch) in enumerate(zip(checkpoints, batches)):
         _check_checkpoint(ckpt, index)
-        result = _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction, opts)
+        result = _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction, opts,
+                                target_arguments)
         if persistence_steps is not None:
             hyper = ckpt["hyperparameters"]
             beta1 = float((hyper if isinstance(hyper, Mapping) else hyper[0])["betas"][0])
@@ -119,7 +121,7 @@ def decompose_from_checkpoints(
 
 
 def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reduction,
-                   options: DecompositionOptions) -> Influence:
+                   options: DecompositionOptions, target_arguments: dict) -> Influence:
     if isinstance(batch, tuple) and len(batch) == 2 and not isinstance(batch[0], int):
         ids, weights = batch
     else:
@@ -173,6 +175,6 @@ def _decompose_one(model, ckpt, batch, loss_fn, train_data, test_inputs, reducti
     del out, loss, optimizer, recorder
     return decompose_with_rule(
         work, trajectory, loss_fn, train_data, test_inputs,
-        statement="Remark F.3, checkpoint update", options=options,
+        statement="Remark F.3, checkpoint update", options=options, **target_arguments,
     )
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..engine import DecompositionOptions, resolve_options
+from ..engine.options import DecompositionOptions, resolve_options, split_option_keywords
 from ..features import FunctionalModel
 from ..trajectory import Trajectory
 from .engine_call import decompose_with_rule
@@ -71,13 +71,15 @@ def step_subsampling_fidelity(
     Returns one row per q: ``fraction``, ``steps_kept``, ``agreement`` (argmax), ``kl``,
     ``max_abs_error``. Rows with q < 1 are approximations by construction (labelled ``estimated``).
     """
-    opts = resolve_options(options, option_keywords)
+    option_fields, target_arguments = split_option_keywords(option_keywords)
+    opts = resolve_options(options, option_fields)
     ranking = [t for t, _ in rank_steps_by_heldout_loss(model, trajectory, loss_fn, heldout, dtype=opts.dtype)]
     counts = {q: max(1, int(round(q * trajectory.num_steps))) for q in fractions}
     largest = ranking[: max(counts.values())]
     result = decompose_with_rule(
         model, trajectory, loss_fn, train_data, test_inputs,
         statement="Appendix G.2, step subsampling", decompose_steps=largest, options=opts.replace(keep=("step",)),
+        **target_arguments,
     )
     axes = ("step", "test", "output")
     per_step = result.kernel_sum(axes) + result.pseudo_unit_sum(axes)
