@@ -269,7 +269,10 @@ def probe_forward(model: nn.Module, args: tuple, kwargs: dict, where: str, exemp
             size = _batch_size(args, kwargs)
             if size is not None and size >= 2 and size == batch_rows:
                 alone = _tensors_of(model(*_rows(args, size, slice(0, 1)), **_rows(kwargs, size, slice(0, 1))))
-                together = [t[:1] if t.dim() > 0 and t.shape[0] == size else t for t in first]
+                # per-sample outputs only: a batch-level value (a ModelOutput's mean loss) depends on the batch
+                per_sample = [k for k, t in enumerate(first) if t.dim() > 0 and t.shape[0] == size]
+                together = [first[k][:1] for k in per_sample]
+                alone = [alone[k] for k in per_sample if k < len(alone)]
                 if _differs(together, alone):
                     raise StochasticTrainingError(
                         f"{where}: the output of the batch's first sample changes when the rest of the batch is "

@@ -625,3 +625,30 @@ def test_snapshots_of_mixed_dtypes_are_refused_by_validation():
     with pytest.raises(TrajectoryMismatchError, match=r"θ_1\['w'\] is torch.float64, θ_0 has torch.float32"):
         em.Trajectory.from_records(optimizer="sgd", parameters=[theta, {"w": torch.ones(2, dtype=DT)}],
                                    batches=[[0]], hyperparameters=[{"lr": 0.1}])
+
+
+def test_the_coupling_probe_ignores_batch_level_outputs_such_as_a_mean_loss():
+    """A model that returns its batch's mean loss beside per-sample logits (as an HF model called with
+    labels does) is not coupled: only outputs with one row per sample are compared."""
+    from explaind_math.recording_checks import probe_forward
+
+    model = nn.Linear(4, 3).to(DT)
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            logits = self.inner(x)
+            return {"logits": logits, "loss": logits.pow(2).mean()}
+
+    X = torch.randn(5, 4, dtype=DT)
+    probe_forward(WithLoss(), (X,), {}, "step 0", batch_rows=5)  # no error
+
+    class Coupled(WithLoss):
+        def forward(self, x):
+            return super().forward(x - x.mean(0, keepdim=True))
+
+    with pytest.raises(em.StochasticTrainingError, match="samples interact"):
+        probe_forward(Coupled(), (X,), {}, "step 0", batch_rows=5)
