@@ -185,6 +185,9 @@ def train(model, X, Y, *, steps: int, batch: int, lr: float, weight_decay: float
 
 
 def decompose(model, trajectory, X, Y, X_test, quadrature, dtype, **kw):
+    # the tables compare quadrature rules on the forward recursion of §4 (the adjoint of §12, which
+    # accumulation="auto" may pick here, has its own benchmark: bench_adjoint.py)
+    kw.setdefault("accumulation", "forward")
     t0 = time.perf_counter()
     result = em.decompose_adamw_training(
         model, trajectory, loss_fn, (X, Y), X_test, quadrature=quadrature, keep=KEEP, params="tensor", dtype=dtype,

@@ -26,6 +26,9 @@ from explaind_math.testing.residuals import (
 )
 
 FULL = ("step", "param", "unit")
+#: every path is compared on the same nodes (the default rule picks its nodes by what is kept, to bound
+#: each kept entry's quadrature error, so two paths would integrate on different nodes)
+SAME_NODES = em.gauss_legendre(8)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, scale: float, what: str) -> float:
@@ -58,7 +61,7 @@ def test_all_contraction_paths_agree(spec, labels, device):
     """keep=("step",) (JVP), ("unit",), ("param",), every axis with params="coordinate", "tensor",
     "module", "all" and a random mapping: one reconstruction, and each is a sum of the atomic tensor."""
     run = es.train_and_record(spec, device=device)
-    decompose = lambda **kw: es.decompose(run, replay_rtol=REPLAY_RTOL, **kw)  # noqa: E731
+    decompose = lambda **kw: es.decompose(run, replay_rtol=REPLAY_RTOL, quadrature=SAME_NODES, **kw)  # noqa: E731
     names = run.trajectory.parameter_names
     shapes = run.trajectory.shapes()
 
@@ -144,7 +147,9 @@ def test_planned_contractions_equal_the_atomic_tensor(spec, data, device):
     run = es.train_and_record(spec, device=device)
     names = run.trajectory.parameter_names
     shapes = run.trajectory.shapes()
-    decompose = lambda **kw: es.decompose(run, replay_rtol=REPLAY_RTOL, **kw)  # noqa: E731
+    # the forward recursion's planner is under test (accumulation="auto" may take the adjoint, §12)
+    decompose = lambda **kw: es.decompose(run, replay_rtol=REPLAY_RTOL, quadrature=SAME_NODES,  # noqa: E731
+                                          accumulation="forward", **kw)
     atomic = decompose(keep=FULL, params="coordinate", contraction="jacobian")
     scale = 1 + float(atomic.kernel.abs().sum()) + float(atomic.regularization.abs().sum())
     coord_tensor = [n for n in names for _ in range(torch.Size(shapes[n]).numel())]
@@ -189,7 +194,7 @@ def test_memory_budget_chunks_and_groupwise_jacobian_are_exact():
 
     model, trajectory, data, X_test = recorded_blob_run(seed=4, num_test=3)
     decompose = lambda **kw: em.decompose_adamw_training(model, trajectory, blob_loss, data, X_test,  # noqa: E731
-                                                         dtype=torch.float64, **kw)
+                                                         dtype=torch.float64, quadrature=SAME_NODES, **kw)
     reference = decompose(keep=("step", "param", "unit"), contraction="jacobian")
     D = sum(p.numel() for p in trajectory.parameters[0].values())
     U, O, X, N = len(reference.units), 3, 3, trajectory.num_steps
