@@ -44,9 +44,9 @@ def block_of_rank(num_steps: int, world_size: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def run_distributed(ctx: DecompositionContext, group, progress: bool | None = False) -> tuple[BlockResult, list[int]]:
-    """Decompose ``ctx``'s trajectory with one block of steps per rank of ``group`` (``True``: the default
-    group); returns the whole run's :class:`BlockResult` on every rank."""
+def rank_layout(ctx: DecompositionContext, group) -> tuple:
+    """(group, rank, communication device, every rank's block of steps) of an initialized process group
+    (``True``: the default group)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
@@ -55,9 +55,15 @@ def run_distributed(ctx: DecompositionContext, group, progress: bool | None = Fa
     group = None if group is True else group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    num_steps = ctx.trajectory.num_steps
-    blocks = [block_of_rank(num_steps, world, r) for r in range(world)]
-    mine = blocks[rank]
+    blocks = [block_of_rank(ctx.trajectory.num_steps, world, r) for r in range(world)]
+    return group, rank, comm, blocks
+
+
+def run_distributed(ctx: DecompositionContext, group, progress: bool | None = False) -> tuple[BlockResult, list[int]]:
+    """Decompose ``ctx``'s trajectory with one block of steps per rank of ``group`` (``True``: the default
+    group); returns the whole run's :class:`BlockResult` on every rank."""
+    group, rank, comm, blocks = rank_layout(ctx, group)
+    num_steps, mine = ctx.trajectory.num_steps, blocks[rank]
 
     buffers = scan_buffers(ctx, group, blocks, rank, comm)
 
@@ -201,14 +207,8 @@ def run_adjoint_distributed(ctx: DecompositionContext, group, progress: bool | N
 
     from .adjoint import AdjointTotals, adjoint_pass, pseudo_names_of, replay_summed_buffers, summed_unit_context
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise ExplaindError("distributed=... needs torch.distributed.init_process_group() to have been called "
-                            "(launch the script with torchrun)")
-    group = None if group is True else group
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    N = ctx.trajectory.num_steps
-    blocks = [block_of_rank(N, world, r) for r in range(world)]
+    group, rank, comm, blocks = rank_layout(ctx, group)
+    N, world = ctx.trajectory.num_steps, len(blocks)
     mine = blocks[rank]
     summed = summed_unit_context(ctx)
     checks = replay_summed_buffers(ctx, mine, scan_buffers(summed, group, blocks, rank, comm), progress)
