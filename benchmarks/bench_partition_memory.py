@@ -76,7 +76,7 @@ def child(args) -> None:
     recorder.close()
     train_s = time.perf_counter() - t0
     trajectory = recorder.trajectory()
-    assert len(trajectory.units()) == M
+    assert len(trajectory.sample_ids()) == M
 
     loss_fn = lambda out, y: F.cross_entropy(out, y)  # noqa: E731
     partition = None if args.config == "per-sample" else Y

@@ -364,7 +364,7 @@ def bare_evaluation_seconds(run: Run, row: Row) -> tuple[float, float]:
     model, dtype = run.model, run.dtype
     names = run.trajectory.parameter_names
     thetas = [{n: run.trajectory.parameters[t][n].to(dtype) for n in names} for t in range(run.trajectory.num_steps + 1)]
-    batches = [(run.X[s.units], run.Y[s.units]) for s in run.trajectory.steps]
+    batches = [(run.X[s.sample_ids], run.Y[s.sample_ids]) for s in run.trajectory.steps]
     quad = row.quadrature
     if isinstance(quad, em.quadrature.Quadrature):
         alphas = [list(quad.nodes)] * run.trajectory.num_steps
@@ -406,7 +406,7 @@ def bare_evaluation_seconds(run: Run, row: Row) -> tuple[float, float]:
     func_seconds = time.perf_counter() - t0
 
     # contraction: I_t[j, x, i, o] = Φ_t(x)[o, j] · update_t(i)[j] per tensor, units = all training samples
-    units = len(run.trajectory.units())
+    units = len(run.trajectory.sample_ids())
     phi = jacobian(thetas[0], run.X_test)
     updates = {n: torch.randn(units, *thetas[0][n].shape, dtype=dtype) for n in names}
     t0 = time.perf_counter()

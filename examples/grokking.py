@@ -166,7 +166,7 @@ def cost_breakdown(model, trajectory: Trajectory, tokens, labels, X_test, step: 
     names = trajectory.parameter_names
     theta = {n: trajectory.parameters[step][n] for n in names}
     delta = {n: trajectory.parameters[step + 1][n] - theta[n] for n in names}
-    ids = torch.as_tensor(trajectory.steps[step].units)
+    ids = torch.as_tensor(trajectory.steps[step].sample_ids)
     xb, yb = tokens[ids], labels[ids]
 
     def f_one(params, x):

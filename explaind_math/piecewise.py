@@ -27,6 +27,8 @@ has ~2 crossings per input but ~15 over 8 inputs, so the union multiplies the no
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -303,6 +305,10 @@ def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, tar
         part = values[k:k + len(ps)]
         k += len(ps)
         ok, agree, along_v, residual = _judge(rule, p, ps, part, scale, eps)
+        if not math.isfinite(residual):  # NaN/Inf on the segment: no refinement helps; the contraction
+            out.pairs[p.x].extend(ps)    # then raises NonFiniteError naming the node
+            out.over_tolerance.append((p.x, p.a, p.b, residual))
+            continue
         last = p.order + 1 >= (min(len(rules), ORDERS_ACROSS_KINKS) if p.inner else len(rules))
         if p.previous is not None and ok and p.previous[1] and agree:
             out.pairs[p.x].extend(p.previous[0])  # order n_{k-1}: its error is estimated by n_k

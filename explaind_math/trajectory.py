@@ -27,7 +27,7 @@ __all__ = ["StepRecord", "Trajectory", "all_finite", "check_model_matches", "reg
 
 @dataclass
 class StepRecord:
-    """Step t: units B_t with weights w_{t,i}, group hyper-parameters, and per-parameter state.
+    """Step t: the sample ids of its batch B_t with weights w_{t,i}, group hyper-parameters, and per-parameter state.
 
     ``updated`` names the parameters that received a gradient (PyTorch skips the others: no decay, no
     moment update, no step count). ``state[name]`` holds the optimizer state after the step that the
@@ -35,7 +35,7 @@ class StepRecord:
     ``.grad`` seen by ``optimizer.step()``, when recorded, used to diagnose replay mismatches.
     """
 
-    units: list[int]
+    sample_ids: list[int]
     weights: torch.Tensor
     hyperparameters: list[dict]
     updated: list[str]
@@ -84,18 +84,18 @@ class Trajectory:
     def dtype(self) -> torch.dtype:
         return self.parameters[0][self.parameter_names[0]].dtype
 
-    def units(self) -> list[int]:
+    def sample_ids(self) -> list[int]:
         """Every training-sample id used by any step, sorted."""
-        return sorted({i for s in self.steps for i in s.units})
+        return sorted({i for s in self.steps for i in s.sample_ids})
 
     def largest_batch(self) -> int:
-        """The most units any step used (sizes the per-sample-gradient chunks under a memory budget)."""
-        return max((len(s.units) for s in self.steps), default=1)
+        """The most samples any step used (sizes the per-sample-gradient chunks under a memory budget)."""
+        return max((len(s.sample_ids) for s in self.steps), default=1)
 
     def __repr__(self) -> str:
         return (
             f"Trajectory(optimizer={self.optimizer!r}, steps={self.num_steps}, "
-            f"parameters={len(self.parameter_names)} tensors, units={len(self.units())})"
+            f"parameters={len(self.parameter_names)} tensors, units={len(self.sample_ids())})"
         )
 
     # ------------------------------------------------------------------ validation
@@ -314,11 +314,11 @@ def check_step(t: int, step: StepRecord, rule, names: Sequence[str], shapes: Map
                group_of: Mapping[str, int], num_groups: int) -> None:
     """Step t: distinct units with one finite weight each, one hyper-parameter dict per param group,
     and, for every updated parameter, the optimizer state the rule reads, shaped and finite."""
-    if len(step.units) != len(set(step.units)):
+    if len(step.sample_ids) != len(set(step.sample_ids)):
         raise TrajectoryMismatchError(f"step {t}: a sample id appears twice in the batch")
-    if tuple(step.weights.shape) != (len(step.units),):
+    if tuple(step.weights.shape) != (len(step.sample_ids),):
         raise TrajectoryMismatchError(
-            f"step {t}: {len(step.units)} sample ids but weights of shape {tuple(step.weights.shape)}"
+            f"step {t}: {len(step.sample_ids)} sample ids but weights of shape {tuple(step.weights.shape)}"
         )
     if not all_finite(step.weights):
         raise NonFiniteError(f"step {t}: sample weights contain NaN or Inf")

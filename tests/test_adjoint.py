@@ -81,7 +81,7 @@ def test_adjoint_with_partitions_targets_and_penalty(data, device):
     args = (run.model, run.trajectory, run.loss_fn, run.train_data, run.test_inputs)
     common = dict(keep=("param", "unit"), quadrature=QUADRATURE, replay_rtol=REPLAY_RTOL, dtype=torch.float64)
     if which == "partition":
-        labels = [u % 3 for u in range(max(run.trajectory.units()) + 1)]
+        labels = [u % 3 for u in range(max(run.trajectory.sample_ids()) + 1)]
         call = lambda acc: em.decompose_by_partition(*args, labels, accumulation=acc, **common)  # noqa: E731
     elif which == "h":
         call = lambda acc: em.decompose_function_of_output(  # noqa: E731
@@ -169,7 +169,7 @@ def test_memory_budget_refuses_forward_and_chunks_the_adjoints_test_inputs():
     free = run(accumulation="adjoint")
     D = sum(p.numel() for p in model.parameters())
     per_test = 7 * 3 * D * 8
-    kept = (4 * 4 * 3 * len(traj.units()) + 3 * 4 * 4 * 3) * 8  # tensors × test × output (× units), as planned
+    kept = (4 * 4 * 3 * len(traj.sample_ids()) + 3 * 4 * 4 * 3) * 8  # tensors × test × output (× units), as planned
     budget = 8 * D * 8 + kept + 3 * per_test  # half the rest holds λ, κ, Φ of one test input, not two
     with pytest.raises(MemoryBudgetError, match="per-unit buffers"):
         run(accumulation="forward", memory_budget=1500)

@@ -108,7 +108,7 @@ def test_jvp_path_with_partitions_and_targets(data, device):
     common = dict(keep=("param", "unit"), quadrature=QUADRATURE, replay_rtol=REPLAY_RTOL, dtype=torch.float64,
                   accumulation="adjoint")
     if which == "partition":
-        labels = [u % 3 for u in range(max(run.trajectory.units()) + 1)]
+        labels = [u % 3 for u in range(max(run.trajectory.sample_ids()) + 1)]
         call = lambda way: em.decompose_by_partition(*args, labels, batch_contraction=way, **common)  # noqa: E731
     else:
         call = lambda way: em.decompose_function_of_output(  # noqa: E731

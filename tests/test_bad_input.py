@@ -498,7 +498,7 @@ def test_two_recorders_do_not_share_history(device):
     _step(model_b, opt_b, rec_b, X, Y2, 4)
     traj_a, traj_b = rec_a.trajectory(), rec_b.trajectory()
     assert (traj_a.num_steps, traj_b.num_steps) == (3, 1)
-    assert traj_a.units() == list(range(15)) and traj_b.units() == [0, 20, 21, 22, 23]
+    assert traj_a.sample_ids() == list(range(15)) and traj_b.sample_ids() == [0, 20, 21, 22, 23]
     assert traj_b.shapes()["2.weight"] == (2, 5)
     assert traj_a.steps[0] is not traj_b.steps[0]
     _assert_exact(_decompose(model_a, traj_a, X, Y))

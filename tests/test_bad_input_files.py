@@ -174,7 +174,7 @@ def _same_steps(a, b, steps):
         for n in a.parameter_names:
             assert torch.equal(a.parameters[t][n], b.parameters[t][n]), (t, n)
     for t in range(steps):
-        assert a.steps[t].units == b.steps[t].units and torch.equal(a.steps[t].weights, b.steps[t].weights)
+        assert a.steps[t].sample_ids == b.steps[t].sample_ids and torch.equal(a.steps[t].weights, b.steps[t].weights)
 
 
 def _shards(directory):

@@ -127,7 +127,7 @@ def test_non_finite_weights_are_refused_at_record_batch(bad):
         rec.record_batch([0, 1, 2], weights=[0.2, bad, 0.3])
     _step(model, opt, rec, X, Y, 1)  # nothing of the refused call was kept
     traj = rec.trajectory()
-    assert traj.steps[1].units == _batch(1).tolist()
+    assert traj.steps[1].sample_ids == _batch(1).tolist()
     _assert_exact(_decompose(model, traj, X, Y))
 
 
@@ -168,7 +168,7 @@ def test_integer_id_containers_are_accepted(kind):
                 "range": range(3, 8)}[kind]
     _step(model, opt, rec, X, Y, 0, ids=ids, recorded=recorded)
     traj = rec.trajectory()
-    assert traj.steps[0].units == ids
+    assert traj.steps[0].sample_ids == ids
     _assert_exact(_decompose(model, traj, X, Y))
 
 
@@ -494,7 +494,7 @@ def test_repeated_ids_from_sampling_with_replacement_are_merged_exactly(reductio
             rec.record_batch(ids[half:], weights=[1 / len(ids)] * (len(ids) - half))
         opt.step()
     traj = rec.trajectory()
-    assert traj.steps[0].units == [2, 7, 9] and traj.steps[1].units == [1, 4]
+    assert traj.steps[0].sample_ids == [2, 7, 9] and traj.steps[1].sample_ids == [1, 4]
     if reduction in ("mean", "micro-batches"):
         assert torch.allclose(traj.steps[0].weights, torch.tensor([0.6, 0.2, 0.2], dtype=DT))
     _assert_exact(_decompose(model, traj, X, Y))

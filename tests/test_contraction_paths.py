@@ -229,7 +229,7 @@ def test_quadrature_nodes_in_chunks_are_exact(groupwise):
     if groupwise:  # room for one input's Jacobians of 3 nodes over the largest tensor, not over all of θ
         D = sum(p.numel() for p in trajectory.parameters[0].values())
         largest = max(p.numel() for p in trajectory.parameters[0].values())
-        U, O, X, N, rows = len(trajectory.units()), 3, 3, trajectory.num_steps, len(trajectory.parameter_names)
+        U, O, X, N, rows = len(trajectory.sample_ids()), 3, 3, trajectory.num_steps, len(trajectory.parameter_names)
         kept = N * (rows * X * O * U + 3 * rows * X * O) * 8
         share = (2 * 3 + 2) * O * largest * 8  # (2k + 2) Jacobians of one group, k = 3 nodes
         assert share < 4 * O * D * 8, "the share must be too small for one input's full Jacobian"
@@ -311,7 +311,7 @@ def test_models_without_forward_mode_ad_take_the_jacobian_path():
         optimizer="adamw",
         parameters=[{n.replace("0.", "first.").replace("2.", "second."): v for n, v in p.items()}
                     for p in trajectory.parameters],
-        batches=[(s.units, s.weights) for s in trajectory.steps],
+        batches=[(s.sample_ids, s.weights) for s in trajectory.steps],
         hyperparameters=[s.hyperparameters for s in trajectory.steps],
         states=[{n.replace("0.", "first.").replace("2.", "second."): v for n, v in s.state.items()}
                 for s in trajectory.steps])

@@ -51,7 +51,7 @@ def test_sgd_reconstruction_is_exact_on_smooth_models(spec, device):
     run = es.train_and_record(spec, device=device)
     result = es.decompose(run, replay_rtol=REPLAY_RTOL)
     assert result.theorem == THEOREM and result.quadrature == em.default_quadrature().describe()
-    assert result.units == run.trajectory.units()
+    assert result.units == run.trajectory.sample_ids()
     check_certificate(run, result, SMOOTH_RTOL)
     check_skipped_parameters(run, result)
     if all(float(g["weight_decay"]) == 0 for g in run.optimizer.param_groups):
@@ -71,7 +71,7 @@ def test_plain_gradient_descent_attributes_each_step_to_its_own_batch(spec, devi
     check_certificate(run, result, SMOOTH_RTOL, family=f"{run.family} (μ = 0)")
     unit_axis = result.kernel_axes.index("unit")
     for t, step in enumerate(run.trajectory.steps):
-        outside = [r for r, u in enumerate(result.units) if u not in set(step.units)]
+        outside = [r for r, u in enumerate(result.units) if u not in set(step.sample_ids)]
         if outside:
             block = result.kernel[t].index_select(unit_axis - 1, _index(outside, result.kernel.device))
             assert float(block.abs().max()) == 0.0, f"step {t}: samples outside B_t have influence without momentum"
@@ -102,7 +102,7 @@ def test_momentum_carries_a_sample_into_later_steps(spec, device):
     check_certificate(run, result, SMOOTH_RTOL, family=f"{run.family} (μ > 0)")
     steps = run.trajectory.steps
     row = {u: r for r, u in enumerate(result.units)}
-    only_first = [u for u in steps[0].units if u not in set(steps[1].units)]
+    only_first = [u for u in steps[0].sample_ids if u not in set(steps[1].sample_ids)]
     if only_first:  # b_1 = μ b_0 + (1 − τ) d_1 holds μ g_{0,i} ≠ 0 for i ∈ B_0 \ B_1
         block = result.kernel[1][:, :, [row[u] for u in only_first]]
         assert float(block.abs().max()) > 0.0, "momentum did not carry step 0's samples into step 1"

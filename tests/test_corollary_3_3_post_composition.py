@@ -35,6 +35,7 @@ from explaind_math.testing.residuals import RESIDUALS, assert_exact, report_resi
 RTOL = 1e-9  # |residual| ≤ RTOL·(1 + |change|), smooth models, gauss_legendre(8), float64
 LIVE_RTOL = 1e-12  # f_initial / f_final against h of the live model's outputs
 CONTRACTION_RTOL = 1e-12
+SAME_NODES = em.gauss_legendre(8)
 THEOREM = "corollary_3_3"  # the row of `python -m explaind_math verify`
 
 SETTINGS = es.property_settings()  # the profile, plus the device fixture shared across examples
@@ -135,7 +136,10 @@ def test_function_of_output_is_exact_and_matches_live_model(spec, data, device):
     report_residual(THEOREM, f"(i) {spec.model.family}, h={kind}", rel)
 
     if W is not None:  # linear h: Φ^h = W Φ, so I^h = W I and Ψ^h = W Ψ (same kept axes)
-        plain = es.decompose(run)
+        # on the same nodes: the default rule picks its nodes by the decomposed quantity's own entries
+        result = em.decompose_function_of_output(run.model, run.trajectory, run.loss_fn, run.train_data,
+                                                 run.test_inputs, h, test_labels=labels, quadrature=SAME_NODES)
+        plain = es.decompose(run, quadrature=SAME_NODES)
         W = W.to(device)
         expected_kernel = torch.einsum("qo,...o->...q", W, plain.kernel)
         expected_reg = torch.einsum("qo,...o->...q", W, plain.regularization)

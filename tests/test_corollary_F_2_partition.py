@@ -47,7 +47,7 @@ def group_sums(per_sample: em.Influence, group_of: dict[int, object], groups: li
 
 def partitions(run: es.TrainedRun, data) -> dict[str, tuple[object, dict[int, object]]]:
     """Every accepted form of a partition: (the argument, the group of each recorded id)."""
-    ids = sorted(set(run.trajectory.units()))
+    ids = sorted(set(run.trajectory.sample_ids()))
     M = run.train_data[0].shape[0]
     Y = run.train_data[1]
     labels = Y if Y.dtype == torch.long else (Y[:, 0] > 0).long()  # classes; a split of regression targets
@@ -77,7 +77,7 @@ RUNS = es.training_runs(families=es.SMOOTH_FAMILIES)  # an optimizer of every re
 def test_group_influences_are_sums_of_per_sample_influences(spec, data, device):
     run = es.train_and_record(spec, device=device)
     per_sample = es.decompose(run, quadrature=SAME_NODES)  # the theorem's own function: one buffer per training sample
-    assert per_sample.units == list(dict.fromkeys(run.trajectory.units()))
+    assert per_sample.units == list(dict.fromkeys(run.trajectory.sample_ids()))
     scale = 1 + float(per_sample.kernel.abs().max())
 
     for kind, (partition, group_of) in partitions(run, data).items():
@@ -109,7 +109,7 @@ def test_partition_that_misses_ids_names_them(kind, device):
         seed=2,
     )
     run = es.train_and_record(spec, device=device)
-    ids = sorted(set(run.trajectory.units()))
+    ids = sorted(set(run.trajectory.sample_ids()))
     missing = [i for i in ids if i >= 9] if kind.startswith("short") else ids[1::3]
     assert missing
     if kind == "short tensor":

@@ -28,7 +28,7 @@ def test_ddp_run_recorded_by_two_ranks_decomposes_exactly(tmp_path):
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     trajectory = em.Trajectory.load(str(tmp_path / "ddp.safetensors"))
     assert trajectory.num_steps == 8
-    assert all(len(step.units) == 6 for step in trajectory.steps)  # 3 ids from each of the 2 ranks
+    assert all(len(step.sample_ids) == 6 for step in trajectory.steps)  # 3 ids from each of the 2 ranks
     assert all(torch.allclose(step.weights, torch.full((6,), 1 / 6, dtype=torch.float64)) for step in trajectory.steps)
     X, Y = data()
     result = em.decompose_adamw_training(model(), trajectory, loss_fn=lambda out, y: F.cross_entropy(out, y),

@@ -107,7 +107,7 @@ def test_every_rule_is_exact_with_groups_schedulers_and_frozen_parameters(rule, 
     result = es.decompose(run, replay_rtol=REPLAY_RTOL)
     assert result.quadrature == em.default_quadrature().describe()
     assert result.kernel_axes == ("step", "param", "test", "unit", "output")
-    assert result.units == run.trajectory.units()
+    assert result.units == run.trajectory.sample_ids()
     assert run.trajectory.optimizer == rule
     check_certificate(run, result, SMOOTH_RTOL)
     check_skipped_parameters(run, result)

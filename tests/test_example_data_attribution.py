@@ -50,12 +50,12 @@ def test_tracin_equals_a_direct_hand_computation():
         theta = trajectory.parameters[t]
         eta = record.hyperparameters[0]["lr"]
         g_test = [_flat_grad(model, theta, X_test[x], Y_test[x]) for x in range(3)]
-        for i, w in zip(record.units, record.weights.tolist()):
+        for i, w in zip(record.sample_ids, record.weights.tolist()):
             g_i = _flat_grad(model, theta, X[i], Y[i])
             for x in range(3):
                 expected[x, i] += eta * w * float(g_test[x] @ g_i)
     assert torch.allclose(scores, expected, rtol=0, atol=SUM_ORDER_TOLERANCE)
-    never_used = sorted(set(range(X.shape[0])) - set(trajectory.units()))
+    never_used = sorted(set(range(X.shape[0])) - set(trajectory.sample_ids()))
     assert (scores[:, never_used] == 0).all()  # in-batch TracIn credits only samples a step used
 
 
@@ -258,7 +258,7 @@ def test_explaind_scores_are_the_decompositions_kernel_influence():
     # h(f) = f_o (Corollary 3.3 i) gives the o-th output's I exactly
     assert torch.allclose(scores, full, rtol=0, atol=SUM_ORDER_TOLERANCE)
     assert influence.relative_residual < SMOOTH_TOLERANCE and full_influence.relative_residual < SMOOTH_TOLERANCE
-    unused = sorted(set(range(40)) - set(trajectory.units()))
+    unused = sorted(set(range(40)) - set(trajectory.sample_ids()))
     assert (scores[:, unused] == 0).all()
 
 

@@ -92,9 +92,9 @@ def test_training_records_every_step_with_its_batch():
     model, trajectory, data_out = run
     assert data_out is run.data and model is run.model
     assert trajectory.num_steps == 7 and len(run.train_losses) == 7 and run.steps_per_epoch == 3
-    sizes = [len(s.units) for s in trajectory.steps]
+    sizes = [len(s.sample_ids) for s in trajectory.steps]
     assert sizes == [40, 40, 16, 40, 40, 16, 40]  # epochs of 96 samples, the short last batch kept
-    epoch = sorted(u for s in trajectory.steps[:3] for u in s.units)
+    epoch = sorted(u for s in trajectory.steps[:3] for u in s.sample_ids)
     assert epoch == list(range(96))  # one epoch visits every training sample once
     assert trajectory.optimizer == "adamw"
     for n, p in model.named_parameters():  # the returned model is θ_N

@@ -89,7 +89,7 @@ def test_full_batch_training_learns_and_records_every_step():
     assert run.history[-1][1] < 0.5 * run.history[0][1]
     assert run.history[-1][2] > run.history[0][2]
     for step in run.trajectory.steps:  # full batch: every step uses every training id with weight 1/|train|
-        assert sorted(step.units) == train.tolist()
+        assert sorted(step.sample_ids) == train.tolist()
         assert torch.allclose(step.weights.double(), torch.full((len(train),), 1 / len(train), dtype=torch.float64))
 
 

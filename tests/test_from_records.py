@@ -116,7 +116,7 @@ def test_from_records_equals_the_recorder(opt_name, device):
     assert rebuilt.parameter_names == recorded.parameter_names
     assert rebuilt.group_of == recorded.group_of
     for a, b in zip(rebuilt.steps, recorded.steps):
-        assert a.units == b.units and torch.equal(a.weights, b.weights)
+        assert a.sample_ids == b.sample_ids and torch.equal(a.weights, b.weights)
         assert a.hyperparameters == b.hyperparameters
     _assert_same_decomposition(_decompose(model, rebuilt, X, Y), _decompose(model, recorded, X, Y))
 
@@ -319,8 +319,8 @@ def test_a_pair_of_scalar_ids_is_a_batch_not_ids_and_weights():
     snaps = [{"w": torch.tensor([1.0, 2.0], dtype=DT)}, {"w": torch.tensor([0.5, 1.0], dtype=DT)}]
     for batch in [(3, 4), (torch.tensor(3), torch.tensor(4)), [3, 4], torch.tensor([3, 4])]:
         traj = em.Trajectory.from_records(optimizer="sgd", parameters=snaps, batches=[batch], hyperparameters=[{"lr": 0.1}])
-        assert traj.steps[0].units == [3, 4] and traj.steps[0].weights.tolist() == [0.5, 0.5]
+        assert traj.steps[0].sample_ids == [3, 4] and traj.steps[0].weights.tolist() == [0.5, 0.5]
     traj = em.Trajectory.from_records(
         optimizer="sgd", parameters=snaps, batches=[(torch.tensor([3, 4]), [0.25, 0.75])], hyperparameters=[{"lr": 0.1}]
     )
-    assert traj.steps[0].units == [3, 4] and traj.steps[0].weights.tolist() == [0.25, 0.75]
+    assert traj.steps[0].sample_ids == [3, 4] and traj.steps[0].weights.tolist() == [0.25, 0.75]

@@ -75,7 +75,7 @@ def test_gradient_accumulation_over_micro_batches(opt_name, device):
         opt.step()
     traj = rec.trajectory()
     step = traj.steps[1]
-    assert step.units == [6, 7, 8, 9, 10, 11]
+    assert step.sample_ids == [6, 7, 8, 9, 10, 11]
     expected = torch.tensor([1 / 6, 1 / 6, 1 / 6 + 1 / 8, 1 / 8, 1 / 8, 1 / 8], dtype=DT)
     assert torch.allclose(step.weights, expected, rtol=0, atol=1e-15)
     _assert_exact(_decompose(model, traj, X, Y, keep=("step", "unit")))
@@ -132,8 +132,8 @@ def test_duplicate_id_in_one_record_batch_is_merged_into_its_weight(device):
         rec.record_batch(torch.tensor(ids) if t else ids)
         opt.step()
     traj = rec.trajectory()
-    assert traj.steps[0].units == [3, 4] and traj.steps[0].weights.tolist() == [2 / 3, 1 / 3]
-    assert traj.steps[1].units == [1] and traj.steps[1].weights.tolist() == [1.0]
+    assert traj.steps[0].sample_ids == [3, 4] and traj.steps[0].weights.tolist() == [2 / 3, 1 / 3]
+    assert traj.steps[1].sample_ids == [1] and traj.steps[1].weights.tolist() == [1.0]
     _assert_exact(_decompose(model, traj, X, Y))
 
 

@@ -59,7 +59,7 @@ def test_adamw_reconstruction_is_exact_on_smooth_models(spec, device):
     assert result.quadrature == em.default_quadrature().describe()
     assert result.theorem == THEOREM
     assert result.kernel_axes == ("step", "param", "test", "unit", "output")
-    assert result.units == run.trajectory.units()
+    assert result.units == run.trajectory.sample_ids()
     check_certificate(run, result, SMOOTH_RTOL)
     # a parameter whose .grad was None at a step was skipped by PyTorch and carries no influence there
     check_skipped_parameters(run, result)

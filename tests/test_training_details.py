@@ -85,7 +85,7 @@ def test_gradient_accumulation_over_micro_batches_is_exact(device):
     X, Y = (t.to(device) for t in data())
     model = model_for(device)
     traj, _ = train(model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1), X, Y, micro=3)
-    assert max(len(s.units) for s in traj.steps) > 6  # units are the union of the micro-batches
+    assert max(len(s.sample_ids) for s in traj.steps) > 6  # units are the union of the micro-batches
     result = em.decompose_adamw_training(model, traj, loss_fn, (X, Y), X[:4])
     assert result.relative_residual <= 1e-9
 
@@ -137,7 +137,7 @@ def test_grad_scaler_float32_loop_with_a_skipped_step(device):
         scaler.step(opt)
         scaler.update()
     traj = recorder.trajectory()
-    assert traj.num_steps == 5 and all(len(s.units) == 6 for s in traj.steps)
+    assert traj.num_steps == 5 and all(len(s.sample_ids) == 6 for s in traj.steps)
     result = em.decompose_adamw_training(model, traj, loss_fn, (X, Y), X[:4], dtype=torch.float64)
     assert result.relative_residual <= 1e-5
 

@@ -295,7 +295,7 @@ def recorded(tmp_path):
 def _steps_readable(directory, steps):
     traj = ShardedTrajectory(directory)
     for t in steps:
-        assert traj.steps[t].units and traj.parameters[t + 1]
+        assert traj.steps[t].sample_ids and traj.parameters[t + 1]
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.999])
@@ -402,7 +402,7 @@ def test_tampered_manifest_found_when_the_shard_is_read(recorded):
         traj.steps[0]
     with pytest.raises(TrajectoryFileError, match=r"steps-00000000-00000002\.safetensors: corrupted"):
         traj.validate()
-    assert traj.steps[5].units  # the other shards are still read
+    assert traj.steps[5].sample_ids  # the other shards are still read
 
 
 def test_not_a_trajectory_directory(tmp_path):
@@ -476,7 +476,7 @@ def test_a_large_directory_is_read_lazily(tmp_path):
     before = _rss_mib()
     traj = em.Trajectory.load(tmp_path)
     traj.check_model(model)
-    assert traj.num_steps == steps and traj.shapes() == {"weight": (side, side)} and len(traj.units()) == 50
+    assert traj.num_steps == steps and traj.shapes() == {"weight": (side, side)} and len(traj.sample_ids()) == 50
     assert traj.shards_read == 0
     assert _rss_mib() - before < 20, "opening a directory must not read its shards"
 

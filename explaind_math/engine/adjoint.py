@@ -165,7 +165,7 @@ def _batch_mode(ctx: DecompositionContext, step, fed: list[str], rows: int) -> s
     """The plan's choice for this step's batch (:meth:`~.plan.ContractionPlan.batch_mode_for_step`): K = X_c · O
     covector rows on the parameter groups the fed tensors fall in."""
     groups = len(set(fed)) if ctx.per_coordinate else len({ctx.row_of_tensor(n) for n in fed})
-    return ctx.plan.batch_mode_for_step(rows, groups, len(step.units))
+    return ctx.plan.batch_mode_for_step(rows, groups, len(step.sample_ids))
 
 
 def _contract_batch_by_jvp(ctx, s: int, theta_s: Params, kappa: Params, coefficients, fed: list[str], scale: float,

@@ -215,7 +215,7 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
     check_test_inputs(test_inputs)
     xs_test, y_test = _test_set(test_inputs, test_labels, dtype, device)
     labels, group_index = parameter_rows(params, names, shapes)
-    units, row_of = unit_rows(trajectory.units(), partition)
+    units, row_of = unit_rows(trajectory.sample_ids(), partition)
     selected = set(range(trajectory.num_steps)) if decompose_steps is None else {int(t) for t in decompose_steps}
     if not selected & set(range(trajectory.num_steps)):
         raise ExplaindError("decompose_steps selects none of the trajectory's steps")

@@ -41,7 +41,7 @@ def _relative_mismatch(ours: Params, theirs: Params) -> float:
 
 
 def _looks_like_positions(trajectory) -> bool:
-    steps = [trajectory.steps[t].units for t in range(min(trajectory.num_steps, 8))]
+    steps = [trajectory.steps[t].sample_ids for t in range(min(trajectory.num_steps, 8))]
     return len(steps) > 1 and all(u == list(range(len(u))) for u in steps)
 
 
@@ -87,7 +87,7 @@ def diagnose_gradient_mismatch(ctx, t: int, summed: Params, recorded: Params,
                                recompute: Callable[[], Params] | None) -> str:
     """The most likely reason why the recorded ``.grad`` is not Σ_i w_i ∇ℓ_i, with its fix."""
     trajectory = ctx.trajectory
-    batch = len(trajectory.steps[t].units)
+    batch = len(trajectory.steps[t].sample_ids)
     if _looks_like_positions(trajectory):
         return ("Most likely cause: the ids are positions within the batch (every step's ids are 0..B-1), not "
                 "dataset ids. Fix: give record_batch the ids of the samples in train_data (e.g. a dataset that "
@@ -129,7 +129,7 @@ def diagnose_replay_mismatch(ctx, t: int, total: Params, delta: Params) -> str:
         return "Most likely cause: " + broken
     c, off = _global_factor(total, delta)
     if off <= 1e3 * ctx.eps_train and abs(c - 1) > 1e3 * ctx.eps_train:
-        return "Most likely cause: " + _factor(c, len(trajectory.steps[t].units), "update")
+        return "Most likely cause: " + _factor(c, len(trajectory.steps[t].sample_ids), "update")
     precise = _precision(_relative_mismatch(total, delta), trajectory.dtype)
     if precise is not None:
         return "Most likely cause: " + precise

@@ -65,9 +65,9 @@ class StepGradients:
 def step_batch(ctx: DecompositionContext, step, step_index: int):
     """The batch of a step as the engine evaluates it: inputs (with their dropout keys), targets, the unit-axis
     row of every sample, and the weights w_{t,i}."""
-    xb, yb = ctx.data.fetch(step.units)
-    xb = ctx.fm.with_dropout_keys(xb, step_index, step.units)  # a dropout run: the masks each sample saw
-    rows = torch.as_tensor([ctx.row_of_sample[u] for u in step.units], dtype=torch.long, device=ctx.device)
+    xb, yb = ctx.data.fetch(step.sample_ids)
+    xb = ctx.fm.with_dropout_keys(xb, step_index, step.sample_ids)  # a dropout run: the masks each sample saw
+    rows = torch.as_tensor([ctx.row_of_sample[u] for u in step.sample_ids], dtype=torch.long, device=ctx.device)
     return xb, yb, rows, step.weights.to(device=ctx.device, dtype=ctx.dtype)
 
 
@@ -97,7 +97,7 @@ def step_gradients(ctx: DecompositionContext, t: int, theta_t: Params) -> StepGr
     """The gradients of step t, with the clip factor c_t recovered when the run rescaled its gradients."""
     step = ctx.trajectory.steps[t]
     chunk, rows = _chunk_function(ctx, theta_t, step, t)
-    slices = chunks(len(step.units), ctx.plan.train_chunk)
+    slices = chunks(len(step.sample_ids), ctx.plan.train_chunk)
     cached = [chunk(slices[0])] if len(slices) == 1 else None
     penalty = penalty_gradient(ctx.penalty, theta_t) if ctx.penalty else None
     scale = 1.0

@@ -71,7 +71,7 @@ def check_training_sample(fm, theta_0, loss_fn, data, trajectory, vectorize: boo
     one sample, loss_fn on its unbatched output and target. A failure names train_data or loss_fn."""
     if trajectory.num_steps == 0:
         return
-    unit = trajectory.steps[0].units[0]
+    unit = trajectory.steps[0].sample_ids[0]
     xb, yb = data.fetch([unit])
     if not isinstance(xb, torch.Tensor):
         return  # named inputs: checked by the engine's own path

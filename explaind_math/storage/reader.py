@@ -154,7 +154,7 @@ class ShardedTrajectory(Trajectory):
     def dtype(self) -> torch.dtype:
         return self._dtypes[self.parameter_names[0]]
 
-    def units(self) -> list[int]:
+    def sample_ids(self) -> list[int]:
         """Every training-sample id used by any step, sorted: read from the shards' JSON headers (a few
         kB each; no tensor is read), once."""
         if self._units is None:
@@ -175,7 +175,7 @@ class ShardedTrajectory(Trajectory):
 
     def largest_batch(self) -> int:
         """The most units any step used (from the shards' headers, like :meth:`units`)."""
-        self.units()
+        self.sample_ids()
         return self._largest_batch
 
     @property
@@ -236,7 +236,7 @@ class ShardedTrajectory(Trajectory):
             return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
         steps = [
-            StepRecord(list(s.units), s.weights.clone(), [dict(h) for h in s.hyperparameters], list(s.updated),
+            StepRecord(list(s.sample_ids), s.weights.clone(), [dict(h) for h in s.hyperparameters], list(s.updated),
                        {n: copy(st) for n, st in s.state.items()},
                        None if s.gradient is None else copy(s.gradient))
             for s in self.steps

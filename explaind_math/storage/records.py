@@ -23,7 +23,7 @@ def encode_step(t: int, step: StepRecord, tensors: dict[str, torch.Tensor]) -> d
         for n, g in step.gradient.items():
             tensors[f"grad/{t}/{n}"] = g
     return {
-        "units": [int(i) for i in step.units],
+        "units": [int(i) for i in step.sample_ids],
         "hyperparameters": step.hyperparameters,
         "updated": list(step.updated),
         "step_counts": counts,

@@ -165,7 +165,7 @@ def assert_trajectories_identical(a, b) -> None:
     assert a.parameter_names == b.parameter_names
     assert a.group_of == b.group_of
     assert a.metadata == b.metadata
-    assert a.shapes() == b.shapes() and a.dtype == b.dtype and a.units() == b.units()
+    assert a.shapes() == b.shapes() and a.dtype == b.dtype and a.sample_ids() == b.sample_ids()
     assert a.buffers.keys() == b.buffers.keys()
     for n in a.buffers:
         tensor(a.buffers[n], b.buffers[n], ("buffer", n))
@@ -177,7 +177,7 @@ def assert_trajectories_identical(a, b) -> None:
     state(a.initial_state, b.initial_state, "initial state")
     assert a.num_steps == b.num_steps
     for t, (x, y) in enumerate(zip(a.steps, b.steps)):
-        assert x.units == y.units, t
+        assert x.sample_ids == y.sample_ids, t
         tensor(x.weights, y.weights, ("weights", t))
         assert x.hyperparameters == y.hyperparameters, t
         assert x.updated == y.updated, t

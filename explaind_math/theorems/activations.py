@@ -89,5 +89,5 @@ def reference_activation(model: nn.Module, trajectory: Trajectory, loss_fn, trai
         return a if select is None else select(a)
 
     eta, T, R = train_features(model, trajectory, loss_fn, train_data, "reference_activation")
-    return decompose_with_features(activation, trajectory, test_inputs, eta, T, R, units=trajectory.units(),
+    return decompose_with_features(activation, trajectory, test_inputs, eta, T, R, units=trajectory.sample_ids(),
                                    nodes=nodes)

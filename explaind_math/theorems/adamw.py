@@ -83,7 +83,7 @@ def reference_adamw(model: nn.Module, trajectory: Trajectory, loss_fn, train_dat
     eta, T, R = adamw_train_features(model, trajectory, loss_fn, train_data)
     f = model_output(model)
     return decompose_with_features(lambda params, x, label: f(params, x), trajectory, test_inputs, eta, T, R,
-                                   units=trajectory.units(), nodes=nodes)
+                                   units=trajectory.sample_ids(), nodes=nodes)
 
 
 def adamw_preconditioner_at(trajectory: Trajectory, t: int) -> torch.Tensor:

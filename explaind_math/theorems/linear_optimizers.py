@@ -155,4 +155,4 @@ def reference_template(model: nn.Module, trajectory: Trajectory, loss_fn, train_
     eta, T, R = template_train_features(model, trajectory, loss_fn, train_data)
     f = model_output(model)
     return decompose_with_features(lambda params, x, label: f(params, x), trajectory, test_inputs, eta, T, R,
-                                   units=trajectory.units(), nodes=nodes)
+                                   units=trajectory.sample_ids(), nodes=nodes)

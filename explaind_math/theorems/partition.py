@@ -64,7 +64,7 @@ def reference_partition(model: nn.Module, trajectory: Trajectory, loss_fn, train
         g = partition(i) if callable(partition) else partition[i]
         return g.item() if isinstance(g, torch.Tensor) else g
 
-    units = trajectory.units()
+    units = trajectory.sample_ids()
     groups = sorted({group_of(i) for i in units}, key=lambda g: (str(type(g)), g))
     T_groups = torch.stack([sum(T[:, u] for u, i in enumerate(units) if group_of(i) == S_k) for S_k in groups], dim=1)
     f = model_output(model)

@@ -63,4 +63,4 @@ def reference_function_of_output(model: nn.Module, trajectory: Trajectory, loss_
     eta, T, R = train_features(model, trajectory, loss_fn, train_data, "reference_function_of_output")
     f = model_output(model)
     return decompose_with_features(lambda params, x, label: h(f(params, x), label), trajectory, test_inputs,
-                                   eta, T, R, units=trajectory.units(), test_labels=test_labels, nodes=nodes)
+                                   eta, T, R, units=trajectory.sample_ids(), test_labels=test_labels, nodes=nodes)

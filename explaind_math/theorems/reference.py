@@ -123,9 +123,9 @@ def model_output(model: torch.nn.Module) -> Callable[[dict, torch.Tensor], torch
 def sample_gradients(model, trajectory: Trajectory, loss_fn, train_data, t: int) -> torch.Tensor:
     """g_{t,i} = w_{t,i} ∇_θ ℓ_i(θ_t) for every unit i of the run (zero rows for i ∉ B_t): (U, D)."""
     f = model_output(model)
-    step, names, units = trajectory.steps[t], trajectory.parameter_names, trajectory.units()
+    step, names, units = trajectory.steps[t], trajectory.parameter_names, trajectory.sample_ids()
     X, Y = train_data
-    ids = torch.as_tensor(step.units, dtype=torch.long)
+    ids = torch.as_tensor(step.sample_ids, dtype=torch.long)
     xs = X[ids].to(torch.float64) if X.is_floating_point() else X[ids]
     ys = Y[ids].to(torch.float64) if Y.is_floating_point() else Y[ids]
 
@@ -133,9 +133,9 @@ def sample_gradients(model, trajectory: Trajectory, loss_fn, train_data, t: int)
         return loss_fn(f(params, x), y).reshape(())
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(theta(trajectory, t), xs, ys)
-    g = torch.cat([per_sample[n].reshape(len(step.units), -1) for n in names], dim=1)
+    g = torch.cat([per_sample[n].reshape(len(step.sample_ids), -1) for n in names], dim=1)
     g = step.weights.to(torch.float64).unsqueeze(1) * g
-    rows = torch.as_tensor([units.index(i) for i in step.units], dtype=torch.long)
+    rows = torch.as_tensor([units.index(i) for i in step.sample_ids], dtype=torch.long)
     return torch.zeros(len(units), g.shape[1], dtype=torch.float64).index_add(0, rows, g)
 
 

@@ -69,7 +69,7 @@ def reference_sgd_momentum(model: nn.Module, trajectory: Trajectory, loss_fn, tr
     eta, T, R = sgd_train_features(model, trajectory, loss_fn, train_data)
     f = model_output(model)
     return decompose_with_features(lambda params, x, label: f(params, x), trajectory, test_inputs, eta, T, R,
-                                   units=trajectory.units(), nodes=nodes)
+                                   units=trajectory.sample_ids(), nodes=nodes)
 
 
 def sgd_train_features(model: nn.Module, trajectory: Trajectory, loss_fn, train_data):

@@ -51,7 +51,7 @@ def recorded_schedule(trajectory: Trajectory) -> Schedule:
             raise ExplaindError(
                 f"step {t} of the recorded run is not a mean-reduced batch loss (weights {w.tolist()[:4]}…)"
             )
-        steps.append(ScheduledStep(torch.as_tensor(record.units, dtype=torch.long)))
+        steps.append(ScheduledStep(torch.as_tensor(record.sample_ids, dtype=torch.long)))
     return steps
 
 

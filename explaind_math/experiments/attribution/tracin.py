@@ -58,7 +58,7 @@ def tracin_scores(
     y_test = torch.as_tensor(test_labels)
     for t, record in enumerate(trajectory.steps):
         theta_t = _theta(trajectory, t, dtype)
-        ids = torch.as_tensor(record.units, dtype=torch.long)
+        ids = torch.as_tensor(record.sample_ids, dtype=torch.long)
         weights = torch.as_tensor(record.weights, dtype=dtype)
         g_train = per_sample_gradients(model, theta_t, loss_fn, cast_floating(X[ids], dtype), Y[ids], chunk_size=chunk_size)
         g_test = per_sample_gradients(model, theta_t, loss_fn, x_test, y_test, chunk_size=chunk_size)
