@@ -205,7 +205,8 @@ def test_frozen_parameter_edited_between_steps_is_refused():
     _refused(model, opt, rec, X, Y, 1, RecordingError, r"step 1: frozen parameter '2.bias' .* changed", edit)
 
 
-def test_frozen_parameter_edited_after_training_is_refused_by_the_decomposition():
+def _frozen_bias_run():
+    """Two recorded AdamW steps of the MLP with its last bias frozen (outside the optimizer)."""
     X, Y = _data()
     model = _mlp()
     model[2].bias.requires_grad_(False)
@@ -213,7 +214,11 @@ def test_frozen_parameter_edited_after_training_is_refused_by_the_decomposition(
     rec = em.TrajectoryRecorder(model, opt)
     for t in range(2):
         _step(model, opt, rec, X, Y, t)
-    traj = rec.trajectory()
+    return model, rec.trajectory(), X, Y
+
+
+def test_frozen_parameter_edited_after_training_is_refused_by_the_decomposition():
+    model, traj, X, Y = _frozen_bias_run()
     _assert_exact(_decompose(model, traj, X, Y))  # untouched: exact, f(θ_0) with the recorded value
     with torch.no_grad():
         model[2].bias.add_(0.5)
@@ -585,14 +590,7 @@ class _Wrapper(nn.Module):
 
 
 def test_frozen_parameter_is_checked_through_a_wrapper_prefix_too():
-    X, Y = _data()
-    model = _mlp()
-    model[2].bias.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    rec = em.TrajectoryRecorder(model, opt)
-    for t in range(2):
-        _step(model, opt, rec, X, Y, t)
-    traj = rec.trajectory()
+    model, traj, X, Y = _frozen_bias_run()
     _assert_exact(_decompose(_Wrapper(model), traj, X, Y))
     with torch.no_grad():
         model[2].bias.add_(0.5)
