@@ -93,14 +93,18 @@ THEOREMS: tuple[Theorem, ...] = (
     Theorem(
         key="path_identity",
         title="§1 path identity f(θ_{t+1}) − f(θ_t) = Φ_t Δθ_t, and its quadrature (fixed, bisection, "
-              "hp-adaptive by JVP probes)",
-        section="§1, §13", rules=ALL_RULES, functions=("gauss_legendre", "midpoint", "adaptive", "adaptive_gauss_legendre"),
+              "hp-adaptive by JVP probes; §13 piecewise-smooth between the kinks, the default)",
+        section="§1, §13", rules=ALL_RULES,
+        functions=("default_quadrature", "piecewise_gauss_legendre", "gauss_legendre", "midpoint", "adaptive",
+                   "adaptive_gauss_legendre"),
         reference=None, reference_note="Φ_t by jacrev at Gauss–Legendre nodes is part of every reference",
         property_tests=("tests/test_deep_linear_exactness.py::test_deep_linear_is_exact_with_ceil_half_L_nodes",
                         "tests/test_relu_models.py::test_relu_mlp_with_adaptive_quadrature",
-                        "tests/test_adaptive_quadrature.py::test_every_step_meets_the_tolerance"),
+                        "tests/test_adaptive_quadrature.py::test_every_step_meets_the_tolerance",
+                        "tests/test_piecewise_quadrature.py::test_default_quadrature_is_exact_on_relu_mlps",
+                        "tests/test_piecewise_quadrature.py::test_default_quadrature_is_exact_on_piecewise_smooth_models"),
         proof_checks=("proofs_checks/check_path_identity.py", "proofs_checks/check_quadrature.py"),
-        examples=("benchmarks/bench_core.py", "examples/table1_revisited.py"),
+        examples=("benchmarks/bench_core.py", "examples/table1_revisited.py", "benchmarks/relu_fidelity.py"),
         verify_rows=("path_identity", "quadrature")),
     Theorem(
         key="contraction",
