@@ -221,8 +221,9 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="--mnist: where the trajectory is written (a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--one")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: up to 2)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     if args.one:
         print(json.dumps(peak_worker(json.loads(args.one))))
         return

@@ -168,6 +168,7 @@ class TrajectoryRecorder:
         self._steps: list[StepRecord] = []
         self._initial_state: dict[str, dict] = {}
         self._pending: dict[int, float] = {}
+        self._calls: list[list[int]] = []  # the distinct ids of each record_batch call of the pending step
         self._current: dict | None = None
         self._count = 0  # steps recorded, including those found on disk when resuming
         self._last_theta: dict[str, torch.Tensor] | None = None  # θ_t, to catch changes between steps
@@ -203,12 +204,13 @@ class TrajectoryRecorder:
         """
         if self._current is not None:
             # the last optimizer.step() passed our checks but raised inside torch: drop its batch
-            self._current, self._pending = None, {}
+            self._current = None
+            self._forget_pending()
         if self.grad_scaler is not None:
             scale = float(self.grad_scaler.get_scale())
             if self._pending and self._scale_at_batch is not None and scale < self._scale_at_batch:
                 # GradScaler.update() lowered the scale: the step of the pending batch was skipped
-                self._pending = {}
+                self._forget_pending()
             self._scale_at_batch = scale
         ids = batch_ids(ids)
         self._probe_rows = len(ids)
@@ -218,6 +220,11 @@ class TrajectoryRecorder:
         w = batch_weights(ids, weights, reduction)
         for i, wi in zip(ids, w.tolist()):  # a repeated id (sampling with replacement): its weights add up
             self._pending[i] = self._pending.get(i, 0.0) + wi
+        self._calls.append(sorted(set(ids)))
+
+    def _forget_pending(self) -> None:
+        """Drop the batch declared for the next step (its ids, weights and record_batch calls)."""
+        self._pending, self._calls = {}, []
 
     def trajectory(self, metadata: dict | None = None) -> Trajectory:
         """The steps recorded so far (θ_0 … θ_N and N step records).
@@ -387,7 +394,7 @@ class TrajectoryRecorder:
         except Exception:
             # a refused step consumes the batch declared for it: the user records it again (or the next
             # batch) before stepping, instead of having stale ids merged into the next step's units
-            self._pending = {}
+            self._forget_pending()
             raise
 
     def _check_and_prepare(self, optimizer, args, kwargs) -> None:
@@ -445,12 +452,13 @@ class TrajectoryRecorder:
         ids = sorted(self._pending)
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
         self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
-                         "gradient": gradient if self.record_gradients else None}
+                         "gradient": gradient if self.record_gradients else None,
+                         "calls": [list(c) for c in self._calls] if len(self._calls) > 1 else None}
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         t = self._count
         current, self._current = self._current, None
-        self._pending = {}
+        self._forget_pending()
         theta = self._snapshot()
         for n, v in theta.items():
             if not all_finite(v):
@@ -475,7 +483,7 @@ class TrajectoryRecorder:
                     )
             state[n] = entry
         record = StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
-                            current["gradient"])
+                            current["gradient"], current["calls"])
         self._watch.after_step(t)
         self._count += 1
         self._last_theta = theta

@@ -33,6 +33,9 @@ class StepRecord:
     moment update, no step count). ``state[name]`` holds the optimizer state after the step that the
     rule reads (``step`` as an int, tensors such as ``exp_avg_sq``). ``gradient[name]`` is the
     ``.grad`` seen by ``optimizer.step()``, when recorded, used to diagnose replay mismatches.
+    ``batch_calls``: when the step's batch was declared by several ``record_batch`` calls (gradient
+    accumulation), the distinct ids of each call in order (None for one call); used to diagnose a step
+    that optimizer.step() never ran for (a GradScaler skip) merged into the next one.
     """
 
     sample_ids: list[int]
@@ -41,6 +44,7 @@ class StepRecord:
     updated: list[str]
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
     gradient: dict[str, torch.Tensor] | None = None
+    batch_calls: list[list[int]] | None = None
 
 
 class Trajectory:

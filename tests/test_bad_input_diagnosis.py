@@ -286,3 +286,66 @@ def test_zeroed_first_moment_on_resume_is_named_as_optimizer_state(tmp_path):
     with pytest.raises(ReplayMismatchError, match=r"step 3.*Most likely cause: the optimizer state .* not restored "
                                                   r"when recording resumed"):
         em.decompose_adamw_training(model, em.Trajectory.load(tmp_path), F.cross_entropy, (X, Y), X[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# a GradScaler skip without grad_scaler=: the skipped batch is merged into the next step
+
+
+def _grad_scaler_loop_without_telling_the_recorder(tmp_path=None, **recorder):
+    X, Y = _data()
+    X32 = X.float()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    rec = em.TrajectoryRecorder(model, opt, **recorder)
+    for t in range(4):
+        ids = torch.arange(5 * t, 5 * t + 5)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X32[ids]), Y[ids])
+        if t == 1:
+            loss = loss * float("inf")  # the scaler skips optimizer.step() for this batch
+        scaler.scale(loss).backward()
+        rec.record_batch(ids)
+        scaler.step(opt)
+        scaler.update()
+    return model, rec.trajectory(), X32, Y
+
+
+def test_a_grad_scaler_skip_without_grad_scaler_is_named(tmp_path):
+    model, traj, X, Y = _grad_scaler_loop_without_telling_the_recorder()
+    assert traj.num_steps == 3 and traj.steps[1].batch_calls == [list(range(5, 10)), list(range(10, 15))]
+    assert traj.steps[0].batch_calls is None and traj.steps[2].batch_calls is None
+    # the record_batch calls survive both file forms
+    for loaded in (em.Trajectory.load(traj.save(tmp_path / "run.safetensors")),
+                   traj.save_directory(tmp_path / "run", steps_per_shard=2)):
+        assert [s.batch_calls for s in loaded.steps] == [s.batch_calls for s in traj.steps]
+    with pytest.raises(ExplaindError, match=r"(?s)2 record_batch calls.*last call's 5 samples alone.*GradScaler "
+                                            r"skips.*grad_scaler=scaler"):
+        em.decompose_adamw_training(model, traj, F.cross_entropy, (X, Y), X[:3], keep=("step",), dtype=DT)
+
+
+def test_a_grad_scaler_skip_without_recorded_gradients_is_named_as_likely():
+    model, traj, X, Y = _grad_scaler_loop_without_telling_the_recorder(record_gradients=False)
+    with pytest.raises(ReplayMismatchError, match=r"(?s)step 1.*2 record_batch calls.*GradScaler.*grad_scaler=scaler"):
+        em.decompose_adamw_training(model, traj, F.cross_entropy, (X, Y), X[:3], keep=("step",), dtype=DT)
+
+
+def test_gradient_accumulation_over_two_calls_stays_exact():
+    """Two record_batch calls that one optimizer.step() follows are accumulation, not a skip: exact."""
+    X, Y = _data()
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = em.TrajectoryRecorder(model, opt)
+    for t in range(3):
+        opt.zero_grad()
+        for half in range(2):
+            ids = torch.arange(6 * t + 3 * half, 6 * t + 3 * half + 3)
+            (F.cross_entropy(model(X[ids]), Y[ids]) / 2).backward()
+            rec.record_batch(ids, torch.full((3,), 1 / 6, dtype=DT))
+        opt.step()
+    traj = rec.trajectory()
+    assert all(len(s.batch_calls) == 2 for s in traj.steps)
+    result = _decompose(model, traj, X, Y)
+    assert result.relative_residual <= 1e-9  # the default rule's certified tolerance

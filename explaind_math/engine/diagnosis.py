@@ -2,6 +2,8 @@
 causes are compared before raising, and the most likely one is named with its fix:
 
 * ids that are positions within the batch, not dataset ids;
+* a step declared by several ``record_batch`` calls whose gradient is the last call's alone: optimizer.step()
+  did not run after the earlier calls (a GradScaler skips it on inf/NaN gradients), so their ids were merged;
 * one global factor (clipping by norm, a loss scale, a sum recorded as a mean, a learning rate not the recorded one);
 * precision: the mismatch against the rounding of the training dtype;
 * randomness: the per-sample gradients recomputed once differ from the first evaluation;
@@ -83,15 +85,41 @@ def _where_it_started(t: int) -> str:
             "Fix: keep everything but θ fixed during training")
 
 
+SKIPPED_STEP_FIX = ("Fix: TrajectoryRecorder(..., grad_scaler=scaler) drops the batch of a step the scaler skips; "
+                    "without a GradScaler, call recorder.record_batch only for batches that optimizer.step() follows")
+
+
+def _merged_skipped_step(step, last_call_sum: Callable[[], Params | None] | None, recorded: Params,
+                         eps: float) -> str | None:
+    """The recorded gradient is the last record_batch call's alone (up to rounding): the earlier calls' step
+    never ran (a GradScaler skip), and their ids were merged into this step."""
+    calls = step.batch_calls
+    if not calls or len(calls) < 2 or last_call_sum is None:
+        return None
+    partial = last_call_sum()
+    if partial is None or _relative_mismatch(partial, recorded) > 1e3 * eps:
+        return None
+    earlier = sum(len(c) for c in calls[:-1])
+    return (f"the step's batch was declared by {len(calls)} record_batch calls, but the recorded gradient is the "
+            f"last call's {len(calls[-1])} samples alone: optimizer.step() did not run after the earlier calls "
+            f"({earlier} ids), as when a GradScaler skips a step whose gradients hold inf/NaN, so their ids were "
+            f"merged into this step. " + SKIPPED_STEP_FIX)
+
+
 def diagnose_gradient_mismatch(ctx, t: int, summed: Params, recorded: Params,
-                               recompute: Callable[[], Params] | None) -> str:
-    """The most likely reason why the recorded ``.grad`` is not Σ_i w_i ∇ℓ_i, with its fix."""
+                               recompute: Callable[[], Params] | None,
+                               last_call_sum: Callable[[], Params | None] | None = None) -> str:
+    """The most likely reason why the recorded ``.grad`` is not Σ_i w_i ∇ℓ_i, with its fix. ``last_call_sum``
+    gives Σ_i w_i ∇ℓ_i over the ids of the step's last record_batch call (several calls only)."""
     trajectory = ctx.trajectory
     batch = len(trajectory.steps[t].sample_ids)
     if _looks_like_positions(trajectory):
         return ("Most likely cause: the ids are positions within the batch (every step's ids are 0..B-1), not "
                 "dataset ids. Fix: give record_batch the ids of the samples in train_data (e.g. a dataset that "
                 "returns (id, x, y))")
+    merged = _merged_skipped_step(trajectory.steps[t], last_call_sum, recorded, ctx.eps_train)
+    if merged is not None:
+        return "Most likely cause: " + merged
     c, off = _global_factor(summed, recorded)
     if off <= 1e3 * ctx.eps_train and abs(c - 1) > 1e3 * ctx.eps_train:
         return "Most likely cause: " + _factor(c, batch, "gradient")
@@ -133,6 +161,12 @@ def diagnose_replay_mismatch(ctx, t: int, total: Params, delta: Params) -> str:
     precise = _precision(_relative_mismatch(total, delta), trajectory.dtype)
     if precise is not None:
         return "Most likely cause: " + precise
+    calls = trajectory.steps[t].batch_calls
+    if trajectory.steps[t].gradient is None and calls and len(calls) > 1:
+        return (f"Likely cause: the step's batch was declared by {len(calls)} record_batch calls; if optimizer.step() "
+                "did not run after the earlier ones (a GradScaler skips a step whose gradients hold inf/NaN), their "
+                "ids were merged into this step. " + SKIPPED_STEP_FIX + ". Otherwise: " + _where_it_started(t)
+                + ". (Recording with record_gradients=True lets the gradient-sum check tell these apart)")
     if trajectory.steps[t].gradient is None:
         return ("Most likely cause: " + _where_it_started(t) + ". (Recording with record_gradients=True lets the "
                 "gradient-sum check tell a loss that is not the recorded one from a changed optimizer state)")

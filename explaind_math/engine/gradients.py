@@ -134,5 +134,22 @@ def _diagnose(ctx: DecompositionContext, t: int, gradients: StepGradients) -> st
             pass
         return with_penalties(again)
 
-    return diagnose_gradient_mismatch(ctx, t, with_penalties(gradients), ctx.trajectory.steps[t].gradient, recompute)
+    def last_call_sum() -> Params | None:
+        """Σ_i w_i ∇ℓ_i (+ c_t ∇R) over the ids of the step's last record_batch call (per-sample rows only)."""
+        step = ctx.trajectory.steps[t]
+        wanted = set(step.batch_calls[-1])
+        again = step_gradients(ctx, t, ctx.theta(t))
+        if ctx.grouped_units and ctx.vectorize:
+            return None  # rows are partition groups there, not samples
+        keep = torch.tensor([u in wanted for u in step.sample_ids], device=ctx.device)
+        total: Params = {}
+        for sl, (_, g) in zip(again._slices, again.chunks()):
+            mask = keep[sl]
+            for n, v in g.items():
+                part = v[mask].sum(0)
+                total[n] = part if n not in total else total[n] + part
+        return {n: with_penalty(total, again.penalty, n) for n in total}
+
+    return diagnose_gradient_mismatch(ctx, t, with_penalties(gradients), ctx.trajectory.steps[t].gradient, recompute,
+                                      last_call_sum)
 

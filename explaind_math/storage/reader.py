@@ -238,7 +238,8 @@ class ShardedTrajectory(Trajectory):
         steps = [
             StepRecord(list(s.sample_ids), s.weights.clone(), [dict(h) for h in s.hyperparameters], list(s.updated),
                        {n: copy(st) for n, st in s.state.items()},
-                       None if s.gradient is None else copy(s.gradient))
+                       None if s.gradient is None else copy(s.gradient),
+                       None if s.batch_calls is None else [list(c) for c in s.batch_calls])
             for s in self.steps
         ]
         return Trajectory(

@@ -22,7 +22,7 @@ def encode_step(t: int, step: StepRecord, tensors: dict[str, torch.Tensor]) -> d
     if has_gradient:
         for n, g in step.gradient.items():
             tensors[f"grad/{t}/{n}"] = g
-    return {
+    encoded = {
         "units": [int(i) for i in step.sample_ids],
         "hyperparameters": step.hyperparameters,
         "updated": list(step.updated),
@@ -30,6 +30,9 @@ def encode_step(t: int, step: StepRecord, tensors: dict[str, torch.Tensor]) -> d
         "state_keys": keys,
         "gradient": sorted(step.gradient) if has_gradient else None,
     }
+    if step.batch_calls is not None:  # only for several record_batch calls (older files have no key)
+        encoded["batch_calls"] = [[int(i) for i in call] for call in step.batch_calls]
+    return encoded
 
 
 def decode_step(t: int, s: Mapping[str, Any], get) -> StepRecord:
@@ -41,6 +44,7 @@ def decode_step(t: int, s: Mapping[str, Any], get) -> StepRecord:
     return StepRecord(
         [int(i) for i in s["units"]], get(f"weights/{t}"), s["hyperparameters"],
         list(s["updated"]), state, gradient,
+        None if s.get("batch_calls") is None else [[int(i) for i in call] for call in s["batch_calls"]],
     )
 
 
