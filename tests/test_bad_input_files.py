@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+import warnings
 
 import pytest
 import safetensors.torch
@@ -19,7 +20,7 @@ import explaind_math as em
 from explaind_math.errors import TrajectoryFileError
 from explaind_math.storage import ShardedTrajectory, recover_trajectory_directory
 from explaind_math.storage.integrity import field_checksums
-from explaind_math.storage.recovery import SET_ASIDE_NAME, RecoveryWarning
+from explaind_math.storage.recovery import SET_ASIDE_NAME, RecoveryWarning, UnlistedShardWarning
 from explaind_math.storage.single_file import FORMAT_VERSION
 from explaind_math.testing.sharded_runs import assert_trajectories_identical, record
 
@@ -280,3 +281,19 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(seed, steps_per
     _, resumed, _, _ = record("adamw", steps, directory, steps_per_shard=steps_per_shard, resume=True,
                               background=background)
     assert_trajectories_identical(reference, resumed)
+
+
+def test_a_manifest_edited_to_drop_the_last_shard_warns_when_opened(directory, reference):
+    """A manifest edited consistently (step count and shard list) to drop the last shard, that shard still
+    on disk: opening warns that an unlisted shard continues the run; recovery adopts it, and the run is whole."""
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(num_steps=4, shards=manifest["shards"][:2])
+    path.write_text(json.dumps(manifest))
+    with pytest.warns(UnlistedShardWarning, match=r"lists 4 steps, but steps-00000004-00000006\.safetensors "
+                                                  r"continues them .*recover_trajectory_directory"):
+        assert ShardedTrajectory(directory).num_steps == 4
+    assert recover_trajectory_directory(directory) == STEPS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnlistedShardWarning)  # whole again: no warning
+        _same_steps(reference[1], ShardedTrajectory(directory), STEPS)

@@ -31,7 +31,8 @@ from ..trajectory import Trajectory, register_files
 from .format import file_crc32
 from .manifest import DIRECTORY_FORMAT, DIRECTORY_VERSION, MANIFEST_NAME
 from .reader import ShardedTrajectory
-from .recovery import recover_trajectory_directory, truncate_trajectory_directory
+from .recovery import (RecoveryWarning, UnlistedShardWarning, recover_trajectory_directory,
+                       truncate_trajectory_directory)
 from .single_file import FORMAT_NAME, FORMAT_VERSION, load_file, save_file
 from .writer import TrajectoryShardWriter, write_directory
 
@@ -50,6 +51,8 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "RecoveryWarning",
+    "UnlistedShardWarning",
 ]
 
 

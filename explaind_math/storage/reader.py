@@ -18,6 +18,7 @@ from ..trajectory import StepRecord, Trajectory, check_model_matches, check_snap
 from .format import dtype_from_name
 from .manifest import MANIFEST_NAME, read_initial, read_manifest, shard_name
 from .records import decode_state
+from .recovery import warn_unlisted_continuation
 from .shard import Shard, read_shard_header
 
 __all__ = ["ShardedTrajectory"]
@@ -95,6 +96,7 @@ class ShardedTrajectory(Trajectory):
         self.verify_checksums = verify_checksums
         manifest = read_manifest(self.directory)
         self._manifest = manifest
+        warn_unlisted_continuation(self.directory, manifest)
         self.optimizer = manifest["optimizer"]
         self.parameter_names = list(manifest["parameter_names"])
         self.group_of = {n: int(g) for n, g in manifest["group_of"].items()}

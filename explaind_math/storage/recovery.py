@@ -111,6 +111,27 @@ def recover_locked(directory: Path) -> dict | None:
     return manifest
 
 
+class UnlistedShardWarning(UserWarning):
+    """A directory holds a shard that continues the steps its manifest lists but is not listed (a crash
+    between writing the shard and listing it, or a manifest edited to drop it): the run reads shorter."""
+
+
+def warn_unlisted_continuation(directory: Path, manifest: dict) -> None:
+    """Warn when a shard of the manifest's generation starts at its last step but is not listed (reads only
+    file names and that shard's header)."""
+    _, shards = _scan(directory)
+    n = manifest["num_steps"]
+    listed = {(first, stop) for first, stop, _, _ in manifest["shards"]}
+    for key, path in sorted(shards.items()):
+        if key[0] == n and key not in listed and _generation(path) == manifest["generation"]:
+            warnings.warn(
+                f"{directory}: {MANIFEST_NAME} lists {n} steps, but {path.name} continues them (steps {key[0]}.."
+                f"{key[1] - 1}) and is not listed: a crash between writing it and listing it, or a manifest edited "
+                f"to drop it. This reads as a {n}-step run; recover_trajectory_directory({str(directory)!r}) "
+                "checks the shard and adopts it", UnlistedShardWarning, stacklevel=3)
+            return
+
+
 def _generation(path: Path) -> int | None:
     """A shard's generation from its header alone; None when the header cannot be read."""
     try:
