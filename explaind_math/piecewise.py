@@ -163,9 +163,10 @@ def _brackets(samples) -> list[tuple[int, int, float, float, float, float]]:
 
 
 def _refine_roots(kink_probe: KinkProbe, brackets, eps: float, iterations: int = 60):
-    """Each bracket's root to rounding: Newton from the better end, bisection where Newton leaves the bracket;
+    """Each bracket's root to rounding: Newton from the secant point, bisection where Newton leaves the bracket;
     all brackets evaluated in one call per iteration. A root is done when |z| ≤ 8 ε |z|_ends, the bracket is
-    ≤ 16 ε wide, or the Newton step is ≤ 4 ε (ε of the computation: θ_t + α Δθ_t resolves α no finer).
+    ≤ 16 ε wide, the Newton step is ≤ 4 ε (ε of the computation: θ_t + α Δθ_t resolves α no finer), or a
+    Newton step below √ε fails to halve the previous one (z has reached its rounding noise).
     Returns (input, α*, gate at α*, |z| scale)."""
     lo = torch.tensor([b[2] for b in brackets], dtype=torch.float64)
     hi = torch.tensor([b[3] for b in brackets], dtype=torch.float64)
@@ -173,9 +174,14 @@ def _refine_roots(kink_probe: KinkProbe, brackets, eps: float, iterations: int =
     scale = torch.maximum(zlo.abs(), torch.tensor([abs(b[5]) for b in brackets], dtype=torch.float64))
     index = torch.tensor([b[1] for b in brackets])
     inputs = [b[0] for b in brackets]
-    c = 0.5 * (lo + hi)
+    zhi = torch.tensor([b[5] for b in brackets], dtype=torch.float64)
+    # start at the secant (regula falsi) point: exact at once for a switching function linear in α (a first
+    # layer's pre-activation), and a close start for Newton otherwise; kept strictly inside the bracket
+    c = lo + (hi - lo) * zlo / (zlo - zhi)
+    c = torch.where((c > lo) & (c < hi), c, 0.5 * (lo + hi))
     gate = torch.zeros_like(c)
     active = torch.ones_like(c, dtype=torch.bool)
+    last_step = torch.full_like(c, float("inf"))  # the size of each bracket's last Newton step
     for _ in range(iterations):
         rows = torch.nonzero(active).reshape(-1).tolist()
         if not rows:
@@ -193,7 +199,13 @@ def _refine_roots(kink_probe: KinkProbe, brackets, eps: float, iterations: int =
         newton = c[r] - zc / dzc.where(dzc != 0, torch.full_like(dzc, float("inf")))
         inside = (newton > lo[r]) & (newton < hi[r])
         step = torch.where(inside, newton, 0.5 * (lo[r] + hi[r]))
-        done = (zc.abs() <= 8 * eps * scale[r]) | ((hi[r] - lo[r]) <= 16 * eps) | ((step - c[r]).abs() <= 4 * eps)
+        size = (newton - c[r]).abs()
+        # Newton converges quadratically until z reaches its rounding noise (set by the magnitude of the terms
+        # z is summed from, not by z at the ends); a Newton step that no longer halves is that floor: done
+        stalled = inside & (size <= eps ** 0.5) & (size > 0.5 * last_step[r])
+        done = ((zc.abs() <= 8 * eps * scale[r]) | ((hi[r] - lo[r]) <= 16 * eps) | ((step - c[r]).abs() <= 4 * eps)
+                | stalled)
+        last_step[r] = torch.where(inside, size, torch.full_like(size, float("inf")))
         c[r] = torch.where(done, c[r], step)
         active[r] = ~done
     return [(inputs[k], float(c[k]), float(gate[k]), float(scale[k])) for k in range(len(brackets))], iterations
@@ -247,6 +259,7 @@ class _Piece:
     depth: int = 0
     order: int = 0
     previous: tuple | None = None  # (pairs, residual ok, value along v) of the last order tried
+    last_residual: float = float("inf")  # that order's certified residual
 
 
 def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: torch.Tensor, f_b: torch.Tensor,
@@ -269,11 +282,15 @@ def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: tor
     out = StepNodes([[] for _ in range(X)], breakpoints)
     rules = [gauss_legendre(n) for n in rule.orders]
     while pieces:
-        pairs = [rules[p.order].on_interval(p.a, p.b) for p in pieces]
-        flat = [(p.x, alpha) for p, ps in zip(pieces, pairs) for alpha, _ in ps]
+        # ORDERS_PER_ROUND consecutive orders of every piece in one probe call: a piece's acceptance needs
+        # two orders, so one round often settles it (the calls, not the pairs, dominate the cost)
+        tried = [[(k, rules[k].on_interval(p.a, p.b)) for k in range(p.order, min(p.order + ORDERS_PER_ROUND,
+                                                                                  _last_order(p, rules) + 1))]
+                 for p in pieces]
+        flat = [(p.x, alpha) for p, orders in zip(pieces, tried) for _, ps in orders for alpha, _ in ps]
         values = probe([a for _, a in flat], [x for x, _ in flat])
         out.probe_evaluations += len(flat)
-        pieces = _advance(rule, rules, pieces, pairs, values, scale, eps, out, target_at, find_inside)
+        pieces = _advance(rule, rules, pieces, tried, values, scale, eps, out, target_at, find_inside)
     for ps in out.pairs:
         ps.sort()
     return out
@@ -281,6 +298,9 @@ def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: tor
 
 #: the orders tried on a piece that holds breakpoints before it is split at one (GL(1) … GL(4) here)
 ORDERS_ACROSS_KINKS = 4
+
+#: consecutive orders of a piece evaluated in one probe call
+ORDERS_PER_ROUND = 2
 
 
 def _judge(rule, p: _Piece, ps, part, scale, eps) -> tuple[bool, bool, torch.Tensor, float]:
@@ -298,22 +318,37 @@ def _judge(rule, p: _Piece, ps, part, scale, eps) -> tuple[bool, bool, torch.Ten
     return ok, agree, integral[1], residual
 
 
-def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, target_at, find_inside=None) -> list:
-    """One round: every piece's residual at its current order; accept, raise the order, or split."""
+def _last_order(p: _Piece, rules) -> int:
+    """The highest order index a piece may try: up to ORDERS_ACROSS_KINKS while it holds breakpoints."""
+    return (min(len(rules), ORDERS_ACROSS_KINKS) if p.inner else len(rules)) - 1
+
+
+def _advance(rule, rules, pieces, tried, values, scale, eps, out: StepNodes, target_at, find_inside=None) -> list:
+    """One round: every piece's residual at the orders it tried; accept, raise the order, or split."""
     following, to_split, k = [], [], 0
-    for p, ps in zip(pieces, pairs):
-        part = values[k:k + len(ps)]
-        k += len(ps)
-        ok, agree, along_v, residual = _judge(rule, p, ps, part, scale, eps)
-        if not math.isfinite(residual):  # NaN/Inf on the segment: no refinement helps; the contraction
-            out.pairs[p.x].extend(ps)    # then raises NonFiniteError naming the node
-            out.over_tolerance.append((p.x, p.a, p.b, residual))
+    for p, orders in zip(pieces, tried):
+        accepted, finite = False, True
+        for index, ps in orders:
+            part = values[k:k + len(ps)]
+            k += len(ps)
+            if accepted or not finite:
+                continue
+            ok, agree, along_v, residual = _judge(rule, p, ps, part, scale, eps)
+            if not math.isfinite(residual):  # NaN/Inf on the segment: no refinement helps; the contraction
+                out.pairs[p.x].extend(ps)    # then raises NonFiniteError naming the node
+                out.over_tolerance.append((p.x, p.a, p.b, residual))
+                finite = False
+                continue
+            if p.previous is not None and ok and p.previous[1] and agree:
+                out.pairs[p.x].extend(p.previous[0])  # order n_{k-1}: its error is estimated by n_k
+                accepted = True
+                continue
+            p.previous, p.order = (ps, ok, along_v), index + 1
+            p.last_residual = residual
+        if accepted or not finite:
             continue
-        last = p.order + 1 >= (min(len(rules), ORDERS_ACROSS_KINKS) if p.inner else len(rules))
-        if p.previous is not None and ok and p.previous[1] and agree:
-            out.pairs[p.x].extend(p.previous[0])  # order n_{k-1}: its error is estimated by n_k
-        elif not last:
-            p.previous, p.order = (ps, ok, along_v), p.order + 1
+        ps, ok = p.previous[0], p.previous[1]
+        if p.order <= _last_order(p, rules):
             following.append(p)
         elif p.inner or (not ok and p.depth < rule.max_depth):
             if not p.inner and not p.searched and find_inside is not None:
@@ -323,7 +358,7 @@ def _advance(rule, rules, pieces, pairs, values, scale, eps, out: StepNodes, tar
         else:
             out.pairs[p.x].extend(ps)
             if not ok:
-                out.over_tolerance.append((p.x, p.a, p.b, residual))
+                out.over_tolerance.append((p.x, p.a, p.b, p.last_residual))
     if to_split:
         cuts = [p.inner[len(p.inner) // 2] if p.inner else 0.5 * (p.a + p.b) for p in to_split]
         f_cut = target_at(cuts, [p.x for p in to_split])

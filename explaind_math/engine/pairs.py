@@ -114,9 +114,13 @@ def probe_values(ctx: DecompositionContext, seg, alphas, inputs, tangents: Param
         def over_pairs(m):
             return vmap(ctx.fm.target)({**fixed, **m}, xs, ys)
 
-        values = [jvp(over_pairs, (moving,), ({n: tangents[n][k].expand_as(v) for n, v in moving.items()},))[1]
-                  for k in range(K)]
-        parts.append(torch.stack(values, dim=1).detach())
+        def along(tangent: Params) -> torch.Tensor:
+            return jvp(over_pairs, (moving,), ({n: tangent[n].expand_as(v) for n, v in moving.items()},))[1]
+
+        # the K tangents in one vmapped JVP: one pass of the model's Python per chunk, not K
+        values = vmap(along)({n: tangents[n] for n in moving}) if K > 1 else along(
+            {n: tangents[n][0] for n in moving}).unsqueeze(0)
+        parts.append(values.transpose(0, 1).detach())
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
