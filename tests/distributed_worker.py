@@ -33,6 +33,9 @@ def main() -> None:
             if dist.get_rank() == 0:
                 save_file(tensors_of(result), os.path.join(args.out, f"{name}.safetensors"),
                           metadata={"contraction": ",".join(result.contraction_per_step)})
+        # both ranks done before the group is torn down: a rank destroying it while the other still uses its
+        # connections aborted in gloo once ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
