@@ -171,10 +171,10 @@ def _refine_roots(kink_probe: KinkProbe, brackets, eps: float, iterations: int =
     lo = torch.tensor([b[2] for b in brackets], dtype=torch.float64)
     hi = torch.tensor([b[3] for b in brackets], dtype=torch.float64)
     zlo = torch.tensor([b[4] for b in brackets], dtype=torch.float64)
-    scale = torch.maximum(zlo.abs(), torch.tensor([abs(b[5]) for b in brackets], dtype=torch.float64))
+    zhi = torch.tensor([b[5] for b in brackets], dtype=torch.float64)
+    scale = torch.maximum(zlo.abs(), zhi.abs())
     index = torch.tensor([b[1] for b in brackets])
     inputs = [b[0] for b in brackets]
-    zhi = torch.tensor([b[5] for b in brackets], dtype=torch.float64)
     # start at the secant (regula falsi) point: exact at once for a switching function linear in α (a first
     # layer's pre-activation), and a close start for Newton otherwise; kept strictly inside the bracket
     c = lo + (hi - lo) * zlo / (zlo - zhi)
@@ -258,8 +258,7 @@ class _Piece:
     searched: bool = False  # breakpoints were searched for again inside this piece (a missed one)
     depth: int = 0
     order: int = 0
-    previous: tuple | None = None  # (pairs, residual ok, value along v) of the last order tried
-    last_residual: float = float("inf")  # that order's certified residual
+    previous: tuple | None = None  # (pairs, residual ok, value along v, residual) of the last order tried
 
 
 def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: torch.Tensor, f_b: torch.Tensor,
@@ -327,27 +326,25 @@ def _advance(rule, rules, pieces, tried, values, scale, eps, out: StepNodes, tar
     """One round: every piece's residual at the orders it tried; accept, raise the order, or split."""
     following, to_split, k = [], [], 0
     for p, orders in zip(pieces, tried):
-        accepted, finite = False, True
+        offset, k = k, k + sum(len(ps) for _, ps in orders)
+        settled = False
         for index, ps in orders:
-            part = values[k:k + len(ps)]
-            k += len(ps)
-            if accepted or not finite:
-                continue
+            part = values[offset:offset + len(ps)]
+            offset += len(ps)
             ok, agree, along_v, residual = _judge(rule, p, ps, part, scale, eps)
             if not math.isfinite(residual):  # NaN/Inf on the segment: no refinement helps; the contraction
                 out.pairs[p.x].extend(ps)    # then raises NonFiniteError naming the node
                 out.over_tolerance.append((p.x, p.a, p.b, residual))
-                finite = False
-                continue
+                settled = True
+                break
             if p.previous is not None and ok and p.previous[1] and agree:
                 out.pairs[p.x].extend(p.previous[0])  # order n_{k-1}: its error is estimated by n_k
-                accepted = True
-                continue
-            p.previous, p.order = (ps, ok, along_v), index + 1
-            p.last_residual = residual
-        if accepted or not finite:
+                settled = True
+                break
+            p.previous, p.order = (ps, ok, along_v, residual), index + 1
+        if settled:
             continue
-        ps, ok = p.previous[0], p.previous[1]
+        ps, ok, _, residual = p.previous
         if p.order <= _last_order(p, rules):
             following.append(p)
         elif p.inner or (not ok and p.depth < rule.max_depth):
@@ -358,7 +355,7 @@ def _advance(rule, rules, pieces, tried, values, scale, eps, out: StepNodes, tar
         else:
             out.pairs[p.x].extend(ps)
             if not ok:
-                out.over_tolerance.append((p.x, p.a, p.b, p.last_residual))
+                out.over_tolerance.append((p.x, p.a, p.b, residual))
     if to_split:
         cuts = [p.inner[len(p.inner) // 2] if p.inner else 0.5 * (p.a + p.b) for p in to_split]
         f_cut = target_at(cuts, [p.x for p in to_split])

@@ -453,7 +453,7 @@ class TrajectoryRecorder:
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
         self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
                          "gradient": gradient if self.record_gradients else None,
-                         "calls": [list(c) for c in self._calls] if len(self._calls) > 1 else None}
+                         "calls": self._calls if len(self._calls) > 1 else None}
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         t = self._count

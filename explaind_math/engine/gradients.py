@@ -124,32 +124,30 @@ def check_recorded_gradient(ctx: DecompositionContext, t: int, gradients: StepGr
 
 
 def _diagnose(ctx: DecompositionContext, t: int, gradients: StepGradients) -> str:
-    """The most likely cause of a failed gradient-sum check (recomputes the step's gradients once)."""
-    def with_penalties(g: StepGradients) -> Params:
-        return {n: with_penalty(g.summed, g.penalty, n) for n in g.summed}
+    """The most likely cause of a failed gradient-sum check. The step's gradients are recomputed at most once:
+    the pass that tests for randomness also sums the last record_batch call's samples (several calls only)."""
+    step = ctx.trajectory.steps[t]
+    per_sample = not (ctx.grouped_units and ctx.vectorize)  # a partition's rows are groups, not samples
+    last = set(step.batch_calls[-1]) if step.batch_calls and per_sample else None
+    recomputed: dict[str, Params] = {}
 
-    def recompute() -> Params:
-        again = step_gradients(ctx, t, ctx.theta(t))
-        for _ in again.chunks():
-            pass
-        return with_penalties(again)
+    def with_penalties(summed: Params, penalty: Params | None) -> Params:
+        return {n: with_penalty(summed, penalty, n) for n in summed}
 
-    def last_call_sum() -> Params | None:
-        """Σ_i w_i ∇ℓ_i (+ c_t ∇R) over the ids of the step's last record_batch call (per-sample rows only)."""
-        step = ctx.trajectory.steps[t]
-        wanted = set(step.batch_calls[-1])
-        again = step_gradients(ctx, t, ctx.theta(t))
-        if ctx.grouped_units and ctx.vectorize:
-            return None  # rows are partition groups there, not samples
-        keep = torch.tensor([u in wanted for u in step.sample_ids], device=ctx.device)
-        total: Params = {}
-        for sl, (_, g) in zip(again._slices, again.chunks()):
-            mask = keep[sl]
-            for n, v in g.items():
-                part = v[mask].sum(0)
-                total[n] = part if n not in total else total[n] + part
-        return {n: with_penalty(total, again.penalty, n) for n in total}
+    def recompute_once() -> dict[str, Params]:
+        if not recomputed:
+            again = step_gradients(ctx, t, ctx.theta(t))
+            keep = None if last is None else torch.tensor([u in last for u in step.sample_ids], device=ctx.device)
+            partial: Params = {}
+            for sl, (_, g) in zip(again._slices, again.chunks()):
+                if keep is not None:
+                    for n, v in g.items():
+                        part = v[keep[sl]].sum(0)
+                        partial[n] = part if n not in partial else partial[n] + part
+            recomputed["all"] = with_penalties(again.summed, again.penalty)
+            recomputed["last call"] = with_penalties(partial, again.penalty)
+        return recomputed
 
-    return diagnose_gradient_mismatch(ctx, t, with_penalties(gradients), ctx.trajectory.steps[t].gradient, recompute,
-                                      last_call_sum)
-
+    return diagnose_gradient_mismatch(
+        ctx, t, with_penalties(gradients.summed, gradients.penalty), step.gradient,
+        lambda: recompute_once()["all"], None if last is None else lambda: recompute_once()["last call"])

@@ -99,15 +99,14 @@ def kink_values(ctx: DecompositionContext, seg, alphas, inputs, suspects: dict):
 
 
 def probe_values(ctx: DecompositionContext, seg, alphas, inputs, tangents: Params) -> torch.Tensor:
-    """Φ(x_p; θ(α_p)) v_k for the K stacked ``tangents``: (P, K, O), one JVP per tangent of the target vmapped
-    over the pairs (or from the Jacobian without forward-mode AD)."""
+    """Φ(x_p; θ(α_p)) v_k for the K stacked ``tangents``: (P, K, O), JVPs of the target vmapped over the pairs
+    and over the tangents (or from the Jacobian without forward-mode AD)."""
     if not ctx.forward_ad:
         def one(params, x, y):
             return ctx.fm.directional_by_jacobian(params, x.unsqueeze(0), y.unsqueeze(0), tangents)[:, 0]
 
         return _over_pairs(ctx, seg, list(alphas), list(inputs), one).detach()
     parts = []
-    K = next(iter(tangents.values())).shape[0]
     for s in chunks(len(alphas), pair_chunk(ctx)):
         moving, fixed, xs, ys = _split(ctx, seg, list(alphas)[s], list(inputs)[s])
 
@@ -117,9 +116,9 @@ def probe_values(ctx: DecompositionContext, seg, alphas, inputs, tangents: Param
         def along(tangent: Params) -> torch.Tensor:
             return jvp(over_pairs, (moving,), ({n: tangent[n].expand_as(v) for n, v in moving.items()},))[1]
 
-        # the K tangents in one vmapped JVP: one pass of the model's Python per chunk, not K
-        values = vmap(along)({n: tangents[n] for n in moving}) if K > 1 else along(
-            {n: tangents[n][0] for n in moving}).unsqueeze(0)
+        # the K tangents in one vmapped JVP (one pass of the model's Python, not K), in the plan's tangent
+        # chunks as ctx.fm.directional takes them
+        values = vmap(along, chunk_size=ctx.plan.tangent_chunk)({n: tangents[n] for n in moving})
         parts.append(values.transpose(0, 1).detach())
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
