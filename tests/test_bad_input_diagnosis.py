@@ -292,7 +292,7 @@ def test_zeroed_first_moment_on_resume_is_named_as_optimizer_state(tmp_path):
 # a GradScaler skip without grad_scaler=: the skipped batch is merged into the next step
 
 
-def _grad_scaler_loop_without_telling_the_recorder(tmp_path=None, **recorder):
+def _grad_scaler_loop_without_telling_the_recorder(**recorder):
     X, Y = _data()
     X32 = X.float()
     torch.manual_seed(1)

@@ -166,6 +166,13 @@ def crashed_directories(tmp_path_factory):
     return base
 
 
+def _assert_same_parameters(trajectory, in_memory, steps: int) -> None:
+    """θ_1 … θ_steps of ``trajectory`` are bit-identical to those of the uninterrupted run."""
+    for t in range(steps):
+        for n in in_memory.parameter_names:
+            assert torch.equal(trajectory.parameters[t + 1][n], in_memory.parameters[t + 1][n])
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash scenarios run in forked children")
 @pytest.mark.parametrize("scenario", list(CRASHES))
 def test_crash_then_resume_equals_an_uninterrupted_run(scenario, crashed_directories, reference):
@@ -180,18 +187,13 @@ def test_crash_then_resume_equals_an_uninterrupted_run(scenario, crashed_directo
         assert on_disk <= 6
     assert crashed.num_steps == on_disk
     _, in_memory, X, Y = reference["adamw"]
-    for t in range(on_disk):
-        for n in in_memory.parameter_names:
-            assert torch.equal(crashed.parameters[t + 1][n], in_memory.parameters[t + 1][n])
+    _assert_same_parameters(crashed, in_memory, on_disk)
     recovered = recover_trajectory_directory(directory)
     if crash.startswith("background"):
         # the thread may have finished a shard whose manifest commit the exit cut off: recovery adopts
         # it, and every adopted step must be the uninterrupted run's
         assert on_disk <= recovered <= 6
-        adopted_run = ShardedTrajectory(directory)
-        for t in range(recovered):
-            for n in in_memory.parameter_names:
-                assert torch.equal(adopted_run.parameters[t + 1][n], in_memory.parameters[t + 1][n])
+        _assert_same_parameters(ShardedTrajectory(directory), in_memory, recovered)
     else:
         adopted = 2 if crash.startswith("before-manifest") else 0
         assert recovered == on_disk + adopted
