@@ -1,10 +1,14 @@
 """The result of a decomposition: the tensor of influences and its certificate (MATH.md §5).
 
     f_o(x; θ_N) = f_o(x; θ_0) + Σ_{t,j,i} I[t, j, x, i, o] + Σ_{t,j} Ψ[t, j, x, o] (+ Σ_{t,j} Ξ[t, j, x, o])
+                  (+ penalty) (+ gradient rounding)
 
 I (``kernel``) is the kernel influence of training samples, Ψ (``regularization``) the weight-decay
 influence, Ξ (``carried_state``) the influence of optimizer state that existed before the first
-recorded step (absent when the recording started from a fresh optimizer). Axes the caller did not
+recorded step (absent when the recording started from a fresh optimizer). When the run recorded its
+gradients, ``gradient_rounding`` is the influence of their rounding: the recorded ``.grad`` minus the exact
+Σ_i w_i ∇ℓ_i (a float32 backward pass rounds; Adam amplifies it where a true gradient is near zero), fed through
+the optimizer like a unit. Axes the caller did not
 keep are summed already. The residual f(x; θ_N) − reconstruction is always computed.
 """
 
@@ -33,6 +37,9 @@ class Influence:
         regularization: Ψ with the same axes minus ``"unit"``.
         carried_state: Ξ like Ψ, or None when no optimizer state was carried in.
         penalty: influence of a loss penalty R(θ) inside the training loss (like Ψ), or None.
+        gradient_rounding: influence (like Ψ) of δ_t = recorded ``.grad`` − Σ_i w_{t,i} ∇ℓ_i(θ_t), the rounding
+            of the training run's own backward pass, or None (no gradients recorded). The gradient-sum check
+            bounds δ_t by the rounding of that pass, so it holds nothing else; float64 runs: ≈ 1e-16.
         gradient_scales: per step, the recovered factor c_t of gradient clipping by norm (or None).
         f_initial, f_final: f(x; θ_0) and f(x; θ_N), shape (test, output).
         step_residuals: r_t(x) = f(θ_{t+1}) − f(θ_t) − Φ_t(x) Σ_u update_t(u), shape (step, test, output).
@@ -74,6 +81,7 @@ class Influence:
     estimated: bool = False
     notes: list[str] = field(default_factory=list)
     penalty: torch.Tensor | None = None
+    gradient_rounding: torch.Tensor | None = None
     gradient_scales: list[float] | None = None
     unit_kind: str = "training samples"
     probe_nodes_per_step: list[int] = field(default_factory=list)
@@ -117,9 +125,16 @@ class Influence:
             return torch.zeros_like(self.regularization_sum(keep))
         return self._sum_to(self.penalty, self.regularization_axes, keep)
 
+    def gradient_rounding_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
+        """Accumulated influence of the recorded gradients' rounding (zero if no gradients were recorded)."""
+        if self.gradient_rounding is None:
+            return torch.zeros_like(self.regularization_sum(keep))
+        return self._sum_to(self.gradient_rounding, self.regularization_axes, keep)
+
     def pseudo_unit_sum(self, keep: Sequence[str] = ("test", "output")) -> torch.Tensor:
-        """Ψ + Ξ + penalty: everything that is not attributable to training samples."""
-        return self.regularization_sum(keep) + self.carried_state_sum(keep) + self.penalty_sum(keep)
+        """Ψ + Ξ + penalty + gradient rounding: everything that is not attributable to training samples."""
+        return (self.regularization_sum(keep) + self.carried_state_sum(keep) + self.penalty_sum(keep)
+                + self.gradient_rounding_sum(keep))
 
     # ------------------------------------------------------------------ certificate
     @property
@@ -190,6 +205,8 @@ class Influence:
             out["carried_state"] = self.carried_state.detach().cpu().numpy()
         if self.penalty is not None:
             out["penalty"] = self.penalty.detach().cpu().numpy()
+        if self.gradient_rounding is not None:
+            out["gradient_rounding"] = self.gradient_rounding.detach().cpu().numpy()
         return out
 
     def summary(self) -> str:
@@ -203,6 +220,9 @@ class Influence:
             f"certified residual: max |f(θ_N) − reconstruction| = {self.max_residual:.3e} "
             f"(relative {self.relative_residual:.3e})",
         ]
+        if self.gradient_rounding is not None:
+            lines.append(f"influence of the recorded gradients' rounding (pseudo-unit): max "
+                         f"{float(self.gradient_rounding_sum().abs().max()):.3e}")
         if self.estimated:
             lines.append("ESTIMATED: " + "; ".join(self.notes))
         return "\n".join(lines)

@@ -95,8 +95,14 @@ def _decompose(model, traj, X, Y):
 
 
 def _assert_same_decomposition(a, b):
-    for field in ("kernel", "regularization", "f_initial", "f_final", "step_residuals"):
+    """a from records without gradients, b from the recorder (gradients recorded): the same tensors, except
+    that b also has the recorded gradients' rounding as a pseudo-unit, which moves its step residuals by it."""
+    for field in ("kernel", "regularization", "f_initial", "f_final"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.gradient_rounding is None and b.gradient_rounding is not None
+    rounding = b.gradient_rounding.sum(dim=tuple(range(1, b.gradient_rounding.dim() - 2)))  # per step (S, X, O)
+    assert float(rounding.abs().max()) <= 1e-13
+    assert torch.allclose(a.step_residuals, b.step_residuals + rounding, rtol=0, atol=1e-15)
     assert (a.carried_state is None) == (b.carried_state is None)
     if a.carried_state is not None:
         assert torch.equal(a.carried_state, b.carried_state)

@@ -12,7 +12,7 @@ unit's gradient was computed (kept as the axis ``origin_step``), not the update 
 same totals. The batch's share ⟨κ_s, grad_s(u)⟩ is formed from the per-sample gradients and a matrix product, or
 as forward-mode JVPs of the batch's per-sample losses along the rows of κ_s, without per-sample gradients
 (``batch_contraction``, chosen per step by the plan). Pseudo-units: the decay unit's gradient κ θ_s and direct move −ρ θ_s, a penalty's s c_s ∇R(θ_s),
-and the carried state b, whose influence is −⟨λ_0 A_0, b⟩.
+the recorded gradient's rounding s δ_s, and the carried state b, whose influence is −⟨λ_0 A_0, b⟩.
 
 The certificates stay those of the forward recursion: a forward pass (:func:`replay_summed_buffers`) advances
 the summed buffer Σ_u buffer_t(u) — the optimizer's own D-sized state — with the batch gradients, which gives
@@ -31,9 +31,9 @@ from ..optimizers import template as recurrence
 from ..progress import progress_bar
 from .blocks import BlockResult, StepAccumulator
 from .buffers import RuleBuffers, rule_coefficients
-from .context import DecompositionContext
+from .context import DecompositionContext, summed_unit_context
 from .contract import KERNEL_CONTRACTIONS, Segment, integrated_jacobian, step_nodes
-from .gradients import penalty_gradient, step_batch, step_gradients
+from .gradients import batch_gradient, gradient_rounding, penalty_gradient, step_batch, step_gradients
 from .plan import chunks
 
 __all__ = ["ForwardChecks", "AdjointTotals", "summed_unit_context", "replay_summed_buffers", "adjoint_pass",
@@ -42,18 +42,9 @@ __all__ = ["ForwardChecks", "AdjointTotals", "summed_unit_context", "replay_summ
 Params = dict[str, torch.Tensor]
 
 
-def summed_unit_context(ctx: DecompositionContext) -> DecompositionContext:
-    """``ctx`` with every sample in one unit: its buffer is Σ_u buffer_t(u), the optimizer's own state, fed with
-    the batch gradient (one weighted-loss gradient per step, Corollary F.2 with K = 1)."""
-    return dataclasses.replace(ctx, unit_labels=["all"], row_of_sample={u: 0 for u in ctx.row_of_sample},
-                               grouped_units=True)
-
-
 def pseudo_names_of(ctx: DecompositionContext) -> list[str]:
-    """The pseudo-units of the run (as :class:`RuleBuffers` names them): decay, carried state, penalty."""
-    key = ctx.trajectory.rule.buffer_state_key
-    carried = key is not None and any(key in st for st in ctx.trajectory.initial_state.values())
-    return ["regularization"] + (["carried_state"] if carried else []) + (["penalty"] if ctx.penalty else [])
+    """The pseudo-units of the run (as :class:`RuleBuffers` names them; :attr:`DecompositionContext.pseudo_names`)."""
+    return ctx.pseudo_names
 
 
 @dataclass
@@ -206,9 +197,10 @@ def _step_phi(ctx, s: int, theta_s: Params, theta_next: Params, moving: list[str
     return {n: v.reshape(-1, *ctx.shapes[n]) for n, v in phi.items()}
 
 
-def _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s: Params, penalty: Params | None, sl: slice,
-                 totals: AdjointTotals, k: int) -> None:
-    """The pseudo-units of step s: decay −⟨κ_s, κ θ_s⟩ + ⟨Φ_s, −ρ θ_s⟩, penalty −⟨κ_s, s c_s ∇R(θ_s)⟩."""
+def _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s: Params, penalty: Params | None,
+                 rounding: Params | None, sl: slice, totals: AdjointTotals, k: int) -> None:
+    """The pseudo-units of step s: decay −⟨κ_s, κ θ_s⟩ + ⟨Φ_s, −ρ θ_s⟩, penalty −⟨κ_s, s c_s ∇R(θ_s)⟩, the
+    recorded gradient's rounding −⟨κ_s, s δ_s⟩."""
     for n, c in coefficients.items():
         target = totals.pseudo["regularization"][k]
         if not recurrence.is_zero(c.decay_coupled) and not isinstance(kappa[n], int):
@@ -217,6 +209,9 @@ def _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s: Params, penalty: Par
             _contract_direction(ctx, n, phi[n], recurrence.decay_direct_update(theta_s[n], c), sl, target, 1.0)
         if penalty is not None and not isinstance(kappa[n], int):
             _contract_direction(ctx, n, kappa[n], c.gradient_sign * penalty[n], sl, totals.pseudo["penalty"][k], -1.0)
+        if rounding is not None and not isinstance(kappa[n], int):
+            _contract_direction(ctx, n, kappa[n], c.gradient_sign * rounding[n], sl,
+                                totals.pseudo["gradient_rounding"][k], -1.0)
 
 
 def adjoint_pass(ctx: DecompositionContext, steps: range, checks: ForwardChecks, sl: slice, totals: AdjointTotals,
@@ -243,6 +238,7 @@ def adjoint_pass(ctx: DecompositionContext, steps: range, checks: ForwardChecks,
         fed = [n for n in moving if not isinstance(kappa[n], int)]
         by_jvp = bool(fed) and _batch_mode(ctx, step, fed, K) == "jvp"
         totals.batch_modes[s] = "jvp" if by_jvp else "gradients" if fed else "none"
+        gradients = None
         if by_jvp:  # ⟨grad_s(u), κ⟩ as JVPs of the batch's losses: no per-sample gradients (issue 15, item 4)
             scale = checks.scales[s - checks.steps.start]
             _contract_batch_by_jvp(ctx, s, theta_s, kappa, coefficients, fed, scale, sl, totals.kernel[k])
@@ -256,7 +252,11 @@ def adjoint_pass(ctx: DecompositionContext, steps: range, checks: ForwardChecks,
                         _contract_units(ctx, n, kappa[n], grads, rows, sl, totals.kernel[k])
                     del g
             penalty = gradients.penalty if gradients else None
-        _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s, penalty, sl, totals, k)
+        rounding = None
+        if fed and "gradient_rounding" in totals.pseudo:  # δ_s needs Σ_u grad_s(u): one batch gradient after JVPs
+            source = gradients if gradients is not None else batch_gradient(ctx, s, theta_s)
+            rounding = gradient_rounding(ctx, s, source.summed, source.penalty)
+        _step_pseudo(ctx, s, coefficients, kappa, phi, theta_s, penalty, rounding, sl, totals, k)
         for n, c in coefficients.items():
             lam[n] = recurrence.propagate_adjoint(lam[n], c.A)
         theta_next = theta_s

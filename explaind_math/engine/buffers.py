@@ -21,7 +21,7 @@ from ..optimizers import template as recurrence
 from .checks import abs_linear, global_gradient_scale, replay_check
 from .context import DecompositionContext
 from .diagnosis import diagnose_replay_mismatch
-from .gradients import StepGradients, check_recorded_gradient
+from .gradients import StepGradients, check_recorded_gradient, gradient_rounding
 
 __all__ = ["RuleBuffers", "UnitUpdates", "rule_coefficients"]
 
@@ -61,14 +61,14 @@ class RuleBuffers:
         self.sample_buffer = {n: ctx.zeros((len(ctx.unit_labels), *shapes[n])) for n in names}
         self.decay_buffer = {n: ctx.zeros(shapes[n]) for n in names}
         self.penalty_buffer = {n: ctx.zeros(shapes[n]) for n in names}
+        self.gradient_rounding_buffer = {n: ctx.zeros(shapes[n]) for n in names}
         key = self.rule.buffer_state_key
         carried = {n: st[key] for n, st in traj.initial_state.items() if key is not None and key in st}
         self.carried_buffer = {
             n: (ctx.zeros(shapes[n]) if zero_state else v.to(device=ctx.device, dtype=ctx.dtype))
             for n, v in carried.items()
         }
-        self.pseudo_names = (["regularization"] + (["carried_state"] if self.carried_buffer else [])
-                             + (["penalty"] if ctx.penalty else []))
+        self.pseudo_names = ctx.pseudo_names
         # the optimizer's buffer exists (rule.creates_buffer); carried state means it existed at the start
         self.has_buffer = {n: (n in carried) for n in names}
         # first-order bound on how far the gradients' rounding moves each update (the replay check's floor):
@@ -82,7 +82,8 @@ class RuleBuffers:
         """The linear state, in a fixed order (the same on every rank)."""
         out = []
         for n in self.ctx.names:
-            out += [self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n]]
+            out += [self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n],
+                    self.gradient_rounding_buffer[n]]
             if n in self.carried_buffer:
                 out.append(self.carried_buffer[n])
         return out
@@ -90,8 +91,8 @@ class RuleBuffers:
     def load_state(self, tensors: Sequence[torch.Tensor]) -> None:
         it = iter(tensors)
         for n in self.ctx.names:
-            self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n] = (
-                next(it), next(it), next(it), next(it))
+            (self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n],
+             self.gradient_rounding_buffer[n]) = (next(it), next(it), next(it), next(it), next(it))
             if n in self.carried_buffer:
                 self.carried_buffer[n] = next(it)
         for n in self.ctx.names:  # rows fed in earlier blocks
@@ -124,6 +125,7 @@ class RuleBuffers:
             self.sample_buffer[n] = recurrence.scale_buffer(self.sample_buffer[n], c.A)
             self.decay_buffer[n] = recurrence.apply_linear(c.A, self.decay_buffer[n])
             self.penalty_buffer[n] = recurrence.apply_linear(c.A, self.penalty_buffer[n])
+            self.gradient_rounding_buffer[n] = recurrence.apply_linear(c.A, self.gradient_rounding_buffer[n])
             self.rounding_buffer[n] = abs_linear(c.A, self.rounding_buffer[n])
             if n in self.carried_buffer:
                 self.carried_buffer[n] = recurrence.apply_linear(c.A, self.carried_buffer[n])
@@ -145,7 +147,7 @@ class RuleBuffers:
             check_recorded_gradient(self.ctx, t, gradients)
         rounding = 64 * self.ctx.eps_train * global_gradient_scale(gradients.summed, gradients.penalty, step.gradient)
         update_rounding = self._advance_rounding(coefficients, rounding)
-        pseudo = self._pseudo_updates(coefficients, gradients, theta_t)
+        pseudo = self._pseudo_updates(t, coefficients, gradients, theta_t)
         if not checks:
             return UnitUpdates(None, None, pseudo, None, 0.0, gradients.scale)
         for n, c in coefficients.items():  # update_t(u) = −(D ⊙ buffer_t(u) + E ⊙ g_{t,u})
@@ -190,10 +192,14 @@ class RuleBuffers:
             update_rounding[n] = float((abs_linear(c.D, self.rounding_buffer[n]) + abs_linear(c.E, fed)).max())
         return update_rounding
 
-    def _pseudo_updates(self, coefficients, gradients: StepGradients, theta_t: Params) -> dict[str, Params]:
+    def _pseudo_updates(self, step_index: int, coefficients, gradients: StepGradients,
+                        theta_t: Params) -> dict[str, Params]:
         """The pseudo-units' updates: weight decay (κ θ_t through the buffer, −ρ θ_t directly), the carried
-        optimizer state (A's applied, never fed), the penalty's s c_t ∇R(θ_t). A skipped parameter: zeros."""
+        optimizer state (A's applied, never fed), the penalty's s c_t ∇R(θ_t), the recorded gradient's rounding
+        s δ_t (:func:`~explaind_math.engine.gradients.gradient_rounding`). A skipped parameter: zeros."""
         pseudo: dict[str, Params] = {p: {} for p in self.pseudo_names}
+        delta = (gradient_rounding(self.ctx, step_index, gradients.summed, gradients.penalty)
+                 if "gradient_rounding" in pseudo else None)
         for n in self.ctx.names:
             c = coefficients.get(n)
             if c is None:  # PyTorch skipped it: every update is 0
@@ -214,4 +220,8 @@ class RuleBuffers:
                 g_penalty = c.gradient_sign * gradients.penalty[n]
                 self.penalty_buffer[n] = recurrence.buffer_step(self.penalty_buffer[n], g_penalty, c)
                 pseudo["penalty"][n] = recurrence.unit_update(self.penalty_buffer[n], g_penalty, c)
+            if delta is not None:
+                g_rounding = c.gradient_sign * delta[n]
+                self.gradient_rounding_buffer[n] = recurrence.buffer_step(self.gradient_rounding_buffer[n], g_rounding, c)
+                pseudo["gradient_rounding"][n] = recurrence.unit_update(self.gradient_rounding_buffer[n], g_rounding, c)
         return pseudo

@@ -7,6 +7,7 @@ samples, or partition groups S_k of Corollary F.2) and the step axis t.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,7 +26,8 @@ from .input_checks import check_loss_fn, check_test_inputs, check_training_sampl
 from .options import DecompositionOptions, keep_axes
 from .plan import ContractionPlan, MemoryBudgetError, PathCosts, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
 
-__all__ = ["DecompositionContext", "build_context", "default_replay_rtol", "parameter_rows", "unit_rows"]
+__all__ = ["DecompositionContext", "build_context", "default_replay_rtol", "parameter_rows", "unit_rows",
+           "summed_unit_context"]
 
 Params = dict[str, torch.Tensor]
 
@@ -122,6 +124,16 @@ class DecompositionContext:
     offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
     plan_inputs: dict = field(default_factory=dict)  # the sizes the plans are made from (forward §11, adjoint §12)
     forward_plan_error: Exception | None = None  # the forward plan did not fit the budget (plan is then None)
+
+    @property
+    def pseudo_names(self) -> list[str]:
+        """The pseudo-units of the run: weight decay; optimizer state carried in (Remark F.3); a loss penalty;
+        and, when the run recorded its gradients, their rounding (the recorded ``.grad`` − Σ_i g_{t,i})."""
+        key = self.trajectory.rule.buffer_state_key
+        carried = key is not None and any(key in st for st in self.trajectory.initial_state.values())
+        recorded = any(step.gradient is not None for step in self.trajectory.steps)
+        return (["regularization"] + (["carried_state"] if carried else []) + (["penalty"] if self.penalty else [])
+                + (["gradient_rounding"] if recorded else []))
 
     @property
     def keep_steps(self) -> bool:
@@ -261,3 +273,10 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
         rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)), vectorize=o.vectorize,
         num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad, offsets=offsets,
         plan_inputs=plan_inputs, forward_plan_error=forward_plan_error)
+
+
+def summed_unit_context(ctx: DecompositionContext) -> DecompositionContext:
+    """``ctx`` with every sample in one unit: its buffer is Σ_u buffer_t(u), the optimizer's own state, fed with
+    the batch gradient (one weighted-loss gradient per step, Corollary F.2 with K = 1)."""
+    return dataclasses.replace(ctx, unit_labels=["all"], row_of_sample={u: 0 for u in ctx.row_of_sample},
+                               grouped_units=True)

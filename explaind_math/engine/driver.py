@@ -159,6 +159,8 @@ def _finish(ctx: DecompositionContext, block: BlockResult, steps: list[int], the
         kernel=block.kernel.result(), kernel_axes=axes, regularization=block.pseudo["regularization"].result(),
         carried_state=block.pseudo["carried_state"].result() if "carried_state" in block.pseudo else None,
         penalty=block.pseudo["penalty"].result() if "penalty" in block.pseudo else None,
+        gradient_rounding=(block.pseudo["gradient_rounding"].result() if "gradient_rounding" in block.pseudo
+                           else None),
         f_initial=block.f_start, f_final=block.f_end, step_residuals=torch.stack(block.residuals),
         replay_errors=block.replay_errors, steps=steps, param_labels=ctx.labels, units=ctx.unit_labels,
         quadrature=ctx.quadrature.describe(), nodes_per_step=block.nodes, theorem=theorem,
@@ -190,6 +192,8 @@ def _drop_axes(result: Influence, keep: Sequence[str]) -> Influence:
         result.carried_state = result.carried_state.sum(r_dim)
     if result.penalty is not None:
         result.penalty = result.penalty.sum(r_dim)
+    if result.gradient_rounding is not None:
+        result.gradient_rounding = result.gradient_rounding.sum(r_dim)
     result.kernel_axes = tuple(a for a in result.kernel_axes if a != "param")
     result.param_labels = []
     return result

@@ -15,11 +15,12 @@ import torch
 
 from ..errors import ExplaindError
 from .checks import check_gradient_sum, recover_gradient_scale, with_penalty
-from .context import DecompositionContext
+from .context import DecompositionContext, summed_unit_context
 from .diagnosis import diagnose_gradient_mismatch
 from .plan import chunks, scaled_in_place
 
-__all__ = ["StepGradients", "step_gradients", "check_recorded_gradient", "penalty_gradient", "step_batch"]
+__all__ = ["StepGradients", "step_gradients", "check_recorded_gradient", "penalty_gradient", "step_batch",
+           "gradient_rounding", "batch_gradient"]
 
 Params = dict[str, torch.Tensor]
 
@@ -112,6 +113,30 @@ def step_gradients(ctx: DecompositionContext, t: int, theta_t: Params) -> StepGr
         scale = recover_gradient_scale(t, total, penalty, step.gradient, ctx.rtol, ctx.eps_train)
         penalty = None if penalty is None else {n: v * scale for n, v in penalty.items()}
     return StepGradients(rows=rows, penalty=penalty, scale=scale, _chunk=chunk, _slices=slices, _cached=cached)
+
+
+def gradient_rounding(ctx: DecompositionContext, t: int, summed: Params, penalty: Params | None) -> Params:
+    """δ_t = recorded ``.grad`` − (Σ_i g_{t,i} + c_t ∇R): the rounding of the training run's backward pass (a
+    float32 run: its gradients carry the rounding of a float32 reduction, which Adam's 1/√v amplifies where a true
+    gradient is near zero). Its own pseudo-unit, fed through the rule like the penalty, so the update rebuilt
+    from the units is the recorded one; the gradient-sum check bounds |δ_t| by 64 ε max|g_t| first, so no real
+    mismatch (a wrong weight, a missed sample) can hide in it. Zero for a step without a recorded gradient."""
+    recorded = ctx.trajectory.steps[t].gradient
+    out = {}
+    for n in ctx.names:
+        if recorded is None or n not in recorded:
+            out[n] = ctx.zeros(ctx.shapes[n])
+        else:
+            out[n] = recorded[n].to(device=ctx.device, dtype=ctx.dtype) - with_penalty(summed, penalty, n)
+    return out
+
+
+def batch_gradient(ctx: DecompositionContext, t: int, theta_t: Params) -> StepGradients:
+    """The step's gradients as one weighted-loss gradient of the whole batch (``summed`` and ``penalty`` read)."""
+    gradients = step_gradients(summed_unit_context(ctx), t, theta_t)
+    for _ in gradients.chunks():
+        pass
+    return gradients
 
 
 def check_recorded_gradient(ctx: DecompositionContext, t: int, gradients: StepGradients) -> None:
