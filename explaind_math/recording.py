@@ -46,7 +46,7 @@ from .recording_checks import (
     check_param_groups,
     probe_forward,
 )
-from .trajectory import StepRecord, Trajectory, all_finite
+from .trajectory import StepRecord, Trajectory, first_non_finite
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
 
@@ -444,11 +444,13 @@ class TrajectoryRecorder:
                 continue
             if p.grad.is_sparse:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
-            if not all_finite(p.grad):
-                raise NonFiniteError(f"{where}: the gradient of parameter {n!r} contains NaN or Inf")
             updated.append(n)
-            if self.record_gradients:
-                gradient[n] = p.grad.detach().cpu().clone()
+        grads = {n: p.grad for n, p, _ in self._params if p.grad is not None}
+        bad = first_non_finite(list(grads.values()))
+        if bad is not None:
+            raise NonFiniteError(f"{where}: the gradient of parameter {updated[bad]!r} contains NaN or Inf")
+        if self.record_gradients:
+            gradient = {n: g.detach().cpu().clone() for n, g in grads.items()}
         ids = sorted(self._pending)
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
         self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
@@ -460,12 +462,12 @@ class TrajectoryRecorder:
         current, self._current = self._current, None
         self._forget_pending()
         theta = self._snapshot()
-        for n, v in theta.items():
-            if not all_finite(v):
-                raise NonFiniteError(
-                    f"step {t}: parameter {n!r} became NaN or Inf; the {t} steps before it are kept "
-                    "(recorder.trajectory())"
-                )
+        bad = first_non_finite(list(theta.values()))
+        if bad is not None:
+            raise NonFiniteError(
+                f"step {t}: parameter {list(theta)[bad]!r} became NaN or Inf; the {t} steps before it are kept "
+                "(recorder.trajectory())"
+            )
         state = {}
         for n, p, gi in self._params:
             if n not in current["updated"]:
@@ -476,18 +478,20 @@ class TrajectoryRecorder:
                 entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
             for key in self.rule.state_keys(current["hyper"][gi]):
                 entry[key] = st[key].detach().cpu().clone()
-                if not all_finite(entry[key]):  # trajectory() would refuse the whole run: refuse this step
-                    raise NonFiniteError(
-                        f"step {t}: the optimizer state {key!r} of parameter {n!r} became NaN or Inf; the {t} "
-                        "steps before it are kept (recorder.trajectory())"
-                    )
             state[n] = entry
+        kept = [(n, key, v) for n, entry in state.items() for key, v in entry.items() if isinstance(v, torch.Tensor)]
+        bad = first_non_finite([v for _, _, v in kept])  # trajectory() would refuse the whole run: refuse this step
+        if bad is not None:
+            raise NonFiniteError(
+                f"step {t}: the optimizer state {kept[bad][1]!r} of parameter {kept[bad][0]!r} became NaN or Inf; "
+                f"the {t} steps before it are kept (recorder.trajectory())"
+            )
         record = StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
                             current["gradient"], current["calls"])
         self._watch.after_step(t)
         self._count += 1
         self._last_theta = theta
-        self._state_watch.record(optimizer, self._params)
+        self._state_watch.record(optimizer, self._params, state)
         if self._writer is None:
             self._steps.append(record)
             self._snapshots.append(theta)

@@ -156,42 +156,52 @@ class ForwardState:
 
 
 # ---------------------------------------------------------------------- optimizer state between steps
-def _fingerprint(v: torch.Tensor) -> tuple[float, float]:
-    d = v.detach().double()
-    return float(d.sum()), float((d * d).sum())
-
-
 class OptimizerStateWatch:
-    """A fingerprint (step count, Σv and Σv² of every state tensor) of the optimizer state after each
-    step, compared before the next: the state may only change inside ``optimizer.step()``."""
+    """The optimizer state after each step, compared before the next: the state may only change inside
+    ``optimizer.step()``. Every state tensor is compared exactly with a copy taken after the step: the one the
+    recorder keeps in the step's record when there is one, else a CPU copy of its own (Adam's first moment,
+    which the decomposition unrolls instead of recording); scalars (the step count) by value."""
 
     def __init__(self):
         self._after: dict[int, dict[str, Any]] | None = None
 
     @staticmethod
-    def _take(optimizer, params) -> dict[int, dict[str, Any]]:
+    def _take(optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[int, dict[str, Any]]:
         out = {}
-        for _, p, _ in params:
-            st = optimizer.state.get(p, {})
-            out[id(p)] = {k: (_fingerprint(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else
-                              float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v))
-                          for k, v in st.items()}
+        for name, p, _ in params:
+            kept, entry = copies.get(name, {}), {}
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    copy = kept.get(k)
+                    entry[k] = ("copy", copy if isinstance(copy, torch.Tensor) else v.detach().to("cpu", copy=True))
+                else:
+                    entry[k] = float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v)
+            out[id(p)] = entry
         return out
 
-    def record(self, optimizer, params) -> None:
-        self._after = self._take(optimizer, params)
+    def record(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+        """Take the state after a step; ``copies``: per parameter name, copies of state tensors just recorded."""
+        self._after = self._take(optimizer, params, copies or {})
 
     def forget(self) -> None:
         self._after = None
 
+    @staticmethod
+    def _same(before: Any, value: Any) -> bool:
+        if isinstance(before, tuple) and len(before) == 2 and before[0] == "copy":
+            return (isinstance(value, torch.Tensor) and value.shape == before[1].shape
+                    and value.dtype == before[1].dtype and torch.equal(value.detach().cpu(), before[1]))
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return False
+        return before == (float(value) if isinstance(value, (torch.Tensor, numbers.Number)) else repr(value))
+
     def check(self, optimizer, params, where: str) -> None:
         if self._after is None:
             return
-        now = self._take(optimizer, params)
         for name, p, _ in params:
-            before, after = self._after.get(id(p), {}), now.get(id(p), {})
-            for key in sorted(set(before) | set(after)):
-                if before.get(key) != after.get(key):
+            before, now = self._after.get(id(p), {}), optimizer.state.get(p, {})
+            for key in sorted(set(before) | set(now)):
+                if key not in before or key not in now or not self._same(before[key], now[key]):
                     raise RecordingError(
                         f"{where}: the optimizer state {key!r} of parameter {name!r} changed since the last "
                         "optimizer.step() (optimizer.load_state_dict, or a state edited by hand, mid-run?); the "

@@ -22,7 +22,7 @@ import torch
 from .errors import ExplaindError, NonFiniteError, TrajectoryMismatchError
 from .optimizers import rule_by_name
 
-__all__ = ["StepRecord", "Trajectory", "all_finite", "check_model_matches", "register_files"]
+__all__ = ["StepRecord", "Trajectory", "all_finite", "first_non_finite", "check_model_matches", "register_files"]
 
 
 @dataclass
@@ -295,6 +295,21 @@ def all_finite(x: torch.Tensor) -> bool:
     if bool(torch.isfinite(x.sum())):
         return True
     return bool(torch.isfinite(x).all())
+
+
+def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
+    """The position of the first tensor with a NaN or ±Inf entry (None: all finite). The sums of all tensors
+    are compared in one reduction (one synchronisation for a whole step's tensors); only when one is not
+    finite are the tensors checked one by one, exactly, with :func:`all_finite`."""
+    floating = [x for x in tensors if (x.is_floating_point() or x.is_complex()) and x.numel()]
+    if not floating:
+        return None
+    sums = [x.sum() for x in floating]
+    if len({(v.dtype, v.device) for v in sums}) > 1:  # stack needs one dtype and device
+        sums = [v.to(device="cpu", dtype=torch.complex128 if v.is_complex() else torch.float64) for v in sums]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
+        return None
+    return next((k for k, x in enumerate(tensors) if not all_finite(x)), None)
 
 
 def check_snapshot(t: int, snapshot: Mapping[str, torch.Tensor], names: Sequence[str],

@@ -403,6 +403,7 @@ def test_check_modules_false_skips_the_probe():
     ("zero-exp-avg", r"optimizer state 'exp_avg' of parameter '0.weight' changed"),
     ("scale-exp-avg-sq", r"optimizer state 'exp_avg_sq' of parameter '0.weight' changed"),
     ("step-count", r"optimizer state 'step' of parameter '0.weight' changed"),
+    ("nudge-one-entry-through-data", r"optimizer state 'exp_avg' of parameter '0.weight' changed"),
 ])
 def test_optimizer_state_changed_between_steps_is_refused(edit, match):
     X, Y = _data()
@@ -423,6 +424,8 @@ def test_optimizer_state_changed_between_steps_is_refused(edit, match):
             state["exp_avg"].zero_()
         elif edit == "scale-exp-avg-sq":
             state["exp_avg_sq"].mul_(2)
+        elif edit == "nudge-one-entry-through-data":  # compared exactly with a copy, not by a fingerprint
+            state["exp_avg"].data[0, 0] = torch.nextafter(state["exp_avg"][0, 0], torch.tensor(1.0, dtype=DT))
         else:
             state["step"] += 1
 

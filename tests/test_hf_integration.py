@@ -219,3 +219,17 @@ def test_gpt2_trainer_example_float32_across_dropout_seeds(dropout_seed):
 def test_bert_classifier_example():
     out = example("hf_bert_classifier").main(["--quick"])
     assert out["relative_residual"] <= 1e-9
+
+
+def test_batched_built_in_losses_equal_the_per_sample_ones():
+    """The Trainer integration trains with the batched forms; the decomposition evaluates the per-sample ones."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, 11, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (4, 7), generator=g)
+    labels[1, 4:] = hf.IGNORE_INDEX
+    labels[2, :] = hf.IGNORE_INDEX
+    assert torch.allclose(hf.causal_lm_losses(logits, labels), torch.func.vmap(hf.causal_lm_loss)(logits, labels),
+                          rtol=1e-14, atol=0)
+    classes = torch.randint(0, 11, (4,), generator=g)
+    assert torch.allclose(hf.classification_losses(logits[:, 0], classes),
+                          torch.func.vmap(hf.classification_loss)(logits[:, 0], classes), rtol=1e-14, atol=0)

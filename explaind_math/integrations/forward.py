@@ -19,6 +19,7 @@ under ``vmap`` it avoids SDPA's missing batching rule (a per-sample loop, measur
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -52,16 +53,23 @@ def row_key(seed: int, step: int, micro_batch: int, row: int) -> int:
     return h
 
 
-def _mask(keys: torch.Tensor, call: int, shape: Sequence[int], p: float, dtype, device) -> torch.Tensor:
-    """mask/(1 − p) for rows with ``keys`` (shape (R,)) and per-row shape ``shape``: (R, *shape)."""
-    base = hash32((keys.to(device=device, dtype=torch.int64) + (call + 1) * _GOLDEN) & _M32)
-    h = base.reshape(-1, *([1] * len(shape)))
+@functools.lru_cache(maxsize=64)
+def _coordinates(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(Σ_d c_d · coordinate_d) mod 2³² over a row of shape ``shape``: the part of every mask entry's hash that
+    depends on its coordinates only (the same for every row, call and step, so computed once per shape)."""
     lin = torch.zeros((), dtype=torch.int64, device=device)
     for d, size in enumerate(shape):
         view = [1] * len(shape)
         view[d] = size
         lin = lin + torch.arange(size, device=device, dtype=torch.int64).reshape(view) * _COORD[d % len(_COORD)]
-    h = hash32((h ^ (lin & _M32)) & _M32)
+    return lin & _M32
+
+
+def _mask(keys: torch.Tensor, call: int, shape: Sequence[int], p: float, dtype, device) -> torch.Tensor:
+    """mask/(1 − p) for rows with ``keys`` (shape (R,)) and per-row shape ``shape``: (R, *shape)."""
+    base = hash32((keys.to(device=device, dtype=torch.int64) + (call + 1) * _GOLDEN) & _M32)
+    h = base.reshape(-1, *([1] * len(shape)))
+    h = hash32(h ^ _coordinates(tuple(int(v) for v in shape), torch.device(device)))  # both < 2³²: so is h
     threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
     return (h < threshold).to(dtype) * (1.0 / (1.0 - p))
 

@@ -25,7 +25,8 @@ from ..optimizers import rule_for_optimizer
 from ..recording import TrajectoryRecorder
 from .batches import is_causal_model
 
-__all__ = ["IGNORE_INDEX", "SAMPLE_ID", "causal_lm_loss", "causal_lm_weights", "classification_loss",
+__all__ = ["IGNORE_INDEX", "SAMPLE_ID", "causal_lm_loss", "causal_lm_losses", "causal_lm_weights",
+           "classification_loss", "classification_losses",
            "with_sample_ids", "RecordingTrainer", "TrainerRecording"]
 
 IGNORE_INDEX = -100
@@ -42,6 +43,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(picked * keep).sum()
 
 
+def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ℓ_i of :func:`causal_lm_loss` for a whole batch (logits (B, L, V), labels (B, L)) → (B,), without vmap:
+    what the Trainer integration trains with (the decomposition evaluates the per-sample function)."""
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * keep).sum(1)
+
+
 def causal_lm_weights(labels: torch.Tensor, num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
     """w_i = 1 / (predicted tokens in the batch) for a batch of labels (B, L); ``num_items`` overrides the
     count (the Trainer's ``num_items_in_batch`` over accumulated micro-batches)."""
@@ -52,6 +63,15 @@ def causal_lm_weights(labels: torch.Tensor, num_items: int | float | torch.Tenso
 def classification_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of one sample's logits (C,) at its label."""
     return -torch.log_softmax(logits, dim=-1).gather(-1, label.long().reshape(1)).reshape(())
+
+
+def classification_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ℓ_i of :func:`classification_loss` for a batch (logits (B, C), labels (B,)) → (B,), without vmap."""
+    return -torch.log_softmax(logits, dim=-1).gather(-1, labels.long().reshape(-1, 1)).reshape(-1)
+
+
+#: the batched form of each built-in per-sample loss (a user's own per-sample loss is vmapped)
+_BATCHED = {causal_lm_loss: causal_lm_losses, classification_loss: classification_losses}
 
 
 class _WithIds(Dataset):
@@ -158,7 +178,8 @@ class TrainerRecording:
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        losses = torch.func.vmap(self.per_sample_loss)(logits, labels)  # ℓ_i, the decomposition's function
+        batched = _BATCHED.get(self.per_sample_loss) or torch.func.vmap(self.per_sample_loss)
+        losses = batched(logits, labels)  # ℓ_i, the decomposition's function (batched when built in)
         weights = self.sample_weights(labels, num_items_in_batch)
         self.recorder.record_batch(ids, weights=weights)
         loss = (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()

@@ -83,7 +83,14 @@ class ForwardWatch:
         if not self.records_dropout or self._mode is not None:
             return
         m, step, seed = (len(self._forwards), self.step, self.seed) if counted else (-1, -1, self.seed)
-        self._mode = RecordMode(lambda size: torch.tensor([row_key(seed, step, m, r) for r in range(size)]))
+        keys: dict[int, torch.Tensor] = {}  # per batch size, computed at the forward's first dropout call
+
+        def keys_of_rows(size: int) -> torch.Tensor:
+            if size not in keys:
+                keys[size] = torch.tensor([row_key(seed, step, m, r) for r in range(size)])
+            return keys[size]
+
+        self._mode = RecordMode(keys_of_rows)
         self._counted = counted
         self._mode.__enter__()
 

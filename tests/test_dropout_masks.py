@@ -1,0 +1,48 @@
+"""The recorded-dropout masks are the documented counter-based hash, entry by entry (explaind_math.integrations.forward):
+
+    keep = hash32(hash32((key + (k + 1)·GOLDEN) mod 2³²) XOR (Σ_d c_d · coordinate_d mod 2³²)) < (1 − p)·2³²
+
+evaluated here in plain Python integers. A trajectory stores only the seed and the ids, so the formula is the file
+format: a change to it (even a faster one) would replay different masks for every file already written.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from explaind_math.integrations import forward
+
+M32 = 0xFFFFFFFF
+
+
+def _hash32(x: int) -> int:
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+    return (x >> 16) ^ x
+
+
+def _reference_keep(key: int, call: int, coordinates: tuple[int, ...], p: float) -> bool:
+    coord = (0x27D4EB2D, 0x165667B1, 0x61C88647, 0x2545F491, 0x3C6EF372, 0x1B873593, 0x7FEB352D)
+    base = _hash32((key + (call + 1) * 0x9E3779B1) & M32)
+    lin = sum(c * coord[d % len(coord)] for d, c in enumerate(coordinates)) & M32
+    return _hash32(base ^ lin) < min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
+
+
+def test_masks_follow_the_documented_formula_entry_by_entry():
+    keys = torch.tensor([forward.row_key(7, 3, 1, r) for r in range(3)])
+    for shape, call, p in [((5,), 0, 0.1), ((2, 3, 4), 4, 0.5), ((3, 7), 11, 0.9)]:
+        mask = forward._mask(keys, call, shape, p, torch.float64, "cpu")
+        assert mask.shape == (3, *shape)
+        for r in range(3):
+            for c in itertools.product(*(range(s) for s in shape)):
+                expected = 1.0 / (1.0 - p) if _reference_keep(int(keys[r]), call, c, p) else 0.0
+                assert float(mask[(r, *c)]) == expected, (shape, call, r, c)
+
+
+def test_an_entry_does_not_depend_on_the_padded_length():
+    keys = torch.tensor([forward.row_key(0, 0, 0, 0)])
+    short = forward._mask(keys, 2, (4, 6), 0.3, torch.float32, "cpu")
+    long = forward._mask(keys, 2, (9, 6), 0.3, torch.float32, "cpu")
+    assert torch.equal(long[:, :4], short)
