@@ -1,5 +1,6 @@
-"""Worker of test_ddp_recording: 2 gloo ranks train a float64 MLP under DDP with a DistributedSampler; the
-DistributedTrajectoryRecorder gathers each rank's ids and weights; rank 0 saves the trajectory."""
+"""Worker of test_ddp_recording: 2 gloo ranks train a float64 MLP under DDP with a DistributedSampler (with
+``--dropout P``, a dropout layer on); the DistributedTrajectoryRecorder gathers each rank's ids, weights and
+dropout rows; rank 0 saves the trajectory."""
 
 import argparse
 import os
@@ -20,18 +21,21 @@ def data():
     return X, (X[:, 0] > 0).long()
 
 
-def model():
+def model(dropout: float = 0.0):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                               torch.nn.Linear(8, 2)).double()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    out = parser.parse_args().out
+    parser.add_argument("--dropout", type=float, default=0.0)
+    a = parser.parse_args()
+    out = a.out
     dist.init_process_group("gloo")
     X, Y = data()
-    ddp = DistributedDataParallel(model())
+    ddp = DistributedDataParallel(model(a.dropout))
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     recorder = DistributedTrajectoryRecorder(ddp, optimizer, gradient_rescaling=True)
     dataset = list(zip(X, Y))

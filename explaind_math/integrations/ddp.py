@@ -3,7 +3,9 @@
 DDP averages the ranks' gradients, so the step's gradient is (1/W) Σ_r Σ_{i∈B_r} w_i ∇ℓ_i: before every
 ``optimizer.step()`` each rank's recorded ids and weights are gathered (``all_gather_object``) and every
 weight divided by the world size W. Every rank then holds the same trajectory (the parameters are equal
-on all ranks); save it from one::
+on all ranks); save it from one. Dropout is recorded as in one process (:mod:`~explaind_math.integrations.watch`):
+rank 0's seed is broadcast, rank r's micro-batch m gets the key index m·W + r, and each step's record gathers
+every rank's rows, so the decomposition replays the masks each rank drew::
 
     recorder = DistributedTrajectoryRecorder(ddp_model, optimizer)
     ...                                   # each rank: record_batch(ids of its shard of the batch)
@@ -29,19 +31,22 @@ class DistributedTrajectoryRecorder(TrajectoryRecorder):
         if not dist.is_available() or not dist.is_initialized():
             raise RecordingError("DistributedTrajectoryRecorder needs an initialised torch.distributed process group")
         super().__init__(model, optimizer, **kwargs)
-        if self._watch.records_dropout:
-            self.close()
-            raise RecordingError("dropout in a DDP run is not recorded yet (each rank draws its own masks): "
-                                 "train with dropout off under DDP, or record a single-process run")
         self.group = group
         self.world_size = dist.get_world_size(group)
+        # dropout: one seed for all ranks (rank 0's), and rank r's micro-batch m keyed m·W + r (no two ranks
+        # draw the same masks; the gathered record holds every rank's rows)
+        seed = [self._watch.seed]
+        dist.broadcast_object_list(seed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        self._watch.seed = int(seed[0])
+        self._watch.rank, self._watch.world_size = dist.get_rank(group), self.world_size
 
     def _check_and_prepare(self, optimizer, args, kwargs) -> None:
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, dict(self._pending), group=self.group)
+        dist.all_gather_object(gathered, (dict(self._pending), self._watch.local_forwards()), group=self.group)
         merged: dict[int, float] = {}
-        for pending in gathered:
+        for pending, _ in gathered:
             for i, w in pending.items():
                 merged[i] = merged.get(i, 0.0) + w / self.world_size
         self._pending = merged
+        self._watch.merge_ranks([forwards for _, forwards in gathered])
         super()._check_and_prepare(optimizer, args, kwargs)

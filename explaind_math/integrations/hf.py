@@ -149,6 +149,14 @@ class TrainerRecording:
         count = labels.shape[0] * self.current_gradient_accumulation_steps if num_items is None else float(num_items)
         return torch.full((labels.shape[0],), 1.0 / float(count), dtype=torch.float64)
 
+    def _rank_scale(self, num_items: Any) -> float:
+        """W when ``num_items_in_batch`` counts the batches of all W ranks (``average_tokens_across_devices``): the
+        Trainer then multiplies each rank's loss by W so that DDP's average is Σ_all ℓ / num_items; the recorder
+        divides every rank's weights by W again when it gathers them (:mod:`~explaind_math.integrations.ddp`)."""
+        if num_items is None or not getattr(self.args, "average_tokens_across_devices", False):
+            return 1.0
+        return float(self.args.world_size) if self.args.world_size > 1 else 1.0
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if SAMPLE_ID not in self._signature_columns:
@@ -164,7 +172,7 @@ class TrainerRecording:
                 raise RecordingError(f"optim={optim!r} gives a {type(optimizer).__name__}, which has no "
                                      f"exact rule ({error}); use optim='adamw_torch' or 'sgd'") from None
             options = {"gradient_rescaling": self.args.max_grad_norm > 0, **self.recorder_options}
-            self.recorder = TrajectoryRecorder(self.model, optimizer, **options)
+            self.recorder = _recorder_class()(self.model, optimizer, **options)
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -180,10 +188,21 @@ class TrainerRecording:
         logits = outputs.logits if hasattr(outputs, "logits") else outputs
         batched = _BATCHED.get(self.per_sample_loss) or torch.func.vmap(self.per_sample_loss)
         losses = batched(logits, labels)  # ℓ_i, the decomposition's function (batched when built in)
-        weights = self.sample_weights(labels, num_items_in_batch)
+        weights = self.sample_weights(labels, num_items_in_batch) * self._rank_scale(num_items_in_batch)
         self.recorder.record_batch(ids, weights=weights)
         loss = (losses * weights.to(device=losses.device, dtype=losses.dtype)).sum()
         return (loss, outputs) if return_outputs else loss
+
+
+def _recorder_class():
+    """The recorder of a Trainer run: one rank, or every rank of a DDP run (torchrun) gathered into one trajectory."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from .ddp import DistributedTrajectoryRecorder
+
+        return DistributedTrajectoryRecorder
+    return TrajectoryRecorder
 
 
 def _recording_trainer_class():

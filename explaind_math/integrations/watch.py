@@ -61,6 +61,7 @@ class ForwardWatch:
         self.records_dropout = has_active_dropout(model) if dropout == "auto" else bool(dropout)
         self.seed = secrets.randbits(31) if seed is None else int(seed)
         self.step = 0
+        self.rank, self.world_size = 0, 1  # a DDP run: this rank's micro-batches get keys m·W + rank
         self.calls: list[float] | None = None
         self._forwards: list[int | None] = []  # per training forward of this step: its batch size (None: no mask)
         self._orders: list[list[int]] = []  # per record_batch call of this step: ids in row order
@@ -82,7 +83,8 @@ class ForwardWatch:
             refuse_autocast(f"step {self.step}")
         if not self.records_dropout or self._mode is not None:
             return
-        m, step, seed = (len(self._forwards), self.step, self.seed) if counted else (-1, -1, self.seed)
+        m = len(self._forwards) * self.world_size + self.rank
+        m, step, seed = (m, self.step, self.seed) if counted else (-1, -1, self.seed)
         keys: dict[int, torch.Tensor] = {}  # per batch size, computed at the forward's first dropout call
 
         def keys_of_rows(size: int) -> torch.Tensor:
@@ -113,6 +115,30 @@ class ForwardWatch:
     def batch(self, ids: Sequence[int]) -> None:
         if self.records_dropout:
             self._orders.append([int(i) for i in ids])
+
+    def local_forwards(self) -> tuple[list[int | None], list[list[int]]]:
+        """This rank's training forwards of the step (batch sizes) and record_batch orders, for a DDP gather."""
+        return list(self._forwards), list(self._orders)
+
+    def merge_ranks(self, gathered: Sequence[tuple[list[int | None], list[list[int]]]]) -> None:
+        """Every rank's forwards and orders (``local_forwards`` of rank r at position r), laid out by key index
+        m·W + r, so that micro-batch m of rank r is entry m·W + r of the step's dropout record. Every rank gets
+        the same lists, so every rank refuses a step alike (no rank waits for another in a collective)."""
+        if not self.records_dropout:
+            return
+        for r, (forwards, orders) in enumerate(gathered):
+            if len(forwards) != len(orders):
+                raise RecordingError(
+                    f"step {self.step}: rank {r} made {len(forwards)} training forward passes but {len(orders)} "
+                    "record_batch calls; with dropout recorded, each rank calls record_batch once per forward pass")
+        width = max((len(orders) for _, orders in gathered), default=0)
+        merged_forwards: list[int | None] = []
+        merged_orders: list[list[int]] = []
+        for m in range(width):
+            for forwards, orders in gathered:
+                merged_forwards.append(forwards[m] if m < len(forwards) else None)
+                merged_orders.append(orders[m] if m < len(orders) else [])
+        self._forwards, self._orders = merged_forwards, merged_orders
 
     def before_step(self, step: int) -> None:
         """Check that every training forward of this step has its ids (refuses the step otherwise)."""
