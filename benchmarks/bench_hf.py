@@ -4,8 +4,9 @@
      run with ``attn_implementation="eager"`` (target: within 3x); and, for scale, per-sample gradients
      through torch's own SDPA under vmap (its per-sample fallback loop, what the decomposition avoids by
      evaluating SDPA in plain tensor operations);
-  2. the Trainer's step time with ``RecordingTrainer`` against the plain ``Trainer`` on the same run, CPU
-     (target: <= 1.3x);
+  2. the Trainer's step time (its own ``train_runtime`` per step) with ``RecordingTrainer`` against the plain
+     ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
+     one on sequences up to 64 tokens; and the whole ``trainer.train()`` call;
   3. the memory of the dropout record: bytes in the trajectory against bit-packed masks.
 
     python benchmarks/bench_hf.py [--layers 2] [--steps 8]
@@ -14,6 +15,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -35,11 +38,11 @@ from hf_gpt2_trainer import synthetic_sequences  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-def gpt2(attn: str, layers: int, width: int = 32):
+def gpt2(attn: str, layers: int, width: int = 32, positions: int = 32):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=32, vocab_size=24,
+    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=positions, vocab_size=24,
                                       bos_token_id=0, eos_token_id=0, attn_implementation=attn))
 
 
@@ -51,10 +54,12 @@ def args_for(out_dir: str, steps: int, batch: int):
                              disable_tqdm=True, learning_rate=1e-3)
 
 
-def trainer_seconds(recording: bool, steps: int, layers: int, batch: int, data) -> tuple[float, object]:
+def trainer_seconds(recording: bool, steps: int, layers: int, batch: int, data, width: int = 32,
+                    positions: int = 32) -> tuple[float, float, object]:
+    """(wall time of trainer.train(), its train_runtime per step, the recorder) for a plain or recording Trainer."""
     from transformers import Trainer
 
-    model = gpt2("eager", layers)
+    model = gpt2("eager", layers, width, positions)
     with tempfile.TemporaryDirectory() as out:
         if recording:
             trainer = hf.RecordingTrainer(model=model, args=args_for(out, steps, batch),
@@ -63,9 +68,10 @@ def trainer_seconds(recording: bool, steps: int, layers: int, batch: int, data) 
             trainer = Trainer(model=model, args=args_for(out, steps, batch), train_dataset=data,
                               data_collator=padded_collate)
         start = time.perf_counter()
-        trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()):
+            output = trainer.train()
         seconds = time.perf_counter() - start
-    return seconds, (trainer.recorder if recording else None)
+    return seconds, output.metrics["train_runtime"] / steps, (trainer.recorder if recording else None)
 
 
 def decomposition_seconds(attn: str, layers: int, steps: int, data, test) -> tuple[float, float]:
@@ -123,12 +129,24 @@ def main() -> None:
     print(f"   with torch's own SDPA under vmap at the test inputs (the slow path avoided): {native:.2f} s, "
           f"{native / eager:.1f}x eager (residual {r_native:.1e})")
 
-    trainer_seconds(False, 2, a.layers, 8, data)  # warm-up (imports, first-call costs)
-    plain = min(trainer_seconds(False, a.trainer_steps, a.layers, 8, data)[0] for _ in range(5))
-    runs = [trainer_seconds(True, a.trainer_steps, a.layers, 8, data) for _ in range(5)]
-    recorded, recorder = min(r[0] for r in runs), runs[0][1]
-    print(f"2. Trainer, {a.trainer_steps} steps (best of 5): plain {plain:.2f} s, RecordingTrainer {recorded:.2f} s, "
-          f"ratio {recorded / plain:.2f}")
+    recorder = None
+    sizes = [(a.layers, 32, 24, data), (4, 128, 64, synthetic_sequences(64, seed=1, max_len=64))]
+    for layers, width, max_len, sequences in sizes:
+        positions = max(32, max_len)
+        trainer_seconds(False, 2, layers, 8, sequences, width, positions)  # warm-up (imports, first-call costs)
+        trainer_seconds(True, 2, layers, 8, sequences, width, positions)
+        plain, runs = [], []
+        for _ in range(5):  # interleaved, best of 5
+            plain.append(trainer_seconds(False, a.trainer_steps, layers, 8, sequences, width, positions))
+            runs.append(trainer_seconds(True, a.trainer_steps, layers, 8, sequences, width, positions))
+        step_plain, step_rec = min(r[1] for r in plain), min(r[1] for r in runs)
+        wall_plain, wall_rec = min(r[0] for r in plain), min(r[0] for r in runs)
+        if recorder is None:  # the dropout record of part 3 is the first size's
+            recorder = runs[0][2]
+        print(f"2. Trainer, GPT-2 {layers} layers width {width}, sequences <= {max_len}, {a.trainer_steps} steps "
+              f"(best of 5): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
+              f"{step_rec / step_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
+              f"{wall_rec / wall_plain:.2f}")
 
     record = recorder.trajectory().metadata["dropout"]
     recorded_bytes = len(json.dumps(record))

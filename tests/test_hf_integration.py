@@ -46,10 +46,11 @@ def gpt2(dtype=torch.float64, attn="eager", dropout=0.1):
     return GPT2LMHeadModel(config).to(dtype)
 
 
-def train_plain(model, data, steps=3, **recorder_options):
+def train_plain(model, data, steps=3, collate_fn=None, **recorder_options):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     recorder = em.TrajectoryRecorder(model, optimizer, **recorder_options)
-    loader = DataLoaderWithIds(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoaderWithIds(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0),
+                               collate_fn=collate_fn)
     model.train()
     done = 0
     while done < steps:
@@ -69,8 +70,8 @@ def train_plain(model, data, steps=3, **recorder_options):
     return recorder.trajectory()
 
 
-def decompose(model, trajectory, data, **options):
-    test = collate_padded(sequences(2, seed=9))
+def decompose(model, trajectory, data, side="right", **options):
+    test = collate_padded(sequences(2, seed=9), side=side, causal=True)
     labels = test.pop("labels")
     return em.decompose_function_of_output(model, trajectory, hf.causal_lm_loss, data, test, hf.causal_lm_loss,
                                            test_labels=labels, keep=("unit", "test", "output"),
@@ -233,3 +234,34 @@ def test_batched_built_in_losses_equal_the_per_sample_ones():
     classes = torch.randint(0, 11, (4,), generator=g)
     assert torch.allclose(hf.classification_losses(logits[:, 0], classes),
                           torch.func.vmap(hf.classification_loss)(logits[:, 0], classes), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_run_decomposes_exactly_and_with_dropout_is_refused(attn):
+    """Left padding (LeftPadded: position_ids from the mask, the first label ignored) in training and at the test
+    inputs: each sequence's loss is its unpadded one and the run decomposes exactly. With dropout recorded the
+    first training forward is refused, naming left padding (the masks are keyed by padded coordinates)."""
+    from explaind_math.integrations import LeftPadded
+
+    data = sequences(12, seed=3)
+    left = collate_padded(data[:4], side="left", causal=True)
+    right = collate_padded(data[:4])
+    model = gpt2(attn=attn).eval()
+    with torch.no_grad():
+        losses = [hf.causal_lm_losses(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"])
+                  for b in (left, right)]
+    assert torch.allclose(losses[0], losses[1], rtol=1e-12, atol=0)
+    model = gpt2(attn=attn, dropout=0.0)
+    trajectory = train_plain(model, data, collate_fn=LeftPadded(causal=True))
+    result = decompose(model, trajectory, data, side="left")
+    assert result.relative_residual <= 1e-9, result.summary()
+    model = gpt2(attn=attn, dropout=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RecordingError, match="padded on the left"):
+        train_plain(model, data, collate_fn=LeftPadded(causal=True))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_left_padding_with_token_labels_asks_whether_they_are_shifted():
+    with pytest.raises(ValueError, match="causal=True"):
+        collate_padded(sequences(3, seed=1), side="left")

@@ -15,10 +15,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["StructuredBatch", "pad_stack", "collate_padded", "DEFAULT_PAD_VALUES", "per_sample_attention_mask",
-           "is_causal_model"]
+__all__ = ["StructuredBatch", "pad_stack", "collate_padded", "LeftPadded", "DEFAULT_PAD_VALUES",
+           "per_sample_attention_mask", "is_causal_model"]
 
-DEFAULT_PAD_VALUES = {"labels": -100, "label": -100, "attention_mask": 0}
+IGNORE_LABEL = -100
+DEFAULT_PAD_VALUES = {"labels": IGNORE_LABEL, "label": IGNORE_LABEL, "attention_mask": 0}
 DROPOUT_KEY = "__dropout_key__"
 
 
@@ -82,21 +83,60 @@ pytree.register_pytree_node(
 )
 
 
-def pad_stack(tensors: Sequence[torch.Tensor], value: float | int = 0) -> torch.Tensor:
-    """Stack tensors of equal rank, padded at the end of every axis to the largest size with ``value``."""
+def pad_stack(tensors: Sequence[torch.Tensor], value: float | int = 0, *, left: bool = False) -> torch.Tensor:
+    """Stack tensors of equal rank, padded to the largest size of every axis with ``value``: at the end of every
+    axis, or (``left``) at the start of the first (the sequence axis) and the end of the others."""
     tensors = [torch.as_tensor(t) for t in tensors]
     shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
     out = torch.full((len(tensors), *shape), value, dtype=tensors[0].dtype)
     for k, t in enumerate(tensors):
-        out[(k, *[slice(0, s) for s in t.shape])] = t
+        where = [slice(0, s) for s in t.shape]
+        if left and where:
+            where[0] = slice(shape[0] - t.shape[0], shape[0])
+        out[(k, *where)] = t
     return out
 
 
-def collate_padded(items: Sequence[Mapping[str, Any]], pad_values: Mapping[str, Any] | None = None) -> dict:
-    """A batch of dict samples: each entry stacked, padded on the right (labels with −100, attention masks
-    with 0, everything else with 0 unless ``pad_values`` says otherwise)."""
+def collate_padded(items: Sequence[Mapping[str, Any]], pad_values: Mapping[str, Any] | None = None, *,
+                   side: str = "right", causal: bool | None = None) -> dict:
+    """A batch of dict samples: each entry stacked and padded (labels with −100, attention masks with 0, everything
+    else with 0 unless ``pad_values`` says otherwise), on the right or (``side="left"``) before each sequence.
+
+    Left padding keeps every sequence's own function (what the decomposition evaluates unpadded): it adds
+    ``position_ids`` = (Σ_{k'≤k} mask_{k'}) − 1 from the attention mask (a sequence starts at position 0 after its
+    padding), and for a causal LM (``causal=True``; required when labels are per token) it ignores the label of
+    each sequence's first token, which only padding predicts (unpadded, nothing does)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     pads = {**DEFAULT_PAD_VALUES, **(pad_values or {})}
-    return {name: pad_stack([item[name] for item in items], pads.get(name, 0)) for name in items[0]}
+    left = side == "left"
+    batch = {name: pad_stack([item[name] for item in items], pads.get(name, 0), left=left) for name in items[0]}
+    if not left:
+        return batch
+    mask = batch.get("attention_mask")
+    if mask is not None and "position_ids" not in batch:
+        batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    labels, tokens = batch.get("labels"), batch.get("input_ids")
+    if labels is not None and tokens is not None and labels.shape == tokens.shape:
+        if causal is None:
+            raise ValueError("collate_padded(side='left') with per-token labels: say causal=True (a causal LM, whose "
+                             "first label only padding predicts: it is ignored) or causal=False (labels not shifted)")
+        if causal:
+            lengths = torch.tensor([len(item["labels"]) for item in items])
+            first = labels.shape[1] - lengths
+            labels[torch.arange(len(items)), first.clamp_max(labels.shape[1] - 1)] = IGNORE_LABEL
+    return batch
+
+
+class LeftPadded:
+    """A collate function (for ``DataLoaderWithIds(collate_fn=...)`` or the Trainer's ``data_collator``) that pads
+    dict samples on the left: :func:`collate_padded` with ``side="left"`` (a class, so workers can pickle it)."""
+
+    def __init__(self, causal: bool | None = None, pad_values: Mapping[str, Any] | None = None):
+        self.causal, self.pad_values = causal, pad_values
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict:
+        return collate_padded(items, self.pad_values, side="left", causal=self.causal)
 
 
 def is_causal_model(model) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import RecordingError
 from .forward import RecordMode, autocast_in_use, row_key
 
-__all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast"]
+__all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast", "refuse_left_padding"]
 
 
 def has_active_dropout(model: nn.Module) -> bool:
@@ -52,6 +52,19 @@ def refuse_autocast(where: str) -> None:
             "run without autocast (float32, or bfloat16 parameters without autocast)")
 
 
+def refuse_left_padding(mask, where: str) -> None:
+    """Recorded dropout keys a mask entry by its coordinates in the padded batch; a sequence padded on the left
+    sits at other coordinates than unpadded, where the decomposition replays it, so its masks would differ."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1:
+        starts_padded = (mask[:, 0] == 0) & (mask.sum(-1) > 0)
+        if bool(starts_padded.any()):
+            raise RecordingError(
+                f"{where}: a training batch is padded on the left (attention_mask starts with 0) while dropout is "
+                "recorded; its masks are keyed by each entry's coordinates, which left padding shifts, so they "
+                "could not be replayed on the unpadded sequences. Pad on the right (collate_padded's default) for "
+                "a dropout run; left padding (LeftPadded) is exact without dropout")
+
+
 class ForwardWatch:
     """Hooks on ``model`` that watch its training forward passes (see the module docstring)."""
 
@@ -69,11 +82,11 @@ class ForwardWatch:
         self._steps: dict[str, list[list[int]]] = {}
         self._mode: RecordMode | None = None
         self._counted = False
-        self._handles = [model.register_forward_pre_hook(self._enter),
+        self._handles = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
                          model.register_forward_hook(self._exit, always_call=True)]
 
     # ------------------------------------------------------------------ hooks
-    def _enter(self, module, args):
+    def _enter(self, module, args, kwargs):
         """A training forward: refuse autocast; with dropout, draw its masks from the keys of its rows. A
         forward without grad in training mode (the recorder's probe) gets fixed keys and is not counted."""
         if not module.training:
@@ -83,6 +96,7 @@ class ForwardWatch:
             refuse_autocast(f"step {self.step}")
         if not self.records_dropout or self._mode is not None:
             return
+        refuse_left_padding(kwargs.get("attention_mask"), f"step {self.step}")
         m = len(self._forwards) * self.world_size + self.rank
         m, step, seed = (m, self.step, self.seed) if counted else (-1, -1, self.seed)
         keys: dict[int, torch.Tensor] = {}  # per batch size, computed at the forward's first dropout call
