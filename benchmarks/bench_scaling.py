@@ -335,6 +335,7 @@ def fidelity_verdict(rows: list[Row], dtype: torch.dtype) -> str:
                      f"batches nodes, {ref.seconds:.2f} s): {best.label} {one.seconds / best.seconds:.1f}× faster")
     else:
         lines.append("  none of our rules reached midpoint(100)'s residual")
+    lines.append(default_rule_verdict(rows, floor))
     tuned = [r for r in ours if r.label.startswith("adaptive") and r.relative_residual <= TARGET_RESIDUAL]
     if tuned:
         best = min(tuned, key=lambda r: r.seconds)
@@ -351,6 +352,22 @@ def fidelity_verdict(rows: list[Row], dtype: torch.dtype) -> str:
                      f"within 2× of it: {', '.join(at_floor)} — there the residual is rounding, not quadrature, "
                      "and which of them is lowest is chance")
     return "\n".join(lines)
+
+
+def default_rule_verdict(rows: list[Row], floor: float) -> str:
+    """Issue 14's smooth-model target: the default rule no slower than the fastest other rule that reaches its
+    residual (or 2 × the rounding floor, where every rule sits at rounding)."""
+    default = reference(rows, DEFAULT_RULE)
+    bar = max(default.relative_residual, 2 * floor)
+    rivals = [r for r in rows if r.label != DEFAULT_RULE and r.relative_residual <= bar]
+    if not rivals:
+        return (f"  default rule: {default.seconds:.2f} s at {default.relative_residual:.2e}; no other rule reaches "
+                "that residual — target (no slower than the best rule at the same residual): MET")
+    best = min(rivals, key=lambda r: r.seconds)
+    ratio = default.seconds / best.seconds
+    return (f"  default rule: {default.seconds:.2f} s at {default.relative_residual:.2e}; fastest other rule at that "
+            f"residual or better: {best.label}, {best.seconds:.2f} s ({best.relative_residual:.2e}); default / best = "
+            f"{ratio:.2f} — target (no slower): {'MET' if ratio <= 1.0 else 'MISSED'}")
 
 
 # --------------------------------------------------------------------------- table 2
