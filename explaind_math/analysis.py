@@ -51,8 +51,9 @@ __all__ = [
     "to_xarray",
 ]
 
-#: the tensors a function can accumulate: I, Ψ, Ξ, the penalty's, Ψ + Ξ + penalty, and Σ_U I + Ψ + Ξ + penalty
-SOURCES = ("kernel", "regularization", "carried_state", "penalty", "pseudo_units", "total")
+#: the tensors a function can accumulate: I, Ψ, Ξ, the penalty's, the recorded gradients' rounding, all pseudo-units
+#: (Ψ + Ξ + penalty + rounding), and Σ_U I + all pseudo-units
+SOURCES = ("kernel", "regularization", "carried_state", "penalty", "gradient_rounding", "pseudo_units", "total")
 
 _COORDINATE_LABEL = re.compile(r"^(.*)\[(\d+)\]$")
 
@@ -161,11 +162,12 @@ def _source_tensor(result: Influence, source: str) -> tuple[torch.Tensor, tuple[
     if source == "carried_state":
         value = result.carried_state
         return (torch.zeros_like(result.regularization) if value is None else value), axes
-    if source == "penalty":
-        value = result.penalty
+    if source in ("penalty", "gradient_rounding"):
+        value = getattr(result, source)
         return (torch.zeros_like(result.regularization) if value is None else value), axes
     if source in ("pseudo_units", "total"):
-        total = sum(_source_tensor(result, s)[0] for s in ("regularization", "carried_state", "penalty"))
+        total = sum(_source_tensor(result, s)[0]
+                    for s in ("regularization", "carried_state", "penalty", "gradient_rounding"))
         if source == "total":
             kernel = result.kernel
             if "unit" in result.kernel_axes:

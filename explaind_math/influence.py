@@ -37,9 +37,9 @@ class Influence:
         regularization: Ψ with the same axes minus ``"unit"``.
         carried_state: Ξ like Ψ, or None when no optimizer state was carried in.
         penalty: influence of a loss penalty R(θ) inside the training loss (like Ψ), or None.
-        gradient_rounding: influence (like Ψ) of δ_t = recorded ``.grad`` − Σ_i w_{t,i} ∇ℓ_i(θ_t), the rounding
-            of the training run's own backward pass, or None (no gradients recorded). The gradient-sum check
-            bounds δ_t by the rounding of that pass, so it holds nothing else; float64 runs: ≈ 1e-16.
+        gradient_rounding: influence (like Ψ) of δ_t = recorded ``.grad`` − Σ_i w_{t,i} ∇ℓ_i(θ_t), the rounding of
+            the gradient the optimizer used, or None (no gradients recorded). Only steps whose max|δ_t| is within
+            that rounding's scale (64 ε max|g_t|) feed it; a larger δ_t is warned about and left in the residual.
         gradient_scales: per step, the recovered factor c_t of gradient clipping by norm (or None).
         f_initial, f_final: f(x; θ_0) and f(x; θ_N), shape (test, output).
         step_residuals: r_t(x) = f(θ_{t+1}) − f(θ_t) − Φ_t(x) Σ_u update_t(u), shape (step, test, output).
@@ -139,7 +139,7 @@ class Influence:
     # ------------------------------------------------------------------ certificate
     @property
     def reconstruction(self) -> torch.Tensor:
-        """f(x; θ_0) + Σ I + Σ Ψ + Σ Ξ, shape (test, output)."""
+        """f(x; θ_0) + Σ I + Σ Ψ + Σ Ξ (+ penalty, + gradient rounding), shape (test, output)."""
         return self.f_initial + self.kernel_sum() + self.pseudo_unit_sum()
 
     @property

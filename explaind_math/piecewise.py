@@ -350,8 +350,8 @@ def _advance(rule, rules, pieces, tried, values, scale, eps, out: StepNodes, tar
                 # order n_{k-1}, its error estimated by n_k; unless n_{k-1} passed only by the rounding floor and
                 # n_k's certified residual is lower: then part of n_{k-1}'s was quadrature error under the floor's
                 # allowance (which adds up over steps), and n_k, evaluated anyway, is taken
-                stalled = previous_within_tol or previous_residual <= FLOOR_IMPROVEMENT * residual
-                out.pairs[p.x].extend(previous_ps if stalled else ps)
+                keep_lower = previous_within_tol or previous_residual <= FLOOR_IMPROVEMENT * residual
+                out.pairs[p.x].extend(previous_ps if keep_lower else ps)
                 settled = True
                 break
             p.previous, p.order = (ps, ok, along_v, residual, within_tol), index + 1

@@ -156,27 +156,45 @@ class ForwardState:
 
 
 # ---------------------------------------------------------------------- optimizer state between steps
+def compared_by_copy(v: torch.Tensor) -> bool:
+    """A state tensor on the CPU is compared with a copy; elsewhere by its fingerprint."""
+    return v.device.type == "cpu"
+
+
+def _device_fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
+    """(Σv, Σv²) in float64 of every tensor, formed on its device and read back in one transfer."""
+    if not tensors:
+        return []
+    sums = [torch.stack([v.detach().double().sum(), v.detach().double().square().sum()]).cpu() for v in tensors]
+    return [tuple(x.tolist()) for x in torch.stack(sums)]
+
+
 class OptimizerStateWatch:
     """The optimizer state after each step, compared before the next: the state may only change inside
-    ``optimizer.step()``. Every state tensor is compared exactly with a copy taken after the step: the one the
-    recorder keeps in the step's record when there is one, else a CPU copy of its own (Adam's first moment,
-    which the decomposition unrolls instead of recording); scalars (the step count) by value."""
+    ``optimizer.step()``. A state tensor on the CPU is compared exactly with a copy taken after the step (the one
+    the recorder keeps in the step's record when there is one, else its own: Adam's first moment, which the
+    decomposition unrolls instead of recording); one on an accelerator by its fingerprint (Σv, Σv²), all of them
+    read back in one transfer (no D-sized copy per step); scalars (the step count) by value."""
 
     def __init__(self):
         self._after: dict[int, dict[str, Any]] | None = None
 
     @staticmethod
     def _take(optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[int, dict[str, Any]]:
-        out = {}
+        out, on_device = {}, []
         for name, p, _ in params:
             kept, entry = copies.get(name, {}), {}
             for k, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and not compared_by_copy(v):
+                    on_device.append((entry, k, v))
+                elif isinstance(v, torch.Tensor) and v.dim() > 0:
                     copy = kept.get(k)
-                    entry[k] = ("copy", copy if isinstance(copy, torch.Tensor) else v.detach().to("cpu", copy=True))
+                    entry[k] = ("copy", copy if isinstance(copy, torch.Tensor) else v.detach().clone())
                 else:
-                    entry[k] = float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v)
+                    entry[k] = _scalar(v)
             out[id(p)] = entry
+        for (entry, k, _), fingerprint in zip(on_device, _device_fingerprints([v for _, _, v in on_device])):
+            entry[k] = ("fingerprint", fingerprint)
         return out
 
     def record(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
@@ -186,27 +204,43 @@ class OptimizerStateWatch:
     def forget(self) -> None:
         self._after = None
 
-    @staticmethod
-    def _same(before: Any, value: Any) -> bool:
-        if isinstance(before, tuple) and len(before) == 2 and before[0] == "copy":
-            return (isinstance(value, torch.Tensor) and value.shape == before[1].shape
-                    and value.dtype == before[1].dtype and torch.equal(value.detach().cpu(), before[1]))
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return False
-        return before == (float(value) if isinstance(value, (torch.Tensor, numbers.Number)) else repr(value))
-
     def check(self, optimizer, params, where: str) -> None:
         if self._after is None:
             return
+        changed, on_device = [], []
         for name, p, _ in params:
             before, now = self._after.get(id(p), {}), optimizer.state.get(p, {})
             for key in sorted(set(before) | set(now)):
-                if key not in before or key not in now or not self._same(before[key], now[key]):
-                    raise RecordingError(
-                        f"{where}: the optimizer state {key!r} of parameter {name!r} changed since the last "
-                        "optimizer.step() (optimizer.load_state_dict, or a state edited by hand, mid-run?); the "
-                        "state may only change inside optimizer.step(). Restore it, or start a new recorder"
-                    )
+                b, v = before.get(key), now.get(key)
+                if b is None or v is None:
+                    changed.append((name, key))
+                elif isinstance(b, tuple) and b[0] == "fingerprint" and isinstance(v, torch.Tensor) and v.dim() > 0:
+                    on_device.append((name, key, b[1], v))
+                elif not _same(b, v):
+                    changed.append((name, key))
+        fingerprints = _device_fingerprints([v for *_, v in on_device])
+        changed += [(name, key) for (name, key, b, _), now in zip(on_device, fingerprints) if b != now]
+        if changed:
+            name, key = changed[0]
+            raise RecordingError(
+                f"{where}: the optimizer state {key!r} of parameter {name!r} changed since the last "
+                "optimizer.step() (optimizer.load_state_dict, or a state edited by hand, mid-run?); the "
+                "state may only change inside optimizer.step(). Restore it, or start a new recorder"
+            )
+
+
+def _scalar(v: Any) -> Any:
+    return float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v)
+
+
+def _same(before: Any, value: Any) -> bool:
+    """Whether a state entry equals what was taken after the last step (a CPU copy, or a scalar)."""
+    if isinstance(before, tuple) and len(before) == 2 and before[0] == "copy":
+        return (isinstance(value, torch.Tensor) and value.shape == before[1].shape and compared_by_copy(value)
+                and value.dtype == before[1].dtype and torch.equal(value.detach(), before[1]))
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return False
+    return before == _scalar(value)
 
 
 # ---------------------------------------------------------------------- forwards that are not per-sample

@@ -433,6 +433,16 @@ def test_optimizer_state_changed_between_steps_is_refused(edit, match):
     assert rec.trajectory().num_steps == 2
 
 
+@pytest.mark.parametrize("edit", ["load-state-dict", "zero-exp-avg", "scale-exp-avg-sq"])
+def test_optimizer_state_on_an_accelerator_is_compared_by_fingerprint(edit, monkeypatch):
+    """State on an accelerator is compared by (Σv, Σv²) read back in one transfer, not copied: the path is
+    exercised here on the CPU by declaring no tensor comparable by copy."""
+    from explaind_math import recording_checks
+
+    monkeypatch.setattr(recording_checks, "compared_by_copy", lambda v: False)
+    test_optimizer_state_changed_between_steps_is_refused(edit, rf"optimizer state '[a-z_]+' of parameter '0.weight' changed")
+
+
 def test_learning_rate_changed_through_param_groups_is_recorded_not_refused():
     X, Y = _data()
     model = _mlp()

@@ -46,3 +46,20 @@ def test_an_entry_does_not_depend_on_the_padded_length():
     short = forward._mask(keys, 2, (4, 6), 0.3, torch.float32, "cpu")
     long = forward._mask(keys, 2, (9, 6), 0.3, torch.float32, "cpu")
     assert torch.equal(long[:, :4], short)
+
+
+def test_a_left_padded_rank_is_refused_on_every_rank_at_the_gather():
+    """Under DDP the refusal of left padding with recorded dropout is made after the step's gather, from every
+    rank's flags, so all ranks refuse the step alike (no rank is left waiting in a collective)."""
+    import pytest
+
+    from explaind_math.errors import RecordingError
+    from explaind_math.integrations.watch import ForwardWatch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+    watch = ForwardWatch(model, dropout=True, seed=0)
+    for flags in ([False, True], [True, False]):
+        with pytest.raises(RecordingError, match=rf"rank {flags.index(True)}\).*padded on the left"):
+            watch.merge_ranks([([4], [[0, 1, 2, 3]], flags[0]), ([4], [[4, 5, 6, 7]], flags[1])])
+    watch.merge_ranks([([4], [[0, 1, 2, 3]], False), ([4], [[4, 5, 6, 7]], False)])
+    watch.close()

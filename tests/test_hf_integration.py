@@ -240,7 +240,7 @@ def test_batched_built_in_losses_equal_the_per_sample_ones():
 def test_left_padded_run_decomposes_exactly_and_with_dropout_is_refused(attn):
     """Left padding (LeftPadded: position_ids from the mask, the first label ignored) in training and at the test
     inputs: each sequence's loss is its unpadded one and the run decomposes exactly. With dropout recorded the
-    first training forward is refused, naming left padding (the masks are keyed by padded coordinates)."""
+    first step is refused, naming left padding (the masks are keyed by padded coordinates), and not taken."""
     from explaind_math.integrations import LeftPadded
 
     data = sequences(12, seed=3)

@@ -37,14 +37,9 @@ from .gradients import batch_gradient, gradient_rounding, penalty_gradient, step
 from .plan import chunks
 
 __all__ = ["ForwardChecks", "AdjointTotals", "summed_unit_context", "replay_summed_buffers", "adjoint_pass",
-           "run_adjoint", "pseudo_names_of"]
+           "run_adjoint"]
 
 Params = dict[str, torch.Tensor]
-
-
-def pseudo_names_of(ctx: DecompositionContext) -> list[str]:
-    """The pseudo-units of the run (as :class:`RuleBuffers` names them; :attr:`DecompositionContext.pseudo_names`)."""
-    return ctx.pseudo_names
 
 
 @dataclass
@@ -279,7 +274,7 @@ def run_adjoint(ctx: DecompositionContext, progress: bool | None = False) -> tup
     test chunk (``plan.test_chunk`` test inputs: λ of a chunk is what must fit the memory budget)."""
     steps = range(ctx.trajectory.num_steps)
     checks = replay_summed_buffers(ctx, steps, progress=progress)
-    totals = AdjointTotals.zeros(ctx, pseudo_names_of(ctx))
+    totals = AdjointTotals.zeros(ctx, ctx.pseudo_names)
     for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
         adjoint_pass(ctx, steps, checks, sl, totals, progress=progress)
     block = totals.to_block(ctx, checks.replay_errors, checks.scales, checks.f_values[0], checks.f_values[-1])

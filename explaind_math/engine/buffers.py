@@ -73,7 +73,7 @@ class RuleBuffers:
         self.has_buffer = {n: (n in carried) for n in names}
         # first-order bound on how far the gradients' rounding moves each update (the replay check's floor):
         # a buffer of |perturbations| advanced by the same table, fed 64 ε · max|g_t| per coordinate per step
-        self.rounding_buffer = {n: ctx.zeros(shapes[n]) for n in names}
+        self.rounding_bound_buffer = {n: ctx.zeros(shapes[n]) for n in names}
         # units whose buffer has been fed (C ≠ 0) at some step: only their rows can hold non-zero updates
         self.touched = torch.zeros(len(ctx.unit_labels), dtype=torch.bool, device=ctx.device)
 
@@ -82,7 +82,7 @@ class RuleBuffers:
         """The linear state, in a fixed order (the same on every rank)."""
         out = []
         for n in self.ctx.names:
-            out += [self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n],
+            out += [self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_bound_buffer[n],
                     self.gradient_rounding_buffer[n]]
             if n in self.carried_buffer:
                 out.append(self.carried_buffer[n])
@@ -91,7 +91,7 @@ class RuleBuffers:
     def load_state(self, tensors: Sequence[torch.Tensor]) -> None:
         it = iter(tensors)
         for n in self.ctx.names:
-            (self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_buffer[n],
+            (self.sample_buffer[n], self.decay_buffer[n], self.penalty_buffer[n], self.rounding_bound_buffer[n],
              self.gradient_rounding_buffer[n]) = (next(it), next(it), next(it), next(it), next(it))
             if n in self.carried_buffer:
                 self.carried_buffer[n] = next(it)
@@ -126,7 +126,7 @@ class RuleBuffers:
             self.decay_buffer[n] = recurrence.apply_linear(c.A, self.decay_buffer[n])
             self.penalty_buffer[n] = recurrence.apply_linear(c.A, self.penalty_buffer[n])
             self.gradient_rounding_buffer[n] = recurrence.apply_linear(c.A, self.gradient_rounding_buffer[n])
-            self.rounding_buffer[n] = abs_linear(c.A, self.rounding_buffer[n])
+            self.rounding_bound_buffer[n] = abs_linear(c.A, self.rounding_bound_buffer[n])
             if n in self.carried_buffer:
                 self.carried_buffer[n] = recurrence.apply_linear(c.A, self.carried_buffer[n])
 
@@ -188,8 +188,8 @@ class RuleBuffers:
         update_rounding = {n: 0.0 for n in self.ctx.names}
         for n, c in coefficients.items():
             fed = torch.full(self.ctx.shapes[n], rounding, dtype=self.ctx.dtype, device=self.ctx.device)
-            self.rounding_buffer[n] = abs_linear(c.A, self.rounding_buffer[n]) + abs_linear(c.C, fed)
-            update_rounding[n] = float((abs_linear(c.D, self.rounding_buffer[n]) + abs_linear(c.E, fed)).max())
+            self.rounding_bound_buffer[n] = abs_linear(c.A, self.rounding_bound_buffer[n]) + abs_linear(c.C, fed)
+            update_rounding[n] = float((abs_linear(c.D, self.rounding_bound_buffer[n]) + abs_linear(c.E, fed)).max())
         return update_rounding
 
     def _pseudo_updates(self, step_index: int, coefficients, gradients: StepGradients,
@@ -220,8 +220,8 @@ class RuleBuffers:
                 g_penalty = c.gradient_sign * gradients.penalty[n]
                 self.penalty_buffer[n] = recurrence.buffer_step(self.penalty_buffer[n], g_penalty, c)
                 pseudo["penalty"][n] = recurrence.unit_update(self.penalty_buffer[n], g_penalty, c)
-            if delta is not None:
-                g_rounding = c.gradient_sign * delta[n]
+            if "gradient_rounding" in pseudo:  # a step without δ_t still carries the earlier steps' in the buffer
+                g_rounding = c.gradient_sign * (delta[n] if delta is not None else self.ctx.zeros(self.ctx.shapes[n]))
                 self.gradient_rounding_buffer[n] = recurrence.buffer_step(self.gradient_rounding_buffer[n], g_rounding, c)
                 pseudo["gradient_rounding"][n] = recurrence.unit_update(self.gradient_rounding_buffer[n], g_rounding, c)
         return pseudo

@@ -27,7 +27,7 @@ from .options import DecompositionOptions, keep_axes
 from .plan import ContractionPlan, MemoryBudgetError, PathCosts, bytes_of, chunks, measure_path_costs, parse_memory_budget, plan_contraction
 
 __all__ = ["DecompositionContext", "build_context", "default_replay_rtol", "parameter_rows", "unit_rows",
-           "summed_unit_context"]
+           "summed_unit_context", "pseudo_unit_names"]
 
 Params = dict[str, torch.Tensor]
 
@@ -124,16 +124,7 @@ class DecompositionContext:
     offsets: dict[str, int] = field(default_factory=dict)  # per-coordinate rows: first row of each tensor
     plan_inputs: dict = field(default_factory=dict)  # the sizes the plans are made from (forward §11, adjoint §12)
     forward_plan_error: Exception | None = None  # the forward plan did not fit the budget (plan is then None)
-
-    @property
-    def pseudo_names(self) -> list[str]:
-        """The pseudo-units of the run: weight decay; optimizer state carried in (Remark F.3); a loss penalty;
-        and, when the run recorded its gradients, their rounding (the recorded ``.grad`` − Σ_i g_{t,i})."""
-        key = self.trajectory.rule.buffer_state_key
-        carried = key is not None and any(key in st for st in self.trajectory.initial_state.values())
-        recorded = any(step.gradient is not None for step in self.trajectory.steps)
-        return (["regularization"] + (["carried_state"] if carried else []) + (["penalty"] if self.penalty else [])
-                + (["gradient_rounding"] if recorded else []))
+    pseudo_names: list[str] = field(default_factory=lambda: ["regularization"])  # see pseudo_unit_names
 
     @property
     def keep_steps(self) -> bool:
@@ -272,7 +263,20 @@ def build_context(model, trajectory: Trajectory, loss_fn, train_data, test_input
         rtol=rtol, eps_train=torch.finfo(trajectory.dtype).eps,
         rescaling=bool(trajectory.metadata.get("gradient_rescaling", False)), vectorize=o.vectorize,
         num_outputs=num_outputs, grouped_units=partition is not None, forward_ad=forward_ad, offsets=offsets,
-        plan_inputs=plan_inputs, forward_plan_error=forward_plan_error)
+        plan_inputs=plan_inputs, forward_plan_error=forward_plan_error,
+        pseudo_names=pseudo_unit_names(trajectory, penalty))
+
+
+def pseudo_unit_names(trajectory: Trajectory, penalty: Callable | None) -> list[str]:
+    """The pseudo-units of a run: weight decay; optimizer state carried in (Remark F.3); a loss penalty; and,
+    when the run recorded its gradients (the recorder records all steps' or none: the first step says), their
+    rounding (the recorded ``.grad`` − Σ_i g_{t,i}). Read once per decomposition (a sharded trajectory's steps
+    are read from disk)."""
+    key = trajectory.rule.buffer_state_key
+    carried = key is not None and any(key in st for st in trajectory.initial_state.values())
+    recorded = trajectory.num_steps > 0 and trajectory.steps[0].gradient is not None
+    return (["regularization"] + (["carried_state"] if carried else []) + (["penalty"] if penalty else [])
+            + (["gradient_rounding"] if recorded else []))
 
 
 def summed_unit_context(ctx: DecompositionContext) -> DecompositionContext:

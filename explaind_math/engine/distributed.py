@@ -205,14 +205,14 @@ def run_adjoint_distributed(ctx: DecompositionContext, group, progress: bool | N
     """
     import torch.distributed as dist
 
-    from .adjoint import AdjointTotals, adjoint_pass, pseudo_names_of, replay_summed_buffers, summed_unit_context
+    from .adjoint import AdjointTotals, adjoint_pass, replay_summed_buffers, summed_unit_context
 
     group, rank, comm, blocks = rank_layout(ctx, group)
     N, world = ctx.trajectory.num_steps, len(blocks)
     mine = blocks[rank]
     summed = summed_unit_context(ctx)
     checks = replay_summed_buffers(ctx, mine, scan_buffers(summed, group, blocks, rank, comm), progress)
-    totals = AdjointTotals.zeros(ctx, pseudo_names_of(ctx))
+    totals = AdjointTotals.zeros(ctx, ctx.pseudo_names)
     for sl in chunks(ctx.xs_test.shape[0], ctx.plan.test_chunk):
         own = adjoint_pass(ctx, mine, checks, sl, totals, progress=progress)
         incoming = None

@@ -23,7 +23,7 @@ from ..trajectory import Trajectory
 from .blocks import BlockResult, run_block
 from .buffers import RuleBuffers
 from .context import DecompositionContext, build_context
-from .adjoint import pseudo_names_of, run_adjoint
+from .adjoint import run_adjoint
 from .distributed import run_adjoint_distributed, run_distributed
 from .options import DecompositionOptions, resolve_options
 from .piecewise_step import record_piecewise_nodes
@@ -145,7 +145,7 @@ def choose_accumulation(ctx: DecompositionContext, requested: str) -> tuple[str,
     costs = count_accumulation_costs(
         num_steps=ctx.trajectory.num_steps, batch=i["largest_batch"], num_units=i["num_units"], num_test=i["num_test"],
         num_outputs=i["num_outputs"], num_params=i["num_params"], num_groups=ctx.num_rows,
-        nodes=len(quadrature.on_interval(0.0, 1.0)), pseudo=len(pseudo_names_of(ctx)), itemsize=i["itemsize"],
+        nodes=len(quadrature.on_interval(0.0, 1.0)), pseudo=len(ctx.pseudo_names), itemsize=i["itemsize"],
         kept_bytes=i["kept_bytes"])
     return ("adjoint" if costs.adjoint_is_cheaper() else "forward"), costs.describe()
 

@@ -53,15 +53,20 @@ def row_key(seed: int, step: int, micro_batch: int, row: int) -> int:
     return h
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
+def _axis_term(size: int, d: int, ndim: int, device: torch.device) -> torch.Tensor:
+    """(c_d · coordinate) mod 2³² along axis d of an ndim-axis row, shaped to broadcast (a few KB per entry)."""
+    view = [1] * ndim
+    view[d] = size
+    return (torch.arange(size, device=device, dtype=torch.int64) * _COORD[d % len(_COORD)] & _M32).reshape(view)
+
+
 def _coordinates(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(Σ_d c_d · coordinate_d) mod 2³² over a row of shape ``shape``: the part of every mask entry's hash that
-    depends on its coordinates only (the same for every row, call and step, so computed once per shape)."""
+    depends on its coordinates only (the per-axis terms are cached; their sum is formed per call)."""
     lin = torch.zeros((), dtype=torch.int64, device=device)
     for d, size in enumerate(shape):
-        view = [1] * len(shape)
-        view[d] = size
-        lin = lin + torch.arange(size, device=device, dtype=torch.int64).reshape(view) * _COORD[d % len(_COORD)]
+        lin = lin + _axis_term(int(size), d, len(shape), device)
     return lin & _M32
 
 

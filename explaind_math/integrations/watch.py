@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import RecordingError
 from .forward import RecordMode, autocast_in_use, row_key
 
-__all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast", "refuse_left_padding"]
+__all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast", "is_left_padded", "left_padding_refusal"]
 
 
 def has_active_dropout(model: nn.Module) -> bool:
@@ -52,17 +52,21 @@ def refuse_autocast(where: str) -> None:
             "run without autocast (float32, or bfloat16 parameters without autocast)")
 
 
-def refuse_left_padding(mask, where: str) -> None:
+def is_left_padded(mask) -> bool:
+    """Whether some row of a 2-D attention mask starts with padding (and is not padding only)."""
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1):
+        return False
+    return bool(((mask[:, 0] == 0) & (mask.sum(-1) > 0)).any())
+
+
+def left_padding_refusal(where: str) -> RecordingError:
     """Recorded dropout keys a mask entry by its coordinates in the padded batch; a sequence padded on the left
     sits at other coordinates than unpadded, where the decomposition replays it, so its masks would differ."""
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1:
-        starts_padded = (mask[:, 0] == 0) & (mask.sum(-1) > 0)
-        if bool(starts_padded.any()):
-            raise RecordingError(
-                f"{where}: a training batch is padded on the left (attention_mask starts with 0) while dropout is "
-                "recorded; its masks are keyed by each entry's coordinates, which left padding shifts, so they "
-                "could not be replayed on the unpadded sequences. Pad on the right (collate_padded's default) for "
-                "a dropout run; left padding (LeftPadded) is exact without dropout")
+    return RecordingError(
+        f"{where}: a training batch is padded on the left (attention_mask starts with 0) while dropout is "
+        "recorded; its masks are keyed by each entry's coordinates, which left padding shifts, so they could not "
+        "be replayed on the unpadded sequences. Pad on the right (collate_padded's default) for a dropout run; "
+        "left padding (LeftPadded) is exact without dropout")
 
 
 class ForwardWatch:
@@ -78,6 +82,7 @@ class ForwardWatch:
         self.calls: list[float] | None = None
         self._forwards: list[int | None] = []  # per training forward of this step: its batch size (None: no mask)
         self._orders: list[list[int]] = []  # per record_batch call of this step: ids in row order
+        self._left_padded = False  # a training forward of this step was padded on the left
         self._staged: list[list[int]] | None = None
         self._steps: dict[str, list[list[int]]] = {}
         self._mode: RecordMode | None = None
@@ -96,7 +101,8 @@ class ForwardWatch:
             refuse_autocast(f"step {self.step}")
         if not self.records_dropout or self._mode is not None:
             return
-        refuse_left_padding(kwargs.get("attention_mask"), f"step {self.step}")
+        if counted and is_left_padded(kwargs.get("attention_mask")):
+            self._left_padded = True  # refused at the step, where every DDP rank learns it alike
         m = len(self._forwards) * self.world_size + self.rank
         m, step, seed = (m, self.step, self.seed) if counted else (-1, -1, self.seed)
         keys: dict[int, torch.Tensor] = {}  # per batch size, computed at the forward's first dropout call
@@ -130,37 +136,45 @@ class ForwardWatch:
         if self.records_dropout:
             self._orders.append([int(i) for i in ids])
 
-    def local_forwards(self) -> tuple[list[int | None], list[list[int]]]:
-        """This rank's training forwards of the step (batch sizes) and record_batch orders, for a DDP gather."""
-        return list(self._forwards), list(self._orders)
+    def local_forwards(self) -> tuple[list[int | None], list[list[int]], bool]:
+        """This rank's training forwards of the step (batch sizes), record_batch orders and whether one was padded
+        on the left, for a DDP gather."""
+        return list(self._forwards), list(self._orders), self._left_padded
 
-    def merge_ranks(self, gathered: Sequence[tuple[list[int | None], list[list[int]]]]) -> None:
+    def merge_ranks(self, gathered: Sequence[tuple[list[int | None], list[list[int]], bool]]) -> None:
         """Every rank's forwards and orders (``local_forwards`` of rank r at position r), laid out by key index
         m·W + r, so that micro-batch m of rank r is entry m·W + r of the step's dropout record. Every rank gets
         the same lists, so every rank refuses a step alike (no rank waits for another in a collective)."""
         if not self.records_dropout:
             return
-        for r, (forwards, orders) in enumerate(gathered):
+        padded = [r for r, (_, _, left) in enumerate(gathered) if left]
+        if padded:
+            self._forget()
+            raise left_padding_refusal(f"step {self.step} (rank {padded[0]})")
+        for r, (forwards, orders, _) in enumerate(gathered):
             if len(forwards) != len(orders):
+                self._forget()
                 raise RecordingError(
                     f"step {self.step}: rank {r} made {len(forwards)} training forward passes but {len(orders)} "
                     "record_batch calls; with dropout recorded, each rank calls record_batch once per forward pass")
-        width = max((len(orders) for _, orders in gathered), default=0)
+        width = max((len(orders) for _, orders, _ in gathered), default=0)
         merged_forwards: list[int | None] = []
         merged_orders: list[list[int]] = []
         for m in range(width):
-            for forwards, orders in gathered:
+            for forwards, orders, _ in gathered:
                 merged_forwards.append(forwards[m] if m < len(forwards) else None)
                 merged_orders.append(orders[m] if m < len(orders) else [])
         self._forwards, self._orders = merged_forwards, merged_orders
 
     def before_step(self, step: int) -> None:
         """Check that every training forward of this step has its ids (refuses the step otherwise)."""
-        forwards, orders = self._forwards, self._orders
-        self._forwards, self._orders, self._staged = [], [], None
+        forwards, orders, left_padded = self._forwards, self._orders, self._left_padded
+        self._forget()
         if not self.records_dropout:
             return
         where = f"step {step}"
+        if left_padded:
+            raise left_padding_refusal(where)
         if len(forwards) != len(orders):
             raise RecordingError(
                 f"{where}: {len(forwards)} training forward passes of the model but {len(orders)} record_batch "
@@ -174,6 +188,9 @@ class ForwardWatch:
             raise RecordingError(f"{where}: with dropout, a sample appears in two micro-batches of one step "
                                  "(each saw its own masks); give each sample once per step")
         self._staged = orders
+
+    def _forget(self) -> None:
+        self._forwards, self._orders, self._staged, self._left_padded = [], [], None, False
 
     def after_step(self, step: int) -> None:
         if self.records_dropout and self._staged is not None:

@@ -156,12 +156,12 @@ def _to_test_output(tensor: torch.Tensor, axes) -> torch.Tensor:
 
 
 def assert_exact(result: "Influence", rtol: float, what: str = "reconstruction") -> float:
-    """|f(θ_0) + Σ I + Σ Ψ − f(θ_N)| ≤ rtol (1 + |f(θ_N) − f(θ_0)|) elementwise; returns the measure."""
+    """|f(θ_0) + Σ I + Σ (pseudo-units) − f(θ_N)| ≤ rtol (1 + |f(θ_N) − f(θ_0)|) elementwise; returns the measure."""
     assert torch.isfinite(result.reconstruction).all(), f"{what}: the reconstruction is not finite"
     rel = result.relative_residual
     # recompute the measure from the parts, so a wrong Influence.relative_residual cannot hide a failure
     parts = _to_test_output(result.kernel, result.kernel_axes)
-    for name in ("regularization", "carried_state", "penalty"):
+    for name in ("regularization", "carried_state", "penalty", "gradient_rounding"):
         tensor = getattr(result, name, None)
         if tensor is not None:
             parts = parts + _to_test_output(tensor, result.regularization_axes)
