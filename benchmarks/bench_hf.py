@@ -115,10 +115,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="steps of the decomposed runs")
     parser.add_argument("--trainer-steps", type=int, default=48, help="steps of the timed Trainer runs")
+    parser.add_argument("--trainer-repeats", type=int, default=5, help="interleaved Trainer runs per size (best kept)")
+    parser.add_argument("--only-trainer", action="store_true", help="part 2 only")
     a = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     data, test = synthetic_sequences(64, seed=1, max_len=24), synthetic_sequences(4, seed=2, max_len=24)
 
+    if not a.only_trainer:
+        decomposition_part(a, data, test)
+    recorder = trainer_part(a, data)
+    if not a.only_trainer:
+        dropout_record_part(a, data, recorder)
+
+
+def decomposition_part(a, data, test) -> None:
     decomposition_seconds("eager", a.layers, 2, data, test)  # warm-up (first-call costs)
     best = lambda runs: (min(r[0] for r in runs), runs[0][1])
     sdpa, r_sdpa = best([decomposition_seconds("sdpa", a.layers, a.steps, data, test) for _ in range(3)])
@@ -129,6 +139,9 @@ def main() -> None:
     print(f"   with torch's own SDPA under vmap at the test inputs (the slow path avoided): {native:.2f} s, "
           f"{native / eager:.1f}x eager (residual {r_native:.1e})")
 
+
+
+def trainer_part(a, data):
     recorder = None
     sizes = [(a.layers, 32, 24, data), (4, 128, 64, synthetic_sequences(64, seed=1, max_len=64))]
     for layers, width, max_len, sequences in sizes:
@@ -136,7 +149,7 @@ def main() -> None:
         trainer_seconds(False, 2, layers, 8, sequences, width, positions)  # warm-up (imports, first-call costs)
         trainer_seconds(True, 2, layers, 8, sequences, width, positions)
         plain, runs = [], []
-        for _ in range(5):  # interleaved, best of 5
+        for _ in range(a.trainer_repeats):  # interleaved, best kept
             plain.append(trainer_seconds(False, a.trainer_steps, layers, 8, sequences, width, positions))
             runs.append(trainer_seconds(True, a.trainer_steps, layers, 8, sequences, width, positions))
         step_plain, step_rec = min(r[1] for r in plain), min(r[1] for r in runs)
@@ -144,10 +157,13 @@ def main() -> None:
         if recorder is None:  # the dropout record of part 3 is the first size's
             recorder = runs[0][2]
         print(f"2. Trainer, GPT-2 {layers} layers width {width}, sequences <= {max_len}, {a.trainer_steps} steps "
-              f"(best of 5): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
+              f"(best of {a.trainer_repeats}): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
               f"{step_rec / step_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
               f"{wall_rec / wall_plain:.2f}")
+    return recorder
 
+
+def dropout_record_part(a, data, recorder) -> None:
     record = recorder.trajectory().metadata["dropout"]
     recorded_bytes = len(json.dumps(record))
     steps = len(record["steps"])
