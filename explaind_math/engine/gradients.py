@@ -117,14 +117,16 @@ def step_gradients(ctx: DecompositionContext, t: int, theta_t: Params) -> StepGr
 
 
 def gradient_rounding(ctx: DecompositionContext, t: int, summed: Params, penalty: Params | None) -> Params | None:
-    """δ_t = recorded ``.grad`` − (Σ_i g_{t,i} + c_t ∇R): the rounding of the gradient the optimizer used (a float32
-    run's backward pass is a float32 reduction, which Adam's 1/√v amplifies where a true gradient is near zero).
-    Its own pseudo-unit, fed through the rule like the penalty, so the update rebuilt from the units is the
-    recorded one. Only rounding is taken: when max|δ_t| exceeds the backward pass's rounding scale 64 ε max|g_t|
-    (the gradient-sum check's own floor, without its relative tolerance) the step is warned about and δ_t left out
-    (None), so a real mismatch within that tolerance (a weight off by 3e-5) stays visible in the residual instead
-    of being absorbed. Measured: float32 runs' δ_t are 0.01-0.05 of that scale, a 3e-5 weight error 3.9×.
-    None also for a step without a recorded gradient."""
+    """δ_t = recorded ``.grad`` − (Σ_i g_{t,i} + c_t ∇R): rounding, of the gradient the optimizer used (a float32
+    run's backward pass is a float32 reduction, which Adam's 1/√v amplifies where a true gradient is near zero) or
+    of this decomposition's Σ_i g_{t,i} when it computes in a coarser dtype than training did. Its own pseudo-unit,
+    fed through the rule like the penalty, so the update rebuilt from the units is the recorded one.
+
+    Only rounding is taken: when max|δ_t| exceeds 64 ε max|g_t| (ε of the coarser dtype; the gradient-sum check's
+    own floor, without its relative tolerance) the step is warned about and δ_t left out (None), so a real mismatch
+    within that tolerance (a weight off by 3e-5) stays visible in the residual instead of being absorbed.
+    Measured: float32 runs' δ_t are 0.01-0.05 of that scale, a 3e-5 weight error 3.9×. None also for a step
+    without a recorded gradient."""
     recorded = ctx.trajectory.steps[t].gradient
     if recorded is None:
         return None
@@ -134,7 +136,9 @@ def gradient_rounding(ctx: DecompositionContext, t: int, summed: Params, penalty
             out[n] = ctx.zeros(ctx.shapes[n])
         else:
             out[n] = recorded[n].to(device=ctx.device, dtype=ctx.dtype) - with_penalty(summed, penalty, n)
-    bound = ROUNDING_SCALE * ctx.eps_train * global_gradient_scale(None, None, recorded)
+    # the rounding of the coarser of the two computations: training's backward, or this one's Σ_i g_{t,i}
+    eps = max(ctx.eps_train, torch.finfo(ctx.dtype).eps)
+    bound = ROUNDING_SCALE * eps * global_gradient_scale(None, None, recorded)
     worst = max((float(v.abs().max()) for v in out.values() if v.numel()), default=0.0)
     if worst > bound:
         warnings.warn(
