@@ -438,23 +438,22 @@ class TrajectoryRecorder:
                         f"outside optimizer.step(){how}; such changes cannot be attributed"
                     )
         hyper = [self.rule.hyperparameters(g) for g in optimizer.param_groups]
-        updated, gradient = [], {}
+        grads = {}
         for n, p, _ in self._params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
-            updated.append(n)
-        grads = {n: p.grad for n, p, _ in self._params if p.grad is not None}
+            grads[n] = p.grad
+        updated = list(grads)
         bad = first_non_finite(list(grads.values()))
         if bad is not None:
             raise NonFiniteError(f"{where}: the gradient of parameter {updated[bad]!r} contains NaN or Inf")
-        if self.record_gradients:
-            gradient = {n: g.detach().cpu().clone() for n, g in grads.items()}
         ids = sorted(self._pending)
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
         self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
-                         "gradient": gradient if self.record_gradients else None,
+                         "gradient": ({n: g.detach().cpu().clone() for n, g in grads.items()}
+                                      if self.record_gradients else None),
                          "calls": self._calls if len(self._calls) > 1 else None}
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..optimizers import template as recurrence
-from .checks import abs_linear, global_gradient_scale, replay_check
+from .checks import BACKWARD_ROUNDING, abs_linear, global_gradient_scale, replay_check
 from .context import DecompositionContext
 from .diagnosis import diagnose_replay_mismatch
 from .gradients import StepGradients, check_recorded_gradient, gradient_rounding
@@ -145,7 +145,7 @@ class RuleBuffers:
         unit_updates = self._feed_units(coefficients, gradients, checks)
         if checks:
             check_recorded_gradient(self.ctx, t, gradients)
-        rounding = 64 * self.ctx.eps_train * global_gradient_scale(gradients.summed, gradients.penalty, step.gradient)
+        rounding = BACKWARD_ROUNDING * self.ctx.eps_train * global_gradient_scale(gradients.summed, gradients.penalty, step.gradient)
         update_rounding = self._advance_rounding(coefficients, rounding)
         pseudo = self._pseudo_updates(t, coefficients, gradients, theta_t)
         if not checks:

@@ -17,10 +17,14 @@ import torch
 
 from ..errors import ReplayMismatchError
 
-__all__ = ["replay_check", "check_gradient_sum", "recover_gradient_scale", "global_gradient_scale", "abs_linear",
-           "with_penalty"]
+__all__ = ["BACKWARD_ROUNDING", "replay_check", "check_gradient_sum", "recover_gradient_scale",
+           "global_gradient_scale", "abs_linear", "with_penalty"]
 
 Params = dict[str, torch.Tensor]
+
+#: the rounding scale of a backward pass, BACKWARD_ROUNDING · ε · max|g| (the floor of the gradient checks, the
+#: per-step input of the replay check's rounding bound, and the bound on what counts as a gradient's rounding)
+BACKWARD_ROUNDING = 64
 
 
 def replay_check(t, total: Params, delta: Params, theta_t: Params, theta_next: Params, rtol: float,
@@ -93,7 +97,7 @@ def recover_gradient_scale(t: int, summed: Params, penalty_grad: Params | None,
     for n, ours, g in pairs:
         scale = float(g.abs().max()) if g.numel() else 0.0
         err = float((c * ours - g).abs().max()) if g.numel() else 0.0
-        if err > rtol * max(scale, 1e-30) + 64 * eps_train * overall + 1e-300:
+        if err > rtol * max(scale, 1e-30) + BACKWARD_ROUNDING * eps_train * overall + 1e-300:
             raise ReplayMismatchError(
                 f"step {t}, parameter {n!r}: the gradient seen by optimizer.step() is not one scalar multiple "
                 f"c_t = {c:.6g} of Σ_i w_i ∇ℓ_i (off by {err:.3e}, max |grad| {scale:.3e}). Clipping by norm over "
@@ -119,7 +123,7 @@ def check_gradient_sum(t: int, summed: Params, penalty_grad: Params | None,
         g = g.to(device=ours.device, dtype=ours.dtype)
         scale = float(g.abs().max()) if g.numel() else 0.0
         err = float((ours - g).abs().max()) if g.numel() else 0.0
-        if err > rtol * max(scale, 1e-30) + 64 * eps_train * overall + 1e-300:
+        if err > rtol * max(scale, 1e-30) + BACKWARD_ROUNDING * eps_train * overall + 1e-300:
             raise ReplayMismatchError(
                 f"step {t}, parameter {n!r}: the gradient seen by optimizer.step() differs from "
                 f"Σ_i w_i ∇ℓ_i over the recorded ids by {err:.3e} (max |grad| {scale:.3e}). The training loss "

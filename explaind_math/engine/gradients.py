@@ -15,13 +15,14 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import ExplaindError
-from .checks import check_gradient_sum, global_gradient_scale, recover_gradient_scale, with_penalty
+from .checks import (BACKWARD_ROUNDING, check_gradient_sum, global_gradient_scale, recover_gradient_scale,
+                     with_penalty)
 from .context import DecompositionContext, summed_unit_context
 from .diagnosis import diagnose_gradient_mismatch
 from .plan import chunks, scaled_in_place
 
 __all__ = ["StepGradients", "step_gradients", "check_recorded_gradient", "penalty_gradient", "step_batch",
-           "gradient_rounding", "batch_gradient", "GradientMismatchWarning", "ROUNDING_SCALE"]
+           "gradient_rounding", "batch_gradient", "GradientMismatchWarning"]
 
 Params = dict[str, torch.Tensor]
 
@@ -138,20 +139,16 @@ def gradient_rounding(ctx: DecompositionContext, t: int, summed: Params, penalty
             out[n] = recorded[n].to(device=ctx.device, dtype=ctx.dtype) - with_penalty(summed, penalty, n)
     # the rounding of the coarser of the two computations: training's backward, or this one's Σ_i g_{t,i}
     eps = max(ctx.eps_train, torch.finfo(ctx.dtype).eps)
-    bound = ROUNDING_SCALE * eps * global_gradient_scale(None, None, recorded)
+    bound = BACKWARD_ROUNDING * eps * global_gradient_scale(None, None, recorded)
     worst = max((float(v.abs().max()) for v in out.values() if v.numel()), default=0.0)
     if worst > bound:
         warnings.warn(
             f"step {t}: the recorded gradient differs from Σ_i w_i ∇ℓ_i by up to {worst:.3e}, more than the rounding "
-            f"of its backward pass ({bound:.3e} = {ROUNDING_SCALE} ε max|g|) though within the gradient-sum check's "
+            f"of its backward pass ({bound:.3e} = {BACKWARD_ROUNDING} ε max|g|) though within the gradient-sum check's "
             "tolerance: it is not kept as gradient rounding and shows in the residual (a weight or loss slightly "
             "off?)", GradientMismatchWarning, stacklevel=2)
         return None
     return out
-
-
-#: δ_t is gradient rounding while max|δ_t| ≤ ROUNDING_SCALE · ε · max|g_t| (the gradient-sum check's floor)
-ROUNDING_SCALE = 64
 
 
 class GradientMismatchWarning(UserWarning):

@@ -33,24 +33,21 @@ IGNORE_INDEX = -100
 SAMPLE_ID = "sample_id"
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ℓ_i of one sequence: Σ over predicted tokens of the cross-entropy, labels −100 ignored (logits (L, V),
-    labels (L,); position k predicts label k+1)."""
-    target = labels[1:]
-    keep = target != IGNORE_INDEX
-    logp = torch.log_softmax(logits[:-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * keep).sum()
-
-
 def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ℓ_i of :func:`causal_lm_loss` for a whole batch (logits (B, L, V), labels (B, L)) → (B,), without vmap:
-    what the Trainer integration trains with (the decomposition evaluates the per-sample function)."""
+    """ℓ_i of every sequence of a batch (logits (B, L, V), labels (B, L)) → (B,): Σ over predicted tokens of the
+    cross-entropy, labels −100 ignored, position k predicting label k+1. What the Trainer integration trains
+    with, without vmap."""
     target = labels[:, 1:]
     keep = target != IGNORE_INDEX
     logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return -(picked * keep).sum(1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ℓ_i of one sequence (logits (L, V), labels (L,)): :func:`causal_lm_losses` of a batch of one, the
+    decomposition's per-sample function."""
+    return causal_lm_losses(logits.unsqueeze(0), labels.unsqueeze(0))[0]
 
 
 def causal_lm_weights(labels: torch.Tensor, num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
@@ -60,14 +57,14 @@ def causal_lm_weights(labels: torch.Tensor, num_items: int | float | torch.Tenso
     return torch.full((labels.shape[0],), 1.0 / count, dtype=torch.float64)
 
 
-def classification_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of one sample's logits (C,) at its label."""
-    return -torch.log_softmax(logits, dim=-1).gather(-1, label.long().reshape(1)).reshape(())
-
-
 def classification_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """ℓ_i of :func:`classification_loss` for a batch (logits (B, C), labels (B,)) → (B,), without vmap."""
+    """Cross-entropy of every sample of a batch (logits (B, C), labels (B,)) → (B,), without vmap."""
     return -torch.log_softmax(logits, dim=-1).gather(-1, labels.long().reshape(-1, 1)).reshape(-1)
+
+
+def classification_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one sample's logits (C,) at its label: :func:`classification_losses` of a batch of one."""
+    return classification_losses(logits.unsqueeze(0), label.reshape(1))[0]
 
 
 #: the batched form of each built-in per-sample loss (a user's own per-sample loss is vmapped)
