@@ -136,6 +136,25 @@ THEOREMS: tuple[Theorem, ...] = (
                   "by JVPs = by per-sample gradients",
         proof_checks=("proofs_checks/check_adjoint.py",), examples=("benchmarks/bench_adjoint.py",), verify_rows=("adjoint",)),
     Theorem(
+        key="gradient_rounding",
+        title="§4 pseudo-unit — the recorded gradients' rounding δ_t = `.grad` − Σ_i w_i ∇ℓ_i, fed through the rule "
+              "like a sample (taken only within 64 ε · max abs(g_t); a larger δ_t warns and stays in the residual)",
+        section="§4", rules=ALL_RULES, functions=("Influence",),
+        function_note="`.gradient_rounding`, of every theorem function when the run recorded its gradients",
+        reference=None,
+        reference_note="the same run without recorded gradients is the decomposition less this unit",
+        property_tests=("tests/test_gradient_rounding.py::test_float32_run_rounding_unit_shrinks_the_residual_and_the_replay_error",
+                        "tests/test_gradient_rounding.py::test_adjoint_and_forward_give_the_same_rounding_influence",
+                        "tests/test_gradient_rounding.py::test_a_mismatch_within_the_checks_tolerance_stays_in_the_residual",
+                        "tests/test_hf_integration.py::test_gpt2_trainer_example_float32_across_dropout_seeds",
+                        "tests/test_from_records.py::test_from_records_equals_the_recorder"),
+        test_note="float32 runs: residual and replay error shrink, kernel unchanged; forward = adjoint; a 3e-5 weight "
+                  "error not absorbed; GPT-2 float32, six dropout seeds ≤ 1e-6",
+        proof_checks=("proofs_checks/check_recurrence_kernels.py", "proofs_checks/check_adjoint.py"),
+        proof_note="a unit whose gradient is given: it runs through the buffer_step / unit_update kernels (and the "
+                   "adjoint's) proved in",
+        examples=("examples/hf_gpt2_trainer.py",), verify_rows=("template",)),
+    Theorem(
         key="corollary_3_3_i", title="Corollary 3.3 (i) — functions of the output h(f)", section="§6 (i)",
         rules=ALL_RULES, functions=("decompose_function_of_output", "targets.*"),
         reference=_REF + "post_composition.reference_function_of_output",
