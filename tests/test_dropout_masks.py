@@ -63,3 +63,24 @@ def test_a_left_padded_rank_is_refused_on_every_rank_at_the_gather():
             watch.merge_ranks([([4], [[0, 1, 2, 3]], flags[0]), ([4], [[4, 5, 6, 7]], flags[1])])
     watch.merge_ranks([([4], [[0, 1, 2, 3]], False), ([4], [[4, 5, 6, 7]], False)])
     watch.close()
+
+
+def test_the_recorders_int32_masks_are_the_int64_formulas_bits():
+    """RecordMode draws its masks with the in-place int32 form (_mask_int32); replay uses _mask. Both must give the
+    same bits for every key, call, p, shape (odd sizes: the scalar tails of vectorised kernels) and dtype."""
+    import random
+
+    rng = random.Random(0)
+    assert forward._fast_masks_agree("cpu")
+    for _ in range(200):
+        keys = [rng.getrandbits(32) for _ in range(rng.randint(1, 9))] + [0, M32]
+        shape = tuple(rng.randint(1, 17) for _ in range(rng.randint(1, 4)))
+        p = rng.choice([1e-12, 1e-4, 0.1, 0.3333, 0.5, 0.9])
+        dtype = rng.choice([torch.float16, torch.bfloat16, torch.float32, torch.float64])
+        call = rng.randint(0, 40)
+        expected = forward._mask(torch.tensor(keys), call, shape, p, dtype, "cpu")
+        halves = torch.tensor(forward._row_halves(keys, call), dtype=torch.int32).reshape(-1, *([1] * len(shape)))
+        got = forward._mask_int32(halves, forward._coordinate_halves(shape, "cpu"), p, dtype)
+        assert got.dtype == dtype and got.shape == expected.shape
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[expected.element_size()]
+        assert torch.equal(got.reshape(-1).view(bits), expected.reshape(-1).view(bits)), (shape, call, p, dtype)

@@ -79,6 +79,71 @@ def _mask(keys: torch.Tensor, call: int, shape: Sequence[int], p: float, dtype, 
     return (h < threshold).to(dtype) * (1.0 / (1.0 - p))
 
 
+def _int32_bits(x):
+    """A value in [0, 2³²) (Python int or int64 tensor) as the int32 with the same 32 bits."""
+    if isinstance(x, int):
+        return x - (1 << 32) if x >= 1 << 31 else x
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+def _half_round(x):
+    """(x >> 16) ^ x of a value in [0, 2³²): the first half of hash32's first round. Logical shifts distribute
+    over XOR, so for x = b ^ c it is half(b) ^ half(c): a row's part and a coordinate's part, formed apart."""
+    return (x >> 16) ^ x
+
+
+def _mask_int32(halves: torch.Tensor, coordinate_halves: torch.Tensor, p: float, dtype) -> torch.Tensor:
+    """:func:`_mask` computed in int32 (two's-complement wrap-around is arithmetic mod 2³²; a logical shift is
+    the arithmetic one with the sign bits cleared), in place, from the rows' half rounds (R, 1, …) and the
+    coordinates' (shape): the same bits at half the memory traffic and about half the operations of the int64
+    form. The recorder draws its masks with it (:class:`RecordMode`); replay, under vmap, uses :func:`_mask`;
+    :func:`_fast_masks_agree` checks that the two agree on a device before it is used there."""
+    h = halves ^ coordinate_halves
+    h.mul_(_MIX)  # hash32's first round: ((x >> 16) ^ x) · MIX mod 2³²
+    t = h >> 16
+    h.bitwise_xor_(t.bitwise_and_(0xFFFF)).mul_(_MIX)  # second round
+    t = h >> 16
+    h.bitwise_xor_(t.bitwise_and_(0xFFFF))  # (x >> 16) ^ x: the hash, as int32 bits
+    threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
+    scale = torch.ones((), dtype=dtype, device=h.device) * (1.0 / (1.0 - p))  # as _mask forms it
+    if threshold >= 2 ** 32:
+        return scale.expand(h.shape).clone()
+    # unsigned h < threshold  <=>  (h XOR 2³¹) < threshold − 2³¹ as signed int32
+    keep = h.bitwise_xor_(-(1 << 31)) < threshold - (1 << 31)
+    return torch.where(keep, scale, torch.zeros((), dtype=dtype, device=h.device))
+
+
+def _row_halves(keys: Sequence[int], call: int) -> list[int]:
+    """Per row key, the int32 bits of _half_round(hash32((key + (call + 1)·GOLDEN) mod 2³²)) (Python ints)."""
+    offset = (call + 1) * _GOLDEN
+    return [_int32_bits(_half_round(hash32((int(k) + offset) & _M32))) for k in keys]
+
+
+def _coordinate_halves(shape: tuple[int, ...], device) -> torch.Tensor:
+    """_half_round of :func:`_coordinates` as int32 bits (shape ``shape``)."""
+    return _int32_bits(_half_round(_coordinates(shape, torch.device(device))))
+
+
+_FAST_MASKS: dict[str, bool] = {}
+
+
+def _fast_masks_agree(device) -> bool:
+    """Whether :func:`_mask_int32` gives :func:`_mask`'s bits on this device type (checked once per type, on
+    shapes whose sizes are not multiples of a vector width, so that the scalar tails are covered too)."""
+    kind = torch.device(device).type
+    if kind not in _FAST_MASKS:
+        keys = [row_key(12345, 6, 1, r) for r in range(3)] + [0, _M32]
+        agree = True
+        for shape, call, p in (((7, 13), 0, 0.1), ((3, 5, 11), 4, 0.5), ((37,), 9, 0.9)):
+            expected = _mask(torch.tensor(keys), call, shape, p, torch.float32, device)
+            halves = torch.tensor(_row_halves(keys, call), dtype=torch.int32, device=device)
+            got = _mask_int32(halves.reshape(-1, *([1] * len(shape))), _coordinate_halves(shape, device), p,
+                              torch.float32)
+            agree = agree and torch.equal(got, expected)
+        _FAST_MASKS[kind] = agree
+    return _FAST_MASKS[kind]
+
+
 def attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, dropout=None):
     """``F.scaled_dot_product_attention`` as softmax(q kᵀ·scale + mask) v; ``dropout(weights)`` applies the
@@ -124,6 +189,8 @@ class RecordMode(TorchFunctionMode):
         self._keys_of_rows = keys_of_rows  # batch size → (B,) int64 keys (the batch size is seen at the call)
         self.calls: list[float] = []
         self.batch_size: int | None = None
+        self._keys: dict[int, list[int]] = {}  # batch size → the keys as Python ints
+        self._coordinates: dict[tuple, torch.Tensor] = {}  # (shape, device) → coordinate halves, this forward only
 
     def _apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
         call = len(self.calls)
@@ -137,7 +204,17 @@ class RecordMode(TorchFunctionMode):
                 f"dropout call {call} has a leading axis of {x.shape[0]}, earlier ones {self.batch_size}: "
                 "recorded dropout needs the batch axis first in every dropout input")
         keys = self._keys_of_rows(x.shape[0])
-        return x * _mask(keys, call, x.shape[1:], p, x.dtype, x.device)
+        if not _fast_masks_agree(x.device):
+            return x * _mask(keys, call, x.shape[1:], p, x.dtype, x.device)
+        size = x.shape[0]
+        if size not in self._keys:
+            self._keys[size] = [int(k) for k in keys.tolist()]
+        shape = tuple(int(v) for v in x.shape[1:])
+        where = (shape, x.device)
+        if where not in self._coordinates:  # the layers of one forward share a few shapes
+            self._coordinates[where] = _coordinate_halves(shape, x.device)
+        halves = torch.tensor(_row_halves(self._keys[size], call), dtype=torch.int32, device=x.device)
+        return x * _mask_int32(halves.reshape(-1, *([1] * len(shape))), self._coordinates[where], p, x.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
