@@ -7,7 +7,8 @@ integrand jumps at the breakpoints α* where a switching function z(α) of a kin
 1. **Breakpoints** (:func:`find_breakpoints`): z(α) and dz/dα (one JVP along Δθ_t, all switching functions
    at once) on a grid of α bracket every sign change; an interval where z keeps its sign but both tangent
    lines reach 0 inside (a possible double crossing) is halved until resolved. Each root is refined to
-   rounding by Newton steps safeguarded by bisection, all brackets of all inputs in one call per iteration.
+   rounding from the root of the cubic Hermite interpolant of the grid's values and slopes, by regula falsi
+   (Illinois) on values alone, all brackets of all inputs in one forward per iteration.
 2. **Pieces** (:func:`select_piecewise_nodes`): on each piece [a, b] the Gauss–Legendre orders of the rule
    are tried in turn, with two probes per node (JVPs along Δθ_t and along a random-sign combination v of
    the kept directions). Order n_{k−1} is accepted when both its and n_k's certified residual
@@ -113,7 +114,9 @@ class StepNodes:
 
 
 # ------------------------------------------------------------------------------------------- breakpoints
-KinkProbe = Callable[[list, list], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
+#: ``kink_probe(alphas, inputs, derivative=True)`` → (z, dz/dα, gate) at the pairs; dz/dα zeros (no JVP) when
+#: ``derivative`` is False
+KinkProbe = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 
 
 def _suspicious(za, zb, dza, dzb, h):
@@ -128,6 +131,10 @@ def _sample_grid(rule: PiecewiseQuadrature, kink_probe: KinkProbe, num_inputs: i
     """Per input, sorted α samples with z, dz, gate there: the grid on ``interval``, halved where a double
     crossing may hide."""
     lo, hi = interval
+    # whether the model calls any kink: one forward at one pair, no JVP (under vmap every pair runs the same
+    # Python, so a smooth model's answer holds for all pairs; it skips the grid's JVPs there)
+    if kink_probe([lo], [0], False) is None:
+        return None, 1
     alphas = [lo + (hi - lo) * k / rule.grid for k in range(rule.grid + 1)]
     values = kink_probe([a for a in alphas for _ in range(num_inputs)],
                         [x for _ in alphas for x in range(num_inputs)])
@@ -152,60 +159,81 @@ def _sample_grid(rule: PiecewiseQuadrature, kink_probe: KinkProbe, num_inputs: i
     return samples, evaluations
 
 
-def _brackets(samples) -> list[tuple[int, int, float, float, float, float]]:
-    """(input, switching index, a, b, z(a), z(b)) for every sign change between consecutive samples."""
+def _brackets(samples) -> list[tuple]:
+    """(input, switching index, a, b, z(a), z(b), dz/dα(a), dz/dα(b)) for every sign change between consecutive
+    samples."""
     out = []
     for x, rows in enumerate(samples):
-        for (a, za, _, _), (b, zb, _, _) in zip(rows, rows[1:]):
+        for (a, za, dza, _), (b, zb, dzb, _) in zip(rows, rows[1:]):
             for e in torch.nonzero(za * zb < 0).reshape(-1).tolist():
-                out.append((x, e, a, b, float(za[e]), float(zb[e])))
+                out.append((x, e, a, b, float(za[e]), float(zb[e]), float(dza[e]), float(dzb[e])))
     return out
 
 
+def _hermite_start(lo, hi, zlo, zhi, dzlo, dzhi, newton_steps: int = 8):
+    """A root of the cubic Hermite interpolant of z on each bracket (values and α-derivatives at both ends, from
+    the grid's JVPs: error O(h⁴) for a smooth z), by Newton on the cubic from the secant point; the secant
+    (regula falsi) point where the cubic's root leaves the bracket or no derivative is known."""
+    h = hi - lo
+    secant = zlo / (zlo - zhi)  # in (0, 1): z(lo), z(hi) have opposite signs
+    m0, m1 = h * dzlo, h * dzhi
+    # p(s) = z₀ H₀₀(s) + m₀ H₁₀(s) + z₁ H₀₁(s) + m₁ H₁₁(s), s ∈ [0, 1]
+    c3 = 2 * zlo + m0 - 2 * zhi + m1
+    c2 = -3 * zlo - 2 * m0 + 3 * zhi - m1
+    s = secant.clone()
+    for _ in range(newton_steps):
+        p = ((c3 * s + c2) * s + m0) * s + zlo
+        dp = (3 * c3 * s + 2 * c2) * s + m0
+        s = torch.where(dp != 0, s - p / dp.where(dp != 0, torch.ones_like(dp)), s)
+    usable = (s > 0) & (s < 1) & torch.isfinite(s) & ((dzlo != 0) | (dzhi != 0))
+    c = lo + h * torch.where(usable, s, secant)
+    return torch.where((c > lo) & (c < hi), c, 0.5 * (lo + hi))
+
+
 def _refine_roots(kink_probe: KinkProbe, brackets, eps: float, iterations: int = 60):
-    """Each bracket's root to rounding: Newton from the secant point, bisection where Newton leaves the bracket;
-    all brackets evaluated in one call per iteration. A root is done when |z| ≤ 8 ε |z|_ends, the bracket is
-    ≤ 16 ε wide, the Newton step is ≤ 4 ε (ε of the computation: θ_t + α Δθ_t resolves α no finer), or a
-    Newton step below √ε fails to halve the previous one (z has reached its rounding noise).
-    Returns (input, α*, gate at α*, |z| scale)."""
+    """Each bracket's root to rounding: the Hermite start (:func:`_hermite_start`), then the Illinois variant of
+    regula falsi on values alone (one forward of the model per iteration, no JVP: in torch 2.13 a JVP through
+    an operation with a constant operand costs ~6 forwards), all brackets evaluated in one call per
+    iteration. A root is done when |z| ≤ 8 ε |z|_ends, the bracket is ≤ 16 ε wide, the next point moves
+    ≤ 4 ε (ε of the computation: θ_t + α Δθ_t resolves α no finer), or |z| stops halving within √ε of the
+    root (z has reached its rounding noise). Returns (input, α*, gate at α*, |z| scale)."""
     lo = torch.tensor([b[2] for b in brackets], dtype=torch.float64)
     hi = torch.tensor([b[3] for b in brackets], dtype=torch.float64)
     zlo = torch.tensor([b[4] for b in brackets], dtype=torch.float64)
     zhi = torch.tensor([b[5] for b in brackets], dtype=torch.float64)
     scale = torch.maximum(zlo.abs(), zhi.abs())
+    c = _hermite_start(lo, hi, zlo, zhi, torch.tensor([b[6] for b in brackets], dtype=torch.float64),
+                       torch.tensor([b[7] for b in brackets], dtype=torch.float64))
     index = torch.tensor([b[1] for b in brackets])
     inputs = [b[0] for b in brackets]
-    # start at the secant (regula falsi) point: exact at once for a switching function linear in α (a first
-    # layer's pre-activation), and a close start for Newton otherwise; kept strictly inside the bracket
-    c = lo + (hi - lo) * zlo / (zlo - zhi)
-    c = torch.where((c > lo) & (c < hi), c, 0.5 * (lo + hi))
     gate = torch.zeros_like(c)
     active = torch.ones_like(c, dtype=torch.bool)
-    last_step = torch.full_like(c, float("inf"))  # the size of each bracket's last Newton step
+    kept = torch.zeros_like(c, dtype=torch.int8)  # the end kept by the last iteration: -1 lo, +1 hi, 0 none
+    last_z = torch.full_like(c, float("inf"))
     for _ in range(iterations):
         rows = torch.nonzero(active).reshape(-1).tolist()
         if not rows:
             break
-        z, dz, g = kink_probe(c[rows].tolist(), [inputs[r] for r in rows])
+        z, _, g = kink_probe(c[rows].tolist(), [inputs[r] for r in rows], False)
         pick = index[rows].to(z.device)
         zc = z.gather(1, pick[:, None])[:, 0].double().cpu()
-        dzc = dz.gather(1, pick[:, None])[:, 0].double().cpu()
         gate[rows] = g.gather(1, pick[:, None])[:, 0].double().cpu()
         r = torch.tensor(rows)
-        left = (zc * zlo[r]) > 0
+        left = (zc * zlo[r]) > 0  # c replaces lo (else hi)
+        # Illinois: an end kept twice in a row has its z halved, so the next secant point moves toward it
+        zhi[r] = torch.where(left & (kept[r] == 1), 0.5 * zhi[r], zhi[r])
+        zlo[r] = torch.where(~left & (kept[r] == -1), 0.5 * zlo[r], zlo[r])
+        kept[r] = torch.where(left, torch.ones_like(kept[r]), -torch.ones_like(kept[r]))
         lo[r] = torch.where(left, c[r], lo[r])
         hi[r] = torch.where(left, hi[r], c[r])
         zlo[r] = torch.where(left, zc, zlo[r])
-        newton = c[r] - zc / dzc.where(dzc != 0, torch.full_like(dzc, float("inf")))
-        inside = (newton > lo[r]) & (newton < hi[r])
-        step = torch.where(inside, newton, 0.5 * (lo[r] + hi[r]))
-        size = (newton - c[r]).abs()
-        # Newton converges quadratically until z reaches its rounding noise (set by the magnitude of the terms
-        # z is summed from, not by z at the ends); a Newton step that no longer halves is that floor: done
-        stalled = inside & (size <= eps ** 0.5) & (size > 0.5 * last_step[r])
+        zhi[r] = torch.where(left, zhi[r], zc)
+        secant = (lo[r] * zhi[r] - hi[r] * zlo[r]) / (zhi[r] - zlo[r])
+        step = torch.where((secant > lo[r]) & (secant < hi[r]), secant, 0.5 * (lo[r] + hi[r]))
+        stalled = ((hi[r] - lo[r]) <= eps ** 0.5) & (zc.abs() > 0.5 * last_z[r])
         done = ((zc.abs() <= 8 * eps * scale[r]) | ((hi[r] - lo[r]) <= 16 * eps) | ((step - c[r]).abs() <= 4 * eps)
                 | stalled)
-        last_step[r] = torch.where(inside, size, torch.full_like(size, float("inf")))
+        last_z[r] = zc.abs()
         c[r] = torch.where(done, c[r], step)
         active[r] = ~done
     return [(inputs[k], float(c[k]), float(gate[k]), float(scale[k])) for k in range(len(brackets))], iterations
@@ -277,7 +305,7 @@ def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: tor
     X = f_a.shape[0]
     eps = torch.finfo(f_a.dtype).eps
     scale = [1.0 + float(torch.maximum(f_a[x].abs().max(), f_b[x].abs().max())) for x in range(X)]
-    pieces = [_Piece(x, 0.0, 1.0, f_a[x], f_b[x], list(breakpoints[x])) for x in range(X)]
+    pieces = _initial_pieces(breakpoints, f_a, f_b, target_at)
     out = StepNodes([[] for _ in range(X)], breakpoints)
     rules = [gauss_legendre(n) for n in rule.orders]
     while pieces:
@@ -293,6 +321,31 @@ def select_piecewise_nodes(rule: PiecewiseQuadrature, probe, target_at, f_a: tor
     for ps in out.pairs:
         ps.sort()
     return out
+
+
+#: an input with at most this many breakpoints in a step starts with one piece between each two (else with
+#: [0, 1], split at its middle breakpoint only while no order up to ORDERS_ACROSS_KINKS resolves it)
+SPLIT_AT_ONCE = 8
+
+
+def _initial_pieces(breakpoints, f_a, f_b, target_at) -> list:
+    """Each input's first pieces: [0, 1] cut at all its breakpoints when there are at most SPLIT_AT_ONCE of them
+    (f at the cuts in one call), else [0, 1] with the breakpoints inside."""
+    X = f_a.shape[0]
+    cut = [x for x in range(X) if 0 < len(breakpoints[x]) <= SPLIT_AT_ONCE]
+    flat = [(x, a) for x in cut for a in breakpoints[x]]
+    f_cut = target_at([a for _, a in flat], [x for x, _ in flat]) if flat else None
+    at = {}
+    for k, (x, a) in enumerate(flat):
+        at.setdefault(x, []).append((a, f_cut[k]))
+    pieces = []
+    for x in range(X):
+        if x not in at:
+            pieces.append(_Piece(x, 0.0, 1.0, f_a[x], f_b[x], list(breakpoints[x])))
+            continue
+        ends = [(0.0, f_a[x]), *at[x], (1.0, f_b[x])]
+        pieces += [_Piece(x, a, b, fa, fb) for (a, fa), (b, fb) in zip(ends, ends[1:])]
+    return pieces
 
 
 #: the orders tried on a piece that holds breakpoints before it is split at one (GL(1) … GL(4) here)

@@ -62,10 +62,10 @@ def _along_delta(seg, moving: Params) -> Params:
     return {n: seg.delta[n].expand_as(v) for n, v in moving.items()}
 
 
-def kink_values(ctx: DecompositionContext, seg, alphas, inputs, suspects: dict):
+def kink_values(ctx: DecompositionContext, seg, alphas, inputs, suspects: dict, derivative: bool = True):
     """(z, dz/dα, gate), each (P, E), of every switching function of the target at the pairs (None: no kink).
-    dz/dα is one JVP along Δθ_t of the computation vmapped over the pairs (zero without forward-mode AD:
-    then sign changes alone bracket the roots)."""
+    dz/dα is one JVP along Δθ_t of the computation vmapped over the pairs (zero without forward-mode AD, or
+    without ``derivative``: then sign changes alone bracket the roots)."""
     recorded, seen = [False], {}
 
     def flat(params, x, y):
@@ -86,7 +86,7 @@ def kink_values(ctx: DecompositionContext, seg, alphas, inputs, suspects: dict):
         def over_pairs(m):
             return vmap(flat)({**fixed, **m}, xs, ys)
 
-        if ctx.forward_ad:
+        if ctx.forward_ad and derivative:
             (z, gate), (dz, _) = jvp(over_pairs, (moving,), (_along_delta(seg, moving),))
         else:
             z, gate = over_pairs(moving)
@@ -129,9 +129,9 @@ def target_at_pairs(ctx: DecompositionContext, seg, alphas, inputs) -> torch.Ten
 
 
 def _pair_jacobians(ctx: DecompositionContext, seg, part, wrt: list[str]) -> Params:
-    """∂_θ f(x_p; θ(α_p)) for the tensors ``wrt`` at the pairs ``part`` [(x, α, w)]: name → (P, O, *shape), by
-    one VJP per output o of the target vmapped over the pairs (pairs are independent, so the cotangent e_o on
-    every pair gives every pair's gradient of output o)."""
+    """∂_θ f(x_p; θ(α_p)) for the tensors ``wrt`` at the pairs ``part`` [(x, α, w)]: name → (O, P, *shape)
+    (outputs first, as the VJPs give them), by one VJP per output o of the target vmapped over the pairs
+    (pairs are independent, so the cotangent e_o on every pair gives every pair's gradient of output o)."""
     points = seg.points([a for _, a, _ in part])
     sub = {n: points[n] for n in wrt}
     fixed = {n: v for n, v in points.items() if n not in sub}
@@ -141,7 +141,16 @@ def _pair_jacobians(ctx: DecompositionContext, seg, part, wrt: list[str]) -> Par
     O = out.shape[1]
     basis = torch.eye(O, dtype=out.dtype, device=out.device).unsqueeze(1).expand(O, out.shape[0], O)
     (grads,) = vmap(pullback)(basis)
-    return {n: grads[n].detach().transpose(0, 1) for n in wrt}
+    return {n: grads[n].detach() for n in wrt}
+
+
+def _row_weights(ctx: DecompositionContext, rows: Sequence[int], weights: Sequence[float], num_rows: int) -> torch.Tensor:
+    """S (num_rows, P) with S[rows[p], p] = w_p: Σ_p w_p J_p into row rows[p] is S @ J (one matrix product;
+    index_add_ of the weighted values was ~1 ms per tensor and call on CPU)."""
+    S = ctx.zeros((num_rows, len(rows)))
+    S[torch.as_tensor(list(rows), device=ctx.device), torch.arange(len(rows), device=ctx.device)] = \
+        torch.as_tensor(list(weights), dtype=ctx.dtype, device=ctx.device)
+    return S
 
 
 def by_shared_node(triples) -> tuple[dict[float, list[tuple[int, float]]], list[tuple[int, float, float]]]:
@@ -160,20 +169,31 @@ def jacobian_at_pairs(ctx: DecompositionContext, seg, triples, inputs: Sequence[
     mine = [(x, a, w) for x, a, w in triples if x in row]
     shared, single = by_shared_node(mine)
     phi = {n: ctx.zeros((len(inputs), ctx.num_outputs, *ctx.shapes[n])) for n in wrt}
+    # shared nodes with the same inputs (on a smooth model: every node, every input) go plan.node_chunk at a
+    # time into one vmapped call, as a fixed rule's nodes do
+    by_inputs: dict[tuple, list] = {}
     for a, rows in shared.items():
-        index = torch.as_tensor([x for x, _ in rows], device=ctx.xs_test.device)
-        J = ctx.fm.jacobian(seg.point(a), ctx.xs_test[index], ctx.y_test[index], wrt=wrt)
-        w = torch.tensor([wt for _, wt in rows], dtype=ctx.dtype, device=ctx.device)
-        target = torch.as_tensor([row[x] for x, _ in rows], device=ctx.device)
-        for n in wrt:
-            phi[n].index_add_(0, target, J[n].detach() * w.reshape(-1, *([1] * (J[n].dim() - 1))))
+        by_inputs.setdefault(tuple(x for x, _ in rows), []).append((a, [wt for _, wt in rows]))
+    for group_inputs, nodes in by_inputs.items():
+        index = torch.as_tensor(list(group_inputs), device=ctx.xs_test.device)
+        target = torch.as_tensor([row[x] for x in group_inputs], device=ctx.device)
+        batch = ctx.plan.node_chunk if len(nodes) >= ctx.plan.min_node_batch else 1
+        for part in chunks(len(nodes), batch):
+            alphas = [a for a, _ in nodes[part]]
+            W = torch.tensor([w for _, w in nodes[part]], dtype=ctx.dtype, device=ctx.device)  # (K, inputs)
+            J = ctx.fm.jacobians_at(seg.points(alphas), ctx.xs_test[index], ctx.y_test[index], wrt=wrt)
+            for n in wrt:
+                value = J[n].detach()  # (K, inputs, O, *shape)
+                summed = torch.einsum("km,kmr->mr", W, value.reshape(*value.shape[:2], -1))
+                phi[n].index_add_(0, target, summed.reshape(len(group_inputs), *phi[n].shape[1:]))
     for s in chunks(len(single), pair_chunk(ctx)):
         part = single[s]
         J = _pair_jacobians(ctx, seg, part, wrt)
-        w = torch.tensor([wt for _, _, wt in part], dtype=ctx.dtype, device=ctx.device)
-        target = torch.as_tensor([row[x] for x, _, _ in part], device=ctx.device)
+        S = _row_weights(ctx, [row[x] for x, _, _ in part], [wt for _, _, wt in part], len(inputs))
         for n in wrt:
-            phi[n].index_add_(0, target, J[n] * w.reshape(-1, *([1] * (J[n].dim() - 1))))
+            value = J[n]  # (O, P, *shape): the product batched over outputs, S @ (P, numel) per output
+            summed = S @ value.reshape(value.shape[0], value.shape[1], -1)  # (O, X, numel)
+            phi[n] += summed.transpose(0, 1).reshape(phi[n].shape)
     return phi
 
 

@@ -54,12 +54,16 @@ def piecewise_step_nodes(ctx: DecompositionContext, seg, f_t: torch.Tensor, f_ne
     X = ctx.xs_test.shape[0]
     eps = torch.finfo(ctx.dtype).eps
     suspects: dict = {}
-    kink_probe = lambda alphas, inputs: kink_values(ctx, seg, alphas, inputs, suspects)  # noqa: E731
+    kink_probe = lambda alphas, inputs, derivative=True: kink_values(  # noqa: E731
+        ctx, seg, alphas, inputs, suspects, derivative)
     breakpoints, kink_evaluations = find_breakpoints(rule, kink_probe, X, eps)
 
     def find_inside(x: int, a: float, b: float) -> list[float]:
         """A missed breakpoint of input x in (a, b): the search again, on a grid of that piece."""
-        found, _ = find_breakpoints(rule, lambda alphas, idx: kink_probe(alphas, [x for _ in idx]), 1, eps, (a, b))
+        def probe_x(alphas, idx, derivative=True):
+            return kink_probe(alphas, [x for _ in idx], derivative)
+
+        found, _ = find_breakpoints(rule, probe_x, 1, eps, (a, b))
         return found[0]
 
     v = entry_direction(ctx, seg, updates)
