@@ -180,26 +180,42 @@ class OptimizerStateWatch:
         self._after: dict[int, dict[str, Any]] | None = None
 
     @staticmethod
-    def _take(optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[int, dict[str, Any]]:
-        out, on_device = {}, []
+    def _take(optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]],
+              previous: Mapping[int, Mapping[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
+        out, on_device, targets, sources = {}, [], [], []
         for name, p, _ in params:
             kept, entry = copies.get(name, {}), {}
+            before = (previous or {}).get(id(p), {})
             for k, v in optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and not compared_by_copy(v):
                     on_device.append((entry, k, v))
                 elif isinstance(v, torch.Tensor) and v.dim() > 0:
                     copy = kept.get(k)
-                    entry[k] = ("copy", copy if isinstance(copy, torch.Tensor) else v.detach().clone())
+                    if isinstance(copy, torch.Tensor):  # the step's record holds one: compared with it
+                        entry[k] = ("copy", copy)
+                        continue
+                    own = before.get(k)
+                    if (isinstance(own, tuple) and own[0] == "own" and own[1].shape == v.shape
+                            and own[1].dtype == v.dtype):
+                        targets.append(own[1])  # the watch's own copy of the last step, overwritten: no new memory
+                        sources.append(v.detach())
+                        entry[k] = own
+                    else:
+                        entry[k] = ("own", v.detach().clone())
                 else:
                     entry[k] = _scalar(v)
             out[id(p)] = entry
+        if targets:
+            torch._foreach_copy_(targets, sources)
         for (entry, k, _), fingerprint in zip(on_device, _device_fingerprints([v for _, _, v in on_device])):
             entry[k] = ("fingerprint", fingerprint)
         return out
 
     def record(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
-        """Take the state after a step; ``copies``: per parameter name, copies of state tensors just recorded."""
-        self._after = self._take(optimizer, params, copies or {})
+        """Take the state after a step; ``copies``: per parameter name, copies of state tensors just recorded (kept
+        in the step's record). The other CPU state tensors are copied into the watch's own copies of the last step
+        (compared before this step, no longer needed): a fresh D-sized buffer per step costs its page faults."""
+        self._after = self._take(optimizer, params, copies or {}, self._after)
 
     def forget(self) -> None:
         self._after = None
@@ -234,8 +250,9 @@ def _scalar(v: Any) -> Any:
 
 
 def _same(before: Any, value: Any) -> bool:
-    """Whether a state entry equals what was taken after the last step (a CPU copy, or a scalar)."""
-    if isinstance(before, tuple) and len(before) == 2 and before[0] == "copy":
+    """Whether a state entry equals what was taken after the last step (a CPU copy, the record's or the watch's
+    own, or a scalar)."""
+    if isinstance(before, tuple) and len(before) == 2 and before[0] in ("copy", "own"):
         return (isinstance(value, torch.Tensor) and value.shape == before[1].shape and compared_by_copy(value)
                 and value.dtype == before[1].dtype and torch.equal(value.detach(), before[1]))
     if isinstance(value, torch.Tensor) and value.dim() > 0:
