@@ -105,12 +105,20 @@ def _mask_int32(halves: torch.Tensor, coordinate_halves: torch.Tensor, p: float,
     t = h >> 16
     h.bitwise_xor_(t.bitwise_and_(0xFFFF))  # (x >> 16) ^ x: the hash, as int32 bits
     threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
-    scale = torch.ones((), dtype=dtype, device=h.device) * (1.0 / (1.0 - p))  # as _mask forms it
+    scale, zero = _scale_and_zero(p, dtype, h.device)
     if threshold >= 2 ** 32:
         return scale.expand(h.shape).clone()
     # unsigned h < threshold  <=>  (h XOR 2³¹) < threshold − 2³¹ as signed int32
     keep = h.bitwise_xor_(-(1 << 31)) < threshold - (1 << 31)
-    return torch.where(keep, scale, torch.zeros((), dtype=dtype, device=h.device))
+    return torch.where(keep, scale, zero)
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_and_zero(p: float, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/(1 − p) formed as :func:`_mask` forms it (ones of ``dtype`` times the Python float), and 0: 0-dim
+    tensors, kept (a model has a few p)."""
+    scale = torch.ones((), dtype=dtype, device=device) * (1.0 / (1.0 - p))
+    return scale, torch.zeros((), dtype=dtype, device=device)
 
 
 def _row_halves(keys: Sequence[int], call: int) -> list[int]:
