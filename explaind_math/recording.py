@@ -51,10 +51,12 @@ from .trajectory import StepRecord, Trajectory, first_non_finite
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
 
 
-def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: bool = False) -> None:
+def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: bool = False,
+                                modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
     """Refuse BatchNorm in training mode and active dropout: both break "loss = Σ_i w_i ℓ_i" (``allow_dropout``:
-    ``nn.Dropout`` modules are recorded for replay, :mod:`explaind_math.integrations.forward`)."""
-    for name, module in model.named_modules():
+    ``nn.Dropout`` modules are recorded for replay, :mod:`explaind_math.integrations.forward`; ``modules``:
+    ``list(model.named_modules())``, when the caller has it)."""
+    for name, module in (model.named_modules() if modules is None else modules):
         label = name or type(module).__name__
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise StochasticTrainingError(
@@ -408,10 +410,11 @@ class TrajectoryRecorder:
             raise RecordingError(f"{where}: no batch recorded; call recorder.record_batch(ids) before optimizer.step()")
         self._watch.before_step(t)  # every training forward of the step has its ids (dropout)
         check_param_groups(optimizer, self._params, where)
+        modules = list(self.model.named_modules())  # one walk of the module tree for every check of the step
         if self.check_modules:
-            check_deterministic_modules(self.model, where, allow_dropout=self._watch.records_dropout)
-            check_batch_coupled_modules(self.model, where)
-        self._forward_state.check(self.model, where)
+            check_deterministic_modules(self.model, where, allow_dropout=self._watch.records_dropout, modules=modules)
+            check_batch_coupled_modules(self.model, where, modules)
+        self._forward_state.check(self.model, where, modules)
         self._state_watch.check(optimizer, self._params, where)
         if self._probe_pending and self._probe_input is not None:
             exempt = [m for m in self.model.modules()
@@ -468,14 +471,16 @@ class TrajectoryRecorder:
                 "(recorder.trajectory())"
             )
         state = {}
+        keys_of_group = [self.rule.state_keys(h) for h in current["hyper"]]
+        updated = set(current["updated"])
         for n, p, gi in self._params:
-            if n not in current["updated"]:
+            if n not in updated:
                 continue
             st = optimizer.state.get(p, {})
             entry = {}
             if "step" in st:
                 entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
-            for key in self.rule.state_keys(current["hyper"][gi]):
+            for key in keys_of_group[gi]:
                 entry[key] = st[key].detach().cpu().clone()
             state[n] = entry
         kept = [(n, key, v) for n, entry in state.items() for key, v in entry.items() if isinstance(v, torch.Tensor)]

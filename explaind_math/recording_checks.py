@@ -99,15 +99,39 @@ def check_param_groups(optimizer: torch.optim.Optimizer, recorded: Sequence[tupl
 
 
 # ---------------------------------------------------------------------- state the forward reads
-def _plain_attributes(model: nn.Module) -> dict[str, Any]:
-    """Scalar attributes of every module (numbers, strings, None), e.g. a softmax temperature."""
+_SCALAR_TYPES = (bool, int, float, str, type(None))
+
+
+def _module_scalars(module: nn.Module) -> dict[str, Any]:
+    """One module's own scalar attributes (numbers, strings, None), e.g. a softmax temperature."""
     out = {}
-    for prefix, module in model.named_modules():
-        for key, value in vars(module).items():
-            if key.startswith("_") or key == "training":
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        if type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str)):
+            out[key] = value
+    return out
+
+
+def _plain_attributes(model: nn.Module, modules: Sequence[tuple[str, nn.Module]] | None = None) -> dict[str, Any]:
+    """Scalar attributes of every module, named ``prefix.key``."""
+    out = {}
+    for prefix, module in (model.named_modules() if modules is None else modules):
+        for key, value in _module_scalars(module).items():
+            out[f"{prefix}.{key}" if prefix else key] = value
+    return out
+
+
+def _named_buffers(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """``dict(model.named_buffers())`` from the model's ``named_modules()`` list (a buffer shared by two modules
+    is named once, by the first), without walking the module tree again."""
+    out, seen = {}, set()
+    for prefix, module in modules:
+        for name, b in module._buffers.items():
+            if b is None or id(b) in seen:
                 continue
-            if value is None or isinstance(value, (bool, numbers.Number, str)):
-                out[f"{prefix}.{key}" if prefix else key] = value
+            seen.add(id(b))
+            out[f"{prefix}.{name}" if prefix else name] = b
     return out
 
 
@@ -123,13 +147,21 @@ class ForwardState:
             if id(p) not in trained_ids:
                 self.tensors[n] = p.detach().cpu().clone()
         self.check_attributes = attributes
-        self.attributes = _plain_attributes(model) if attributes else {}
+        modules = list(model.named_modules())
+        self.attributes = _plain_attributes(model, modules) if attributes else {}
+        # per module, its own scalar attributes: compared module by module while the module tree is the one
+        # recorded (the flat, named comparison only when it changed or an attribute differs)
+        self._per_module = [(module, _module_scalars(module)) for _, module in modules] if attributes else []
 
-    def check(self, model: nn.Module, where: str) -> None:
-        """Raise naming the first buffer, frozen parameter or attribute that differs from the recorded one."""
-        current = dict(model.named_buffers())
-        current.update({n: p for n, p in model.named_parameters() if n in self.frozen})
-        for n in sorted(set(current) ^ set(self.tensors)):
+    def check(self, model: nn.Module, where: str, modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
+        """Raise naming the first buffer, frozen parameter or attribute that differs from the recorded one
+        (``modules``: ``list(model.named_modules())``, when the caller has it)."""
+        modules = list(model.named_modules()) if modules is None else modules
+        current = _named_buffers(modules)
+        if self.frozen:
+            current.update({n: p for n, p in model.named_parameters() if n in self.frozen})
+        if current.keys() != self.tensors.keys():
+            n = sorted(set(current) ^ set(self.tensors))[0]
             raise StochasticTrainingError(f"{where}: buffer or frozen parameter {n!r} appeared or disappeared "
                                           "since recording started")
         for n, b in current.items():
@@ -144,7 +176,17 @@ class ForwardState:
                     f"{where}: buffer {n!r} changed during training (a BatchNorm running statistic?); "
                     "the decomposition needs a model whose buffers stay fixed"
                 )
-        now = _plain_attributes(model) if self.check_attributes else {}
+        if self.check_attributes and not self._same_attributes(modules):
+            self._raise_changed_attribute(model, modules, where)
+
+    def _same_attributes(self, modules: Sequence[tuple[str, nn.Module]]) -> bool:
+        if len(modules) != len(self._per_module):
+            return False
+        return all(module is recorded and _module_scalars(module) == attributes
+                   for (_, module), (recorded, attributes) in zip(modules, self._per_module))
+
+    def _raise_changed_attribute(self, model: nn.Module, modules, where: str) -> None:
+        now = _plain_attributes(model, modules)
         for key in sorted(set(now) | set(self.attributes)):
             if now.get(key, "<absent>") != self.attributes.get(key, "<absent>"):
                 raise RecordingError(
@@ -153,6 +195,8 @@ class ForwardState:
                     "of θ during training (check_modules=False skips this check, for an attribute the forward does "
                     "not read)"
                 )
+        # the same named attributes in a rebuilt module tree: what is compared from now on
+        self._per_module = [(module, _module_scalars(module)) for _, module in modules]
 
 
 # ---------------------------------------------------------------------- optimizer state between steps
@@ -169,6 +213,19 @@ def _device_fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, f
     return [tuple(x.tolist()) for x in torch.stack(sums)]
 
 
+class _TakenState:
+    """One parameter's optimizer state as taken after a step: its keys, its CPU state tensors' copies, its scalars
+    (the step count) and its accelerator tensors' fingerprints."""
+
+    __slots__ = ("name", "param", "keys", "copies", "scalars", "fingerprints")
+
+    def __init__(self, name: str, param: torch.Tensor, keys: frozenset):
+        self.name, self.param, self.keys = name, param, keys
+        self.copies: list[tuple[str, torch.Tensor]] = []
+        self.scalars: list[tuple[str, Any]] = []
+        self.fingerprints: list[list] = []  # [key, (Σv, Σv²)], filled in after one transfer
+
+
 class OptimizerStateWatch:
     """The optimizer state after each step, compared before the next: the state may only change inside
     ``optimizer.step()``. A state tensor on the CPU is compared exactly with a copy taken after the step (the one
@@ -177,45 +234,44 @@ class OptimizerStateWatch:
     read back in one transfer (no D-sized copy per step); scalars (the step count) by value."""
 
     def __init__(self):
-        self._after: dict[int, dict[str, Any]] | None = None
+        self._after: list[_TakenState] | None = None
+        self._own: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), key) → the watch's own copy
 
-    @staticmethod
-    def _take(optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]],
-              previous: Mapping[int, Mapping[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
-        out, on_device, targets, sources = {}, [], [], []
+    def _take(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]]) -> list[_TakenState]:
+        taken, on_device, targets, sources, own = [], [], [], [], {}
         for name, p, _ in params:
-            kept, entry = copies.get(name, {}), {}
-            before = (previous or {}).get(id(p), {})
-            for k, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and not compared_by_copy(v):
-                    on_device.append((entry, k, v))
-                elif isinstance(v, torch.Tensor) and v.dim() > 0:
-                    copy = kept.get(k)
-                    if isinstance(copy, torch.Tensor):  # the step's record holds one: compared with it
-                        entry[k] = ("copy", copy)
-                        continue
-                    own = before.get(k)
-                    if (isinstance(own, tuple) and own[0] == "own" and own[1].shape == v.shape
-                            and own[1].dtype == v.dtype):
-                        targets.append(own[1])  # the watch's own copy of the last step, overwritten: no new memory
-                        sources.append(v.detach())
-                        entry[k] = own
-                    else:
-                        entry[k] = ("own", v.detach().clone())
+            st = optimizer.state.get(p, {})
+            entry, kept = _TakenState(name, p, frozenset(st)), copies.get(name, {})
+            for k, v in st.items():
+                if not (isinstance(v, torch.Tensor) and v.dim() > 0):
+                    entry.scalars.append((k, _scalar(v)))
+                elif not compared_by_copy(v):
+                    entry.fingerprints.append([k, None])
+                    on_device.append((entry.fingerprints[-1], v))
+                elif isinstance(kept.get(k), torch.Tensor):  # the step's record holds a copy: compared with it
+                    entry.copies.append((k, kept[k]))
                 else:
-                    entry[k] = _scalar(v)
-            out[id(p)] = entry
+                    copy = self._own.get((id(p), k))
+                    if copy is not None and copy.shape == v.shape and copy.dtype == v.dtype:
+                        targets.append(copy)  # the watch's own copy of the last step, overwritten: no new memory
+                        sources.append(v.detach())
+                    else:
+                        copy = v.detach().clone()
+                    own[(id(p), k)] = copy
+                    entry.copies.append((k, copy))
+            taken.append(entry)
         if targets:
             torch._foreach_copy_(targets, sources)
-        for (entry, k, _), fingerprint in zip(on_device, _device_fingerprints([v for _, _, v in on_device])):
-            entry[k] = ("fingerprint", fingerprint)
-        return out
+        for (slot, _), fingerprint in zip(on_device, _device_fingerprints([v for _, v in on_device])):
+            slot[1] = fingerprint
+        self._own = own
+        return taken
 
     def record(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         """Take the state after a step; ``copies``: per parameter name, copies of state tensors just recorded (kept
         in the step's record). The other CPU state tensors are copied into the watch's own copies of the last step
         (compared before this step, no longer needed): a fresh D-sized buffer per step costs its page faults."""
-        self._after = self._take(optimizer, params, copies or {}, self._after)
+        self._after = self._take(optimizer, params, copies or {})
 
     def forget(self) -> None:
         self._after = None
@@ -224,20 +280,31 @@ class OptimizerStateWatch:
         if self._after is None:
             return
         changed, on_device = [], []
-        for name, p, _ in params:
-            before, now = self._after.get(id(p), {}), optimizer.state.get(p, {})
-            for key in sorted(set(before) | set(now)):
-                b, v = before.get(key), now.get(key)
-                if b is None or v is None:
-                    changed.append((name, key))
-                elif isinstance(b, tuple) and b[0] == "fingerprint" and isinstance(v, torch.Tensor) and v.dim() > 0:
-                    on_device.append((name, key, b[1], v))
-                elif not _same(b, v):
-                    changed.append((name, key))
+        for index, entry in enumerate(self._after):
+            now = optimizer.state.get(entry.param, {})
+            if now.keys() != entry.keys:
+                changed += [(index, key) for key in set(now) ^ entry.keys]
+                continue
+            for key, copy in entry.copies:
+                v = now[key]
+                if not (isinstance(v, torch.Tensor) and compared_by_copy(v) and v.shape == copy.shape
+                        and v.dtype == copy.dtype and torch.equal(v.detach(), copy)):
+                    changed.append((index, key))
+            for key, value in entry.scalars:
+                v = now[key]
+                if (isinstance(v, torch.Tensor) and v.dim() > 0) or _scalar(v) != value:
+                    changed.append((index, key))
+            for key, fingerprint in entry.fingerprints:
+                v = now[key]
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    on_device.append((index, key, fingerprint, v))
+                else:
+                    changed.append((index, key))
         fingerprints = _device_fingerprints([v for *_, v in on_device])
-        changed += [(name, key) for (name, key, b, _), now in zip(on_device, fingerprints) if b != now]
+        changed += [(index, key) for (index, key, b, _), now in zip(on_device, fingerprints) if b != now]
         if changed:
-            name, key = changed[0]
+            index, key = min(changed, key=lambda c: (c[0], str(c[1])))
+            name = self._after[index].name
             raise RecordingError(
                 f"{where}: the optimizer state {key!r} of parameter {name!r} changed since the last "
                 "optimizer.step() (optimizer.load_state_dict, or a state edited by hand, mid-run?); the "
@@ -249,21 +316,12 @@ def _scalar(v: Any) -> Any:
     return float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v)
 
 
-def _same(before: Any, value: Any) -> bool:
-    """Whether a state entry equals what was taken after the last step (a CPU copy, the record's or the watch's
-    own, or a scalar)."""
-    if isinstance(before, tuple) and len(before) == 2 and before[0] in ("copy", "own"):
-        return (isinstance(value, torch.Tensor) and value.shape == before[1].shape and compared_by_copy(value)
-                and value.dtype == before[1].dtype and torch.equal(value.detach(), before[1]))
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return False
-    return before == _scalar(value)
-
-
 # ---------------------------------------------------------------------- forwards that are not per-sample
-def check_batch_coupled_modules(model: nn.Module, where: str) -> None:
-    """BatchNorm without running statistics normalizes by the batch in eval mode too."""
-    for name, module in model.named_modules():
+def check_batch_coupled_modules(model: nn.Module, where: str,
+                                modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
+    """BatchNorm without running statistics normalizes by the batch in eval mode too (``modules``:
+    ``list(model.named_modules())``, when the caller has it)."""
+    for name, module in (model.named_modules() if modules is None else modules):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
             raise StochasticTrainingError(
                 f"{where}: BatchNorm module {name or type(module).__name__!r} has track_running_stats=False, so it "

@@ -298,16 +298,21 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
-    """The position of the first tensor with a NaN or ±Inf entry (None: all finite). The sums of all tensors
-    are compared in one reduction (one synchronisation for a whole step's tensors); only when one is not
-    finite are the tensors checked one by one, exactly, with :func:`all_finite`."""
+    """The position of the first tensor with a NaN or ±Inf entry (None: all finite). The 2-norms of all tensors
+    (one ``_foreach_norm``; a NaN or ±Inf entry makes a norm NaN or Inf) are compared in one reduction, one
+    synchronisation for a whole step's tensors; only when one is not finite (overflow can also make it so)
+    are the tensors checked one by one, exactly, with :func:`all_finite`."""
     floating = [x for x in tensors if (x.is_floating_point() or x.is_complex()) and x.numel()]
     if not floating:
         return None
-    sums = [x.sum() for x in floating]
-    if len({(v.dtype, v.device) for v in sums}) > 1:  # stack needs one dtype and device
-        sums = [v.to(device="cpu", dtype=torch.complex128 if v.is_complex() else torch.float64) for v in sums]
-    if bool(torch.isfinite(torch.stack(sums)).all()):
+    if all(x.dtype in (torch.float32, torch.float64) for x in floating):
+        summaries = list(torch._foreach_norm(floating))
+    else:
+        summaries = [x.sum() for x in floating]
+    if len({(v.dtype, v.device) for v in summaries}) > 1:  # stack needs one dtype and device
+        summaries = [v.to(device="cpu", dtype=torch.complex128 if v.is_complex() else torch.float64)
+                     for v in summaries]
+    if bool(torch.isfinite(torch.stack(summaries)).all()):
         return None
     return next((k for k, x in enumerate(tensors) if not all_finite(x)), None)
 

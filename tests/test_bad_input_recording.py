@@ -257,6 +257,8 @@ class _WithBuffer(nn.Module):
     ("persistent", r"buffer 'shift' changed"),
     ("new-buffer", r"'extra' appeared or disappeared"),
     ("temperature", r"module attribute 'temperature' changed from 1.0 to 2.0"),
+    ("nested-attribute", r"module attribute 'inner.in_features' changed from 4 to 5"),
+    ("new-attribute", r"module attribute 'offset' changed from '<absent>' to 0.5"),
 ])
 def test_state_the_forward_reads_changed_between_steps_is_refused(change, match):
     X, Y = _data()
@@ -268,6 +270,10 @@ def test_state_the_forward_reads_changed_between_steps_is_refused(change, match)
     def edit():
         if change == "temperature":
             model.temperature = 2.0
+        elif change == "nested-attribute":
+            model.inner.in_features = 5
+        elif change == "new-attribute":
+            model.offset = 0.5
         elif change == "new-buffer":
             model.register_buffer("extra", torch.zeros(1))
         else:

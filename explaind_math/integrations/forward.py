@@ -19,6 +19,7 @@ under ``vmap`` it avoids SDPA's missing batching rule (a per-sample loop, measur
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Sequence
@@ -29,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import RecordingError
 
-__all__ = ["DropoutRecord", "ReplayMode", "RecordMode", "row_key", "hash32", "attention_math",
+__all__ = ["CoordinateCache", "DropoutRecord", "ReplayMode", "RecordMode", "row_key", "hash32", "attention_math",
            "autocast_in_use"]
 
 _M32 = 0xFFFFFFFF
@@ -187,18 +188,43 @@ def _dropout_arguments(args, kwargs) -> tuple[torch.Tensor, float, bool]:
     return bound["input"], float(bound.get("p", 0.5)), bool(bound.get("training", True))
 
 
+class CoordinateCache:
+    """The coordinate halves (:func:`_coordinate_halves`) of the dropout inputs' row shapes, kept across the
+    forwards of a run (a model's dropout calls see a few shapes per padded length), least recently used first
+    out once they hold more than ``max_bytes``. Read only: the masks are formed in new tensors."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes, self._bytes = int(max_bytes), 0
+        self._entries: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+
+    def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        where = (shape, device)
+        found = self._entries.get(where)
+        if found is not None:
+            self._entries.move_to_end(where)
+            return found
+        found = _coordinate_halves(shape, device)
+        self._entries[where] = found
+        self._bytes += found.numel() * found.element_size()
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.numel() * dropped.element_size()
+        return found
+
+
 class RecordMode(TorchFunctionMode):
     """Active during one recorded training forward: every ``F.dropout`` (so every ``nn.Dropout``) and
     every SDPA call with dropout draws its mask from the hash of the rows' keys; ``calls`` collects the
-    p of each call (0 for an inactive one, which replay must count too)."""
+    p of each call (0 for an inactive one, which replay must count too). ``coordinates``: a
+    :class:`CoordinateCache` shared by the forwards of a run (default: one for this forward)."""
 
-    def __init__(self, keys_of_rows):
+    def __init__(self, keys_of_rows, coordinates: CoordinateCache | None = None):
         super().__init__()
         self._keys_of_rows = keys_of_rows  # batch size → (B,) int64 keys (the batch size is seen at the call)
         self.calls: list[float] = []
         self.batch_size: int | None = None
         self._keys: dict[int, list[int]] = {}  # batch size → the keys as Python ints
-        self._coordinates: dict[tuple, torch.Tensor] = {}  # (shape, device) → coordinate halves, this forward only
+        self._coordinates = CoordinateCache() if coordinates is None else coordinates
 
     def _apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
         call = len(self.calls)
@@ -218,11 +244,9 @@ class RecordMode(TorchFunctionMode):
         if size not in self._keys:
             self._keys[size] = [int(k) for k in keys.tolist()]
         shape = tuple(int(v) for v in x.shape[1:])
-        where = (shape, x.device)
-        if where not in self._coordinates:  # the layers of one forward share a few shapes
-            self._coordinates[where] = _coordinate_halves(shape, x.device)
+        coordinates = self._coordinates.get(shape, x.device)
         halves = torch.tensor(_row_halves(self._keys[size], call), dtype=torch.int32, device=x.device)
-        return x * _mask_int32(halves.reshape(-1, *([1] * len(shape))), self._coordinates[where], p, x.dtype)
+        return x * _mask_int32(halves.reshape(-1, *([1] * len(shape))), coordinates, p, x.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

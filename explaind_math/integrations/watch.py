@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import RecordingError
-from .forward import RecordMode, autocast_in_use, row_key
+from .forward import CoordinateCache, RecordMode, autocast_in_use, row_key
 
 __all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast", "is_left_padded", "left_padding_refusal"]
 
@@ -86,6 +86,7 @@ class ForwardWatch:
         self._staged: list[list[int]] | None = None
         self._steps: dict[str, list[list[int]]] = {}
         self._mode: RecordMode | None = None
+        self._coordinates = CoordinateCache()  # shared by this run's forwards
         self._counted = False
         self._handles = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
                          model.register_forward_hook(self._exit, always_call=True)]
@@ -112,7 +113,7 @@ class ForwardWatch:
                 keys[size] = torch.tensor([row_key(seed, step, m, r) for r in range(size)])
             return keys[size]
 
-        self._mode = RecordMode(keys_of_rows)
+        self._mode = RecordMode(keys_of_rows, self._coordinates)
         self._counted = counted
         self._mode.__enter__()
 
