@@ -76,6 +76,16 @@ def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: boo
             )
 
 
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` on the CPU (one copy, from any device)."""
+    return t.detach().clone() if t.device.type == "cpu" else t.detach().cpu()
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself on the CPU (no copy), else a CPU copy: for comparisons."""
+    return t if t.device.type == "cpu" else t.detach().cpu()
+
+
 class TrajectoryRecorder:
     """Records θ_t, the per-group hyper-parameters used and the optimizer state at every
     ``optimizer.step()`` of an unmodified ``torch.optim.AdamW``/``Adam``/``SGD`` (MATH.md §0).
@@ -388,7 +398,7 @@ class TrajectoryRecorder:
 
     # ------------------------------------------------------------------ hooks
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p, _ in self._params}
+        return {n: _cpu_copy(p) for n, p, _ in self._params}
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         try:
@@ -434,7 +444,7 @@ class TrajectoryRecorder:
         else:
             previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
             for n, p, _ in self._params:
-                if p.dtype != previous[n].dtype or not torch.equal(p.detach().cpu(), previous[n]):
+                if p.dtype != previous[n].dtype or not torch.equal(_on_cpu(p), previous[n]):
                     how = f" (dtype {previous[n].dtype} -> {p.dtype})" if p.dtype != previous[n].dtype else ""
                     raise RecordingError(
                         f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
@@ -455,7 +465,7 @@ class TrajectoryRecorder:
         ids = sorted(self._pending)
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
         self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
-                         "gradient": ({n: g.detach().cpu().clone() for n, g in grads.items()}
+                         "gradient": ({n: _cpu_copy(g) for n, g in grads.items()}
                                       if self.record_gradients else None),
                          "calls": self._calls if len(self._calls) > 1 else None}
 
@@ -481,7 +491,7 @@ class TrajectoryRecorder:
             if "step" in st:
                 entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
             for key in keys_of_group[gi]:
-                entry[key] = st[key].detach().cpu().clone()
+                entry[key] = _cpu_copy(st[key])
             state[n] = entry
         kept = [(n, key, v) for n, entry in state.items() for key, v in entry.items() if isinstance(v, torch.Tensor)]
         bad = first_non_finite([v for _, _, v in kept])  # trajectory() would refuse the whole run: refuse this step

@@ -103,13 +103,10 @@ _SCALAR_TYPES = (bool, int, float, str, type(None))
 
 
 def _module_scalars(module: nn.Module) -> dict[str, Any]:
-    """One module's own scalar attributes (numbers, strings, None), e.g. a softmax temperature."""
-    out = {}
-    for key, value in vars(module).items():
-        if key.startswith("_") or key == "training":
-            continue
-        if type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str)):
-            out[key] = value
+    """One module's own public scalar attributes (numbers, strings, None), e.g. a softmax temperature."""
+    out = {key: value for key, value in vars(module).items()
+           if (type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str))) and not key.startswith("_")}
+    out.pop("training", None)
     return out
 
 
