@@ -38,12 +38,13 @@ from hf_gpt2_trainer import synthetic_sequences  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-def gpt2(attn: str, layers: int, width: int = 32, positions: int = 32):
+def gpt2(attn: str, layers: int, width: int = 32, positions: int = 32, dropout: float = 0.1):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=positions, vocab_size=24,
-                                      bos_token_id=0, eos_token_id=0, attn_implementation=attn))
+                                      bos_token_id=0, eos_token_id=0, attn_implementation=attn, resid_pdrop=dropout,
+                                      embd_pdrop=dropout, attn_pdrop=dropout))
 
 
 def args_for(out_dir: str, steps: int, batch: int):
@@ -55,11 +56,12 @@ def args_for(out_dir: str, steps: int, batch: int):
 
 
 def trainer_seconds(recording: bool, steps: int, layers: int, batch: int, data, width: int = 32,
-                    positions: int = 32) -> tuple[float, float, object]:
-    """(wall time of trainer.train(), its train_runtime per step, the recorder) for a plain or recording Trainer."""
+                    positions: int = 32, dropout: float = 0.1) -> tuple[float, float, object, float]:
+    """(wall time of trainer.train(), its train_runtime per step, the recorder, the process CPU time of train()
+    per step) for a plain or recording Trainer."""
     from transformers import Trainer
 
-    model = gpt2("eager", layers, width, positions)
+    model = gpt2("eager", layers, width, positions, dropout)
     with tempfile.TemporaryDirectory() as out:
         if recording:
             trainer = hf.RecordingTrainer(model=model, args=args_for(out, steps, batch),
@@ -67,11 +69,11 @@ def trainer_seconds(recording: bool, steps: int, layers: int, batch: int, data, 
         else:
             trainer = Trainer(model=model, args=args_for(out, steps, batch), train_dataset=data,
                               data_collator=padded_collate)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):
             output = trainer.train()
-        seconds = time.perf_counter() - start
-    return seconds, output.metrics["train_runtime"] / steps, (trainer.recorder if recording else None)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, output.metrics["train_runtime"] / steps, (trainer.recorder if recording else None), cpu / steps
 
 
 def decomposition_seconds(attn: str, layers: int, steps: int, data, test) -> tuple[float, float]:
@@ -143,22 +145,29 @@ def decomposition_part(a, data, test) -> None:
 
 def trainer_part(a, data):
     recorder = None
-    sizes = [(a.layers, 32, 24, data), (4, 128, 64, synthetic_sequences(64, seed=1, max_len=64))]
-    for layers, width, max_len, sequences in sizes:
+    longer = synthetic_sequences(64, seed=1, max_len=64)
+    # the last row: the small model without dropout, what the checks and copies cost without the dropout record
+    sizes = [(a.layers, 32, 24, data, 0.1), (4, 128, 64, longer, 0.1), (a.layers, 32, 24, data, 0.0)]
+    for layers, width, max_len, sequences, dropout in sizes:
         positions = max(32, max_len)
-        trainer_seconds(False, 2, layers, 8, sequences, width, positions)  # warm-up (imports, first-call costs)
-        trainer_seconds(True, 2, layers, 8, sequences, width, positions)
+        trainer_seconds(False, 2, layers, 8, sequences, width, positions, dropout)  # warm-up (first-call costs)
+        trainer_seconds(True, 2, layers, 8, sequences, width, positions, dropout)
         plain, runs = [], []
         for _ in range(a.trainer_repeats):  # interleaved, best kept
-            plain.append(trainer_seconds(False, a.trainer_steps, layers, 8, sequences, width, positions))
-            runs.append(trainer_seconds(True, a.trainer_steps, layers, 8, sequences, width, positions))
+            plain.append(trainer_seconds(False, a.trainer_steps, layers, 8, sequences, width, positions, dropout))
+            runs.append(trainer_seconds(True, a.trainer_steps, layers, 8, sequences, width, positions, dropout))
         step_plain, step_rec = min(r[1] for r in plain), min(r[1] for r in runs)
         wall_plain, wall_rec = min(r[0] for r in plain), min(r[0] for r in runs)
+        cpu_plain, cpu_rec = min(r[3] for r in plain), min(r[3] for r in runs)
+        pairs = sorted(r[1] / p[1] for p, r in zip(plain, runs))  # each recording run against the plain run before it
         if recorder is None:  # the dropout record of part 3 is the first size's
             recorder = runs[0][2]
-        print(f"2. Trainer, GPT-2 {layers} layers width {width}, sequences <= {max_len}, {a.trainer_steps} steps "
+        print(f"2. Trainer, GPT-2 {layers} layers width {width}, dropout {dropout}, sequences <= {max_len}, "
+              f"{a.trainer_steps} steps "
               f"(best of {a.trainer_repeats}): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
-              f"{step_rec / step_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
+              f"{step_rec / step_plain:.2f} (interleaved pairs: median {pairs[len(pairs) // 2]:.2f}, range "
+              f"{pairs[0]:.2f}-{pairs[-1]:.2f}); process CPU time per step {cpu_plain * 1e3:.1f} vs {cpu_rec * 1e3:.1f} ms, "
+              f"ratio {cpu_rec / cpu_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
               f"{wall_rec / wall_plain:.2f}")
     return recorder
 
