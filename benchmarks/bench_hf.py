@@ -6,7 +6,9 @@
      evaluating SDPA in plain tensor operations);
   2. the Trainer's step time (its own ``train_runtime`` per step) with ``RecordingTrainer`` against the plain
      ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
-     one on sequences up to 64 tokens; and the whole ``trainer.train()`` call;
+     one on sequences up to 64 tokens, and the small one with dropout off (the checks and copies alone): best of
+     the repeats, the median and range of the interleaved (plain, recording) pairs, the process CPU time per
+     step; and the whole ``trainer.train()`` call;
   3. the memory of the dropout record: bytes in the trajectory against bit-packed masks.
 
     python benchmarks/bench_hf.py [--layers 2] [--steps 8]
