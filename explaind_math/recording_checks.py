@@ -104,8 +104,8 @@ _SCALAR_TYPES = (bool, int, float, str, type(None))
 
 def _module_scalars(module: nn.Module) -> dict[str, Any]:
     """One module's own public scalar attributes (numbers, strings, None), e.g. a softmax temperature."""
-    out = {key: value for key, value in vars(module).items()
-           if (type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str))) and not key.startswith("_")}
+    out = {key: value for key, value in vars(module).items()  # the name first: most of a module's are private
+           if key[:1] != "_" and (type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str)))}
     out.pop("training", None)
     return out
 
@@ -285,7 +285,7 @@ class OptimizerStateWatch:
             for key, copy in entry.copies:
                 v = now[key]
                 if not (isinstance(v, torch.Tensor) and compared_by_copy(v) and v.shape == copy.shape
-                        and v.dtype == copy.dtype and torch.equal(v.detach(), copy)):
+                        and v.dtype == copy.dtype and torch.equal(v, copy)):
                     changed.append((index, key))
             for key, value in entry.scalars:
                 v = now[key]
