@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import RecordingError
-from .forward import CoordinateCache, RecordMode, autocast_in_use, row_key
+from .forward import CoordinateCache, DropoutRoute, RecordMode, autocast_in_use, row_key
 
 __all__ = ["ForwardWatch", "has_active_dropout", "refuse_autocast", "is_left_padded", "left_padding_refusal"]
 
@@ -69,6 +69,20 @@ def left_padding_refusal(where: str) -> RecordingError:
         "left padding (LeftPadded) is exact without dropout")
 
 
+def _generator_states(model: nn.Module) -> list[torch.Tensor]:
+    """The states of the random generators a forward of ``model`` can draw from: the CPU's, and each CUDA device's
+    that holds a parameter (a native dropout advances them)."""
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        states += [torch.cuda.get_rng_state(d) for d in devices]
+    return states
+
+
+def _same_states(a: list[torch.Tensor] | None, b: list[torch.Tensor]) -> bool:
+    return a is not None and len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 class ForwardWatch:
     """Hooks on ``model`` that watch its training forward passes (see the module docstring)."""
 
@@ -88,6 +102,14 @@ class ForwardWatch:
         self._mode: RecordMode | None = None
         self._coordinates = CoordinateCache()  # shared by this run's forwards
         self._counted = False
+        # dropout reaches the recording through a DropoutRoute; the torch-function mode as well until a recorded
+        # forward under both showed every call coming through the route (then the route alone: the mode's hook
+        # costs every tensor operation), and again for good after a routed forward drew random numbers
+        self.route_alone = False
+        self._route: DropoutRoute | None = None
+        self._mode_entered = False
+        self._rng_before: list[torch.Tensor] | None = None
+        self._unseen_randomness = False  # a routed forward of this step drew random numbers: refused at the step
         self._handles = [model.register_forward_pre_hook(self._enter, with_kwargs=True),
                          model.register_forward_hook(self._exit, always_call=True)]
 
@@ -115,15 +137,27 @@ class ForwardWatch:
 
         self._mode = RecordMode(keys_of_rows, self._coordinates)
         self._counted = counted
-        self._mode.__enter__()
+        self._route = DropoutRoute(self._mode).__enter__()
+        self._mode_entered = not (self.route_alone and counted and self.world_size == 1)
+        if self._mode_entered:
+            self._mode.__enter__()
+        else:
+            self._rng_before = _generator_states(module)
 
     def _exit(self, module, args, output):
         mode, self._mode = self._mode, None
         if mode is None:
             return
-        mode.__exit__(None, None, None)
+        if self._mode_entered:
+            mode.__exit__(None, None, None)
+        self._route.__exit__(None, None, None)
+        self._route = None
         if not self._counted:
             return
+        if self._mode_entered:
+            self.route_alone = mode.intercepted == 0  # the mode saw no call the route did not
+        elif not _same_states(self._rng_before, _generator_states(module)):
+            self._unseen_randomness, self.route_alone = True, False
         if self.calls is None:
             self.calls = list(mode.calls)
         elif mode.calls != self.calls:
@@ -170,10 +204,19 @@ class ForwardWatch:
     def before_step(self, step: int) -> None:
         """Check that every training forward of this step has its ids (refuses the step otherwise)."""
         forwards, orders, left_padded = self._forwards, self._orders, self._left_padded
+        unseen_randomness = self._unseen_randomness
         self._forget()
         if not self.records_dropout:
             return
         where = f"step {step}"
+        if unseen_randomness:
+            raise RecordingError(
+                f"{where}: a recorded training forward drew random numbers that the recorder did not see: dropout "
+                "called by a name bound before recording (from torch.nn.functional import dropout), torch.dropout, or "
+                "noise in the forward. This step is refused (the earlier ones are kept); from the next forward on, "
+                "every tensor operation of the forward is watched (a torch-function mode), which sees a dropout "
+                "function under any name. Noise must move into the data: each sample's transformed input is its own "
+                "sample")
         if left_padded:
             raise left_padding_refusal(where)
         if len(forwards) != len(orders):
@@ -192,6 +235,7 @@ class ForwardWatch:
 
     def _forget(self) -> None:
         self._forwards, self._orders, self._staged, self._left_padded = [], [], None, False
+        self._unseen_randomness = False
 
     def after_step(self, step: int) -> None:
         if self.records_dropout and self._staged is not None:

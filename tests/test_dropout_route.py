@@ -1,0 +1,110 @@
+"""How recorded dropout reaches the recorder (explaind_math.integrations.forward.DropoutRoute): the first recorded
+forward runs under the torch-function mode and the route together; when the mode saw no dropout call that the
+route did not, later forwards take the route alone (the mode's hook costs every tensor operation). A dropout
+called by a name bound before recording keeps the mode; a routed forward that still draws random numbers is
+refused at its step, the earlier steps kept. Every run here decomposes exactly either way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.functional import dropout as bound_dropout  # a name bound before any recording
+
+import explaind_math as em
+from explaind_math.errors import RecordingError
+from explaind_math.integrations import DataLoaderWithIds
+from explaind_math.integrations.forward import ORIGINAL_DROPOUT, ORIGINAL_SDPA
+
+DT = torch.float64
+
+
+class _Net(nn.Module):
+    """Linear → tanh → dropout → linear; ``how`` says how the dropout is called, ``from_step`` from which training
+    forward on a second dropout through another name (or noise) joins in."""
+
+    def __init__(self, how: str = "module", from_step: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.drop = nn.Linear(4, 8).to(DT), nn.Linear(8, 3).to(DT), nn.Dropout(0.3)
+        self.how, self.from_step, self._forwards = how, from_step, 0
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.a(x)))
+        if self.training and torch.is_grad_enabled():
+            self._forwards += 1
+        late = self._forwards > self.from_step
+        if self.how == "bound-name" and late:
+            h = bound_dropout(h, 0.2, self.training)
+        elif self.how == "noise" and late and self.training:
+            h = h + 0.01 * torch.randn_like(h)
+        return self.b(h)
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(24, 4, generator=g, dtype=DT)
+    return X, list(zip(X, (X[:, 0] > 0).long()))
+
+
+def _train(model, steps: int):
+    X, dataset = _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    recorder = em.TrajectoryRecorder(model, optimizer)
+    done = 0
+    for ids, (x, y) in DataLoaderWithIds(dataset, batch_size=6):
+        if done == steps:
+            break
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        recorder.record_batch(ids)
+        optimizer.step()
+        done += 1
+    return recorder, dataset, X
+
+
+def _assert_exact(model, recorder, dataset, X):
+    model.eval()
+    result = em.decompose_adamw_training(model, recorder.trajectory(), loss_fn=F.cross_entropy, train_data=dataset,
+                                         test_inputs=X[:3], dtype=DT)
+    assert result.relative_residual <= 1e-9, result.summary()
+
+
+def test_module_dropout_takes_the_route_alone_after_the_first_forward_and_decomposes_exactly():
+    model = _Net("module")
+    recorder, dataset, X = _train(model, 4)
+    assert recorder._watch.route_alone
+    assert F.dropout is ORIGINAL_DROPOUT and F.scaled_dot_product_attention is ORIGINAL_SDPA  # restored
+    _assert_exact(model, recorder, dataset, X)
+
+
+def test_a_dropout_called_by_a_bound_name_keeps_the_mode_and_decomposes_exactly():
+    model = _Net("bound-name", from_step=0)
+    recorder, dataset, X = _train(model, 4)
+    assert not recorder._watch.route_alone
+    assert recorder.trajectory().metadata["dropout"]["calls"] == [0.3, 0.2]
+    _assert_exact(model, recorder, dataset, X)
+
+
+@pytest.mark.parametrize("how", ["bound-name", "noise"])
+def test_randomness_the_route_does_not_see_is_refused_at_its_step_and_earlier_steps_are_kept(how):
+    model = _Net(how, from_step=2)  # forwards 1 and 2 are plain; the third draws through an unseen name
+    X, dataset = _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    recorder = em.TrajectoryRecorder(model, optimizer)
+    batches = iter(DataLoaderWithIds(dataset, batch_size=6))
+    for t in range(3):
+        ids, (x, y) = next(batches)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        recorder.record_batch(ids)
+        if t < 2:
+            optimizer.step()
+            continue
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RecordingError, match=r"step 2: a recorded training forward drew random numbers"):
+            optimizer.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the step did not happen
+    assert recorder.trajectory().num_steps == 2
+    assert not recorder._watch.route_alone  # the next forwards are watched by the mode again
