@@ -15,6 +15,13 @@ of the recorded batch.
 ``scaled_dot_product_attention`` is computed as softmax(q kᵀ·scale + mask) v in plain tensor operations
 (its attention dropout then is one of the dropout calls): this is what makes attention dropout exact, and
 under ``vmap`` it avoids SDPA's missing batching rule (a per-sample loop, measured 10-100× slower).
+
+How a recorded forward's dropout calls reach the recording: a :class:`DropoutRoute` (the names
+``torch.nn.functional.dropout`` and ``scaled_dot_product_attention``, which ``nn.Dropout`` and Hugging Face
+attention call), and the torch-function mode :class:`RecordMode`, which sees a dropout function under any name
+but costs every tensor operation of the forward a Python call. The recorder uses both until one forward shows
+that the mode saw nothing the route did not, then the route alone (see
+:class:`~explaind_math.integrations.watch.ForwardWatch`). The decomposition's :class:`ReplayMode` is a mode.
 """
 
 from __future__ import annotations
