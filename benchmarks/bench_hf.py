@@ -8,7 +8,8 @@
      ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
      one on sequences up to 64 tokens, and the small one with dropout off (the checks and copies alone): best of
      the repeats, the median and range of the interleaved (plain, recording) pairs, the process CPU time per
-     step; and the whole ``trainer.train()`` call;
+     step, the minor page faults per step; and the whole ``trainer.train()`` call. Each Trainer run is a fresh
+     process (``--in-process``: all in this one, where a run reuses memory an earlier one freed);
   3. the memory of the dropout record: bytes in the trajectory against bit-packed masks.
 
     python benchmarks/bench_hf.py [--layers 2] [--steps 8]
@@ -121,8 +122,13 @@ def main() -> None:
     parser.add_argument("--trainer-steps", type=int, default=48, help="steps of the timed Trainer runs")
     parser.add_argument("--trainer-repeats", type=int, default=5, help="interleaved Trainer runs per size (best kept)")
     parser.add_argument("--only-trainer", action="store_true", help="part 2 only")
+    parser.add_argument("--in-process", action="store_true",
+                        help="part 2: every Trainer run in this process (default: each in a fresh one)")
+    parser.add_argument("--one-run", help=argparse.SUPPRESS)  # the child of an isolated part-2 run
     a = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if a.one_run:
+        return one_isolated_run(a.one_run)
     data, test = synthetic_sequences(64, seed=1, max_len=24), synthetic_sequences(4, seed=2, max_len=24)
 
     if not a.only_trainer:
@@ -145,6 +151,30 @@ def decomposition_part(a, data, test) -> None:
 
 
 
+def one_isolated_run(spec: str) -> None:
+    """A warm-up run and a timed run of one Trainer, in this (fresh) process; prints their readings as JSON."""
+    import resource
+
+    recording, steps, layers, width, max_len, dropout = json.loads(spec)
+    sequences = synthetic_sequences(64, seed=1, max_len=max_len)
+    positions = max(32, max_len)
+    trainer_seconds(recording, 2, layers, 8, sequences, width, positions, dropout)  # first-call costs
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    wall, step, _, cpu = trainer_seconds(recording, steps, layers, 8, sequences, width, positions, dropout)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    print(json.dumps([wall, step, None, cpu, faults]))
+
+
+def isolated_trainer_seconds(recording: bool, steps: int, layers: int, width: int, max_len: int, dropout: float):
+    """:func:`trainer_seconds` (and the minor page faults per step) of a run in a fresh process: a user's run, whose
+    record needs memory no earlier run of this benchmark freed."""
+    import subprocess
+
+    spec = json.dumps([recording, steps, layers, width, max_len, dropout])
+    out = subprocess.run([sys.executable, __file__, "--one-run", spec], capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def trainer_part(a, data):
     recorder = None
     longer = synthetic_sequences(64, seed=1, max_len=64)
@@ -152,25 +182,33 @@ def trainer_part(a, data):
     sizes = [(a.layers, 32, 24, data, 0.1), (4, 128, 64, longer, 0.1), (a.layers, 32, 24, data, 0.0)]
     for layers, width, max_len, sequences, dropout in sizes:
         positions = max(32, max_len)
-        trainer_seconds(False, 2, layers, 8, sequences, width, positions, dropout)  # warm-up (first-call costs)
-        trainer_seconds(True, 2, layers, 8, sequences, width, positions, dropout)
+        if a.in_process:
+            trainer_seconds(False, 2, layers, 8, sequences, width, positions, dropout)  # warm-up (first-call costs)
+            trainer_seconds(True, 2, layers, 8, sequences, width, positions, dropout)
+            run = lambda recording: (*trainer_seconds(recording, a.trainer_steps, layers, 8, sequences,  # noqa: E731
+                                                      width, positions, dropout), float("nan"))
+        else:
+            run = lambda recording: isolated_trainer_seconds(recording, a.trainer_steps, layers,  # noqa: E731
+                                                             width, max_len, dropout)
         plain, runs = [], []
         for _ in range(a.trainer_repeats):  # interleaved, best kept
-            plain.append(trainer_seconds(False, a.trainer_steps, layers, 8, sequences, width, positions, dropout))
-            runs.append(trainer_seconds(True, a.trainer_steps, layers, 8, sequences, width, positions, dropout))
+            plain.append(run(False))
+            runs.append(run(True))
         step_plain, step_rec = min(r[1] for r in plain), min(r[1] for r in runs)
         wall_plain, wall_rec = min(r[0] for r in plain), min(r[0] for r in runs)
         cpu_plain, cpu_rec = min(r[3] for r in plain), min(r[3] for r in runs)
         pairs = sorted(r[1] / p[1] for p, r in zip(plain, runs))  # each recording run against the plain run before it
         if recorder is None:  # the dropout record of part 3 is the first size's
-            recorder = runs[0][2]
+            recorder = runs[0][2] if a.in_process else trainer_seconds(True, a.trainer_steps, layers, 8, sequences,
+                                                                        width, positions, dropout)[2]
+        faults = f"; minor page faults per step {plain[0][4]:.0f} plain, {runs[0][4]:.0f} recording" if not a.in_process else ""
         print(f"2. Trainer, GPT-2 {layers} layers width {width}, dropout {dropout}, sequences <= {max_len}, "
               f"{a.trainer_steps} steps "
               f"(best of {a.trainer_repeats}): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
               f"{step_rec / step_plain:.2f} (interleaved pairs: median {pairs[len(pairs) // 2]:.2f}, range "
               f"{pairs[0]:.2f}-{pairs[-1]:.2f}); process CPU time per step {cpu_plain * 1e3:.1f} vs {cpu_rec * 1e3:.1f} ms, "
               f"ratio {cpu_rec / cpu_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
-              f"{wall_rec / wall_plain:.2f}")
+              f"{wall_rec / wall_plain:.2f}{faults}")
     return recorder
 
 
