@@ -44,6 +44,8 @@ from .recording_checks import (
     batch_weights,
     check_batch_coupled_modules,
     check_param_groups,
+    cpu_copy,
+    on_cpu,
     probe_forward,
 )
 from .trajectory import StepRecord, Trajectory, first_non_finite
@@ -74,16 +76,6 @@ def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: boo
             raise StochasticTrainingError(
                 f"{where}: attention module {label!r} has active dropout={module.dropout}; set it to 0 or eval()"
             )
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached copy of ``t`` on the CPU (one copy, from any device)."""
-    return t.detach().clone() if t.device.type == "cpu" else t.detach().cpu()
-
-
-def _on_cpu(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself on the CPU (no copy), else a CPU copy: for comparisons."""
-    return t if t.device.type == "cpu" else t.detach().cpu()
 
 
 class TrajectoryRecorder:
@@ -387,7 +379,7 @@ class TrajectoryRecorder:
                     continue
                 if key not in st:
                     problems.append(f"{name!r}: no {key!r} in the optimizer state, one was recorded")
-                elif not torch.equal(st[key].detach().cpu(), value):
+                elif not torch.equal(on_cpu(st[key]), value):
                     problems.append(f"{name!r}: {key!r} differs from the recorded one")
         if problems:
             raise RecordingError(
@@ -398,7 +390,7 @@ class TrajectoryRecorder:
 
     # ------------------------------------------------------------------ hooks
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: _cpu_copy(p) for n, p, _ in self._params}
+        return {n: cpu_copy(p) for n, p, _ in self._params}
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         try:
@@ -444,7 +436,7 @@ class TrajectoryRecorder:
         else:
             previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
             for n, p, _ in self._params:
-                if p.dtype != previous[n].dtype or not torch.equal(_on_cpu(p), previous[n]):
+                if p.dtype != previous[n].dtype or not torch.equal(on_cpu(p), previous[n]):
                     how = f" (dtype {previous[n].dtype} -> {p.dtype})" if p.dtype != previous[n].dtype else ""
                     raise RecordingError(
                         f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
@@ -465,7 +457,7 @@ class TrajectoryRecorder:
         ids = sorted(self._pending)
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
         self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
-                         "gradient": ({n: _cpu_copy(g) for n, g in grads.items()}
+                         "gradient": ({n: cpu_copy(g) for n, g in grads.items()}
                                       if self.record_gradients else None),
                          "calls": self._calls if len(self._calls) > 1 else None}
 
@@ -491,7 +483,7 @@ class TrajectoryRecorder:
             if "step" in st:
                 entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
             for key in keys_of_group[gi]:
-                entry[key] = _cpu_copy(st[key])
+                entry[key] = cpu_copy(st[key])
             state[n] = entry
         kept = [(n, key, v) for n, entry in state.items() for key, v in entry.items() if isinstance(v, torch.Tensor)]
         bad = first_non_finite([v for _, _, v in kept])  # trajectory() would refuse the whole run: refuse this step
@@ -532,7 +524,7 @@ class TrajectoryRecorder:
             st = self.optimizer.state.get(p, {})
             entry = {}
             if key is not None and st.get(key) is not None:
-                entry[key] = st[key].detach().cpu().clone()
+                entry[key] = cpu_copy(st[key])
             if "step" in st:
                 entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
             if entry:

@@ -33,6 +33,8 @@ __all__ = [
     "batch_weights",
     "check_batch_coupled_modules",
     "check_param_groups",
+    "cpu_copy",
+    "on_cpu",
     "probe_forward",
 ]
 
@@ -98,6 +100,17 @@ def check_param_groups(optimizer: torch.optim.Optimizer, recorded: Sequence[tupl
         )
 
 
+# ---------------------------------------------------------------------- copies and comparisons on the CPU
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` on the CPU (one copy, from any device)."""
+    return t.detach().clone() if t.device.type == "cpu" else t.detach().cpu()
+
+
+def on_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself on the CPU (no copy), else a CPU copy: for comparisons."""
+    return t if t.device.type == "cpu" else t.detach().cpu()
+
+
 # ---------------------------------------------------------------------- state the forward reads
 _SCALAR_TYPES = (bool, int, float, str, type(None))
 
@@ -138,13 +151,13 @@ class ForwardState:
 
     def __init__(self, model: nn.Module, trained: Iterable[torch.Tensor], *, attributes: bool = True):
         trained_ids = {id(p) for p in trained}
-        self.tensors = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
+        modules = list(model.named_modules())
+        self.tensors = {n: cpu_copy(b) for n, b in _named_buffers(modules).items()}  # named as check() names them
         self.frozen = [n for n, p in model.named_parameters() if id(p) not in trained_ids]
         for n, p in model.named_parameters():
             if id(p) not in trained_ids:
-                self.tensors[n] = p.detach().cpu().clone()
+                self.tensors[n] = cpu_copy(p)
         self.check_attributes = attributes
-        modules = list(model.named_modules())
         self.attributes = _plain_attributes(model, modules) if attributes else {}
         # per module, its own scalar attributes: compared module by module while the module tree is the one
         # recorded (the flat, named comparison only when it changed or an attribute differs)
@@ -162,7 +175,7 @@ class ForwardState:
             raise StochasticTrainingError(f"{where}: buffer or frozen parameter {n!r} appeared or disappeared "
                                           "since recording started")
         for n, b in current.items():
-            if not torch.equal(b.detach().cpu(), self.tensors[n]):
+            if not torch.equal(on_cpu(b), self.tensors[n]):
                 if n in self.frozen:
                     raise RecordingError(
                         f"{where}: frozen parameter {n!r} (not in the optimizer) changed since recording started; "
