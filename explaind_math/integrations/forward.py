@@ -38,8 +38,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import RecordingError
 
-__all__ = ["CoordinateCache", "DropoutRecord", "DropoutRoute", "ORIGINAL_DROPOUT", "ORIGINAL_SDPA", "ReplayMode", "RecordMode", "row_key", "hash32", "attention_math",
-           "autocast_in_use"]
+__all__ = ["CoordinateCache", "DropoutRecord", "DropoutRoute", "ORIGINAL_DROPOUT", "ORIGINAL_SDPA", "ReplayMode",
+           "RecordMode", "row_key", "hash32", "attention_math", "autocast_in_use"]
 
 _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B
@@ -273,10 +273,10 @@ class RecordMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is ORIGINAL_DROPOUT or func is _routed_dropout:
+        if _is_dropout(func):
             self.intercepted += 1
             return self.dropout(*_dropout_arguments(args, kwargs))
-        if func is ORIGINAL_SDPA or func is _routed_sdpa:
+        if _is_sdpa(func):
             self.intercepted += 1
             return self.attention(args, kwargs)
         return func(*args, **kwargs)
@@ -306,6 +306,17 @@ def _routed_sdpa(*args, **kwargs):
     if recording is None:
         return ORIGINAL_SDPA(*args, **kwargs)
     return recording.attention(args, kwargs)
+
+
+def _is_dropout(func) -> bool:
+    """Whether a mode's ``func`` is ``F.dropout``: torch's own, or the routed one (while a route is installed,
+    torch's own dropout passes its module's global, the routed function, to the mode)."""
+    return func is ORIGINAL_DROPOUT or func is _routed_dropout
+
+
+def _is_sdpa(func) -> bool:
+    """Whether a mode's ``func`` is ``scaled_dot_product_attention`` (torch's own or the routed one)."""
+    return func is ORIGINAL_SDPA or func is _routed_sdpa
 
 
 class DropoutRoute:
@@ -363,9 +374,9 @@ class ReplayMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         replaying = self._key is not None
-        if (func is ORIGINAL_DROPOUT or func is _routed_dropout) and replaying:
+        if replaying and _is_dropout(func):
             return self._apply(_dropout_arguments(args, kwargs)[0])
-        if func is ORIGINAL_SDPA or func is _routed_sdpa:
+        if _is_sdpa(func):
             bound = _sdpa_arguments(args, kwargs)
             p = float(bound.pop("dropout_p", 0.0) or 0.0)
             if replaying:
