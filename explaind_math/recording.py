@@ -48,6 +48,7 @@ from .recording_checks import (
     on_cpu,
     probe_forward,
 )
+from .recording_copies import FlatCopy, step_counts
 from .trajectory import StepRecord, Trajectory, first_non_finite
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
@@ -168,14 +169,14 @@ class TrajectoryRecorder:
         self._probe_input: tuple | None = None
         self._probe_pending = check_modules
         self._probe_rows: int | None = None  # rows of the last record_batch call: the captured forward's batch
-        self._snapshots: list[dict[str, torch.Tensor]] = []
-        self._steps: list[StepRecord] = []
+        self._snapshots: list[FlatCopy] = []  # θ_0 … (with a directory: only θ_0, until the first shard)
+        self._steps: list[_RecordedStep] = []
         self._initial_state: dict[str, dict] = {}
         self._pending: dict[int, float] = {}
         self._calls: list[list[int]] = []  # the distinct ids of each record_batch call of the pending step
         self._current: dict | None = None
         self._count = 0  # steps recorded, including those found on disk when resuming
-        self._last_theta: dict[str, torch.Tensor] | None = None  # θ_t, to catch changes between steps
+        self._last_theta: FlatCopy | None = None  # θ_t, to catch changes between steps
         self._writer = None
         self.resumed_from: int | None = None
         if directory is not None:
@@ -252,8 +253,8 @@ class TrajectoryRecorder:
             optimizer=self.rule.name,
             parameter_names=[n for n, _, _ in self._params],
             group_of={n: gi for n, _, gi in self._params},
-            parameters=list(self._snapshots),
-            steps=list(self._steps),
+            parameters=[self._named(theta) for theta in self._snapshots],
+            steps=[step.record() for step in self._steps],
             initial_state=self._initial_state,
             buffers=self._buffers,
             metadata={**(metadata or {}), **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling},
@@ -330,11 +331,11 @@ class TrajectoryRecorder:
                 f"has gradient_rescaling={self.gradient_rescaling}"
             )
         theta = self._snapshot()
-        last = existing.parameters[n]
+        now, last = self._named(theta), existing.parameters[n]
         differing = []
         for name in names:
-            if not torch.equal(theta[name], last[name]):
-                gap = float((theta[name].double() - last[name].double()).abs().max())
+            if not torch.equal(now[name], last[name]):
+                gap = float((now[name].double() - last[name].double()).abs().max())
                 differing.append(f"{name!r} (max |difference| {gap:.3g})")
         if differing:
             raise RecordingError(
@@ -389,8 +390,11 @@ class TrajectoryRecorder:
             )
 
     # ------------------------------------------------------------------ hooks
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: cpu_copy(p) for n, p, _ in self._params}
+    def _snapshot(self) -> FlatCopy:
+        return FlatCopy([p for _, p, _ in self._params])
+
+    def _named(self, theta: FlatCopy) -> dict[str, torch.Tensor]:
+        return {n: v for (n, _, _), v in zip(self._params, theta.views())}
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         try:
@@ -435,13 +439,14 @@ class TrajectoryRecorder:
             self._last_theta = theta
         else:
             previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
-            for n, p, _ in self._params:
-                if p.dtype != previous[n].dtype or not torch.equal(on_cpu(p), previous[n]):
-                    how = f" (dtype {previous[n].dtype} -> {p.dtype})" if p.dtype != previous[n].dtype else ""
-                    raise RecordingError(
-                        f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
-                        f"outside optimizer.step(){how}; such changes cannot be attributed"
-                    )
+            bad = previous.first_difference([p for _, p, _ in self._params])
+            if bad is not None:
+                n, p, _ = self._params[bad]
+                how = f" (dtype {previous.dtypes[bad]} -> {p.dtype})" if p.dtype != previous.dtypes[bad] else ""
+                raise RecordingError(
+                    f"{where}: parameter {n!r} changed between optimizer steps {t - 1} and {t} "
+                    f"outside optimizer.step(){how}; such changes cannot be attributed"
+                )
         hyper = [self.rule.hyperparameters(g) for g in optimizer.param_groups]
         grads = {}
         for n, p, _ in self._params:
@@ -451,14 +456,13 @@ class TrajectoryRecorder:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
             grads[n] = p.grad
         updated = list(grads)
-        bad = first_non_finite(list(grads.values()))
+        gradient = FlatCopy(list(grads.values())) if self.record_gradients else None
+        bad = first_non_finite(list(grads.values())) if gradient is None else gradient.first_non_finite()
         if bad is not None:
             raise NonFiniteError(f"{where}: the gradient of parameter {updated[bad]!r} contains NaN or Inf")
         ids = sorted(self._pending)
         weights = torch.tensor([self._pending[i] for i in ids], dtype=torch.float64)
-        self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated,
-                         "gradient": ({n: cpu_copy(g) for n, g in grads.items()}
-                                      if self.record_gradients else None),
+        self._current = {"ids": ids, "weights": weights, "hyper": hyper, "updated": updated, "gradient": gradient,
                          "calls": self._calls if len(self._calls) > 1 else None}
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -466,38 +470,39 @@ class TrajectoryRecorder:
         current, self._current = self._current, None
         self._forget_pending()
         theta = self._snapshot()
-        bad = first_non_finite(list(theta.values()))
+        bad = theta.first_non_finite()
         if bad is not None:
             raise NonFiniteError(
-                f"step {t}: parameter {list(theta)[bad]!r} became NaN or Inf; the {t} steps before it are kept "
+                f"step {t}: parameter {self._params[bad][0]!r} became NaN or Inf; the {t} steps before it are kept "
                 "(recorder.trajectory())"
             )
-        state = {}
         keys_of_group = [self.rule.state_keys(h) for h in current["hyper"]]
         updated = set(current["updated"])
-        for n, p, gi in self._params:
+        counted, counts, slots, tensors = [], [], [], []  # step counts; recorded state tensors at (index, key)
+        for index, (n, p, gi) in enumerate(self._params):
             if n not in updated:
                 continue
             st = optimizer.state.get(p, {})
-            entry = {}
             if "step" in st:
-                entry["step"] = int(st["step"].item() if hasattr(st["step"], "item") else st["step"])
+                counted.append(n)
+                counts.append(st["step"])
             for key in keys_of_group[gi]:
-                entry[key] = cpu_copy(st[key])
-            state[n] = entry
-        kept = [(n, key, v) for n, entry in state.items() for key, v in entry.items() if isinstance(v, torch.Tensor)]
-        bad = first_non_finite([v for _, _, v in kept])  # trajectory() would refuse the whole run: refuse this step
+                slots.append((index, key))
+                tensors.append(st[key])
+        state = FlatCopy(tensors)
+        bad = state.first_non_finite()  # trajectory() would refuse the whole run: refuse this step
         if bad is not None:
+            index, key = slots[bad]
             raise NonFiniteError(
-                f"step {t}: the optimizer state {kept[bad][1]!r} of parameter {kept[bad][0]!r} became NaN or Inf; "
+                f"step {t}: the optimizer state {key!r} of parameter {self._params[index][0]!r} became NaN or Inf; "
                 f"the {t} steps before it are kept (recorder.trajectory())"
             )
-        record = StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
-                            current["gradient"], current["calls"])
+        record = _RecordedStep(current, dict(zip(counted, step_counts(counts))),
+                               [(self._params[index][0], key) for index, key in slots], state)
         self._watch.after_step(t)
         self._count += 1
         self._last_theta = theta
-        self._state_watch.record(optimizer, self._params, state)
+        self._state_watch.record(optimizer, self._params, slots, state)
         if self._writer is None:
             self._steps.append(record)
             self._snapshots.append(theta)
@@ -505,12 +510,12 @@ class TrajectoryRecorder:
         if not self._writer.has_trajectory:
             self._writer.begin(
                 optimizer=self.rule.name, parameter_names=[n for n, _, _ in self._params],
-                group_of={n: gi for n, _, gi in self._params}, theta_0=self._snapshots[0],
+                group_of={n: gi for n, _, gi in self._params}, theta_0=self._named(self._snapshots[0]),
                 initial_state=self._initial_state, buffers=self._buffers,
                 metadata={"gradient_rescaling": self.gradient_rescaling},
             )
             self._snapshots = []
-        self._writer.append(record, theta)  # writes a shard (then the manifest) every steps_per_shard steps
+        self._writer.append(record.record(), self._named(theta))  # a shard (then the manifest) every steps_per_shard steps
 
     def _capture_input(self, module, args, kwargs) -> None:
         if self._probe_pending:
@@ -530,3 +535,27 @@ class TrajectoryRecorder:
             if entry:
                 carried[n] = entry
         return carried
+
+
+class _RecordedStep:
+    """One step as the recorder keeps it until the trajectory is asked for: the step's ids, weights, hyper-parameters
+    and step counts, and its gradient and optimizer state as :class:`~explaind_math.recording_copies.FlatCopy`
+    (the per-tensor views are made by :meth:`record`)."""
+
+    __slots__ = ("_current", "_counts", "_slots", "_state")
+
+    def __init__(self, current: dict, counts: dict[str, int], slots: list[tuple[str, str]], state: FlatCopy):
+        self._current, self._counts, self._slots, self._state = current, counts, slots, state
+
+    def record(self) -> StepRecord:
+        current = self._current
+        state: dict[str, dict] = {n: {} for n in current["updated"]}
+        for n, count in self._counts.items():
+            state[n]["step"] = count
+        for (n, key), copy in zip(self._slots, self._state.views()):
+            state[n][key] = copy
+        gradient = current["gradient"]
+        if gradient is not None:
+            gradient = dict(zip(current["updated"], gradient.views()))
+        return StepRecord(current["ids"], current["weights"], current["hyper"], current["updated"], state,
+                          gradient, current["calls"])

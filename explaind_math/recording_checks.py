@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
+from .recording_copies import FlatCopy
 from .trajectory import all_finite, weights_for
 
 __all__ = [
@@ -223,103 +224,156 @@ def _device_fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, f
     return [tuple(x.tolist()) for x in torch.stack(sums)]
 
 
-class _TakenState:
-    """One parameter's optimizer state as taken after a step: its keys, its CPU state tensors' copies, its scalars
-    (the step count) and its accelerator tensors' fingerprints."""
-
-    __slots__ = ("name", "param", "keys", "copies", "scalars", "fingerprints")
-
-    def __init__(self, name: str, param: torch.Tensor, keys: frozenset):
-        self.name, self.param, self.keys = name, param, keys
-        self.copies: list[tuple[str, torch.Tensor]] = []
-        self.scalars: list[tuple[str, Any]] = []
-        self.fingerprints: list[list] = []  # [key, (Σv, Σv²)], filled in after one transfer
+_NO_STATE: Mapping[str, Any] = {}
 
 
 class OptimizerStateWatch:
     """The optimizer state after each step, compared before the next: the state may only change inside
-    ``optimizer.step()``. A state tensor on the CPU is compared exactly with a copy taken after the step (the one
-    the recorder keeps in the step's record when there is one, else its own: Adam's first moment, which the
-    decomposition unrolls instead of recording); one on an accelerator by its fingerprint (Σv, Σv²), all of them
-    read back in one transfer (no D-sized copy per step); scalars (the step count) by value."""
+    ``optimizer.step()``. The state tensors on the CPU are compared exactly with copies taken after the step (the
+    step's record, :class:`~explaind_math.recording_copies.FlatCopy`, for those it records; the watch's own, in a
+    buffer written again every step, for the others: Adam's first moment, which the decomposition unrolls instead of
+    recording); those on an accelerator by their fingerprints (Σv, Σv²), read back in one transfer (no D-sized copy
+    per step); scalars (the step count) by value. Entries are kept as slots (parameter index, key)."""
 
     def __init__(self):
-        self._after: list[_TakenState] | None = None
-        self._own: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), key) → the watch's own copy
+        self._params: list[tuple[str, torch.Tensor]] | None = None  # the parameters of the last step taken
+        self._keys: list[tuple] = []  # per parameter, its state's keys in their order
+        self._recorded: tuple[list, FlatCopy] | None = None  # slots compared with the step's record
+        self._own: tuple[list, FlatCopy] | None = None  # slots compared with the watch's own copy
+        self._scalars: tuple[list, Any] = ([], [])  # slots, their values (a stacked tensor or a list)
+        self._fingerprinted: list[tuple[int, str, tuple]] = []  # accelerator tensors: (parameter, key, (Σv, Σv²))
+        self._layout: tuple[list, list, list] | None = None  # the last step's slots: copied, scalar, on a device
 
-    def _take(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]]) -> list[_TakenState]:
-        taken, on_device, targets, sources, own = [], [], [], [], {}
-        for name, p, _ in params:
-            st = optimizer.state.get(p, {})
-            entry, kept = _TakenState(name, p, frozenset(st)), copies.get(name, {})
-            for k, v in st.items():
-                if not (isinstance(v, torch.Tensor) and v.dim() > 0):
-                    entry.scalars.append((k, _scalar(v)))
-                elif not compared_by_copy(v):
-                    entry.fingerprints.append([k, None])
-                    on_device.append((entry.fingerprints[-1], v))
-                elif isinstance(kept.get(k), torch.Tensor):  # the step's record holds a copy: compared with it
-                    entry.copies.append((k, kept[k]))
-                else:
-                    copy = self._own.get((id(p), k))
-                    if copy is not None and copy.shape == v.shape and copy.dtype == v.dtype:
-                        targets.append(copy)  # the watch's own copy of the last step, overwritten: no new memory
-                        sources.append(v.detach())
-                    else:
-                        copy = v.detach().clone()
-                    own[(id(p), k)] = copy
-                    entry.copies.append((k, copy))
-            taken.append(entry)
-        if targets:
-            torch._foreach_copy_(targets, sources)
-        for (slot, _), fingerprint in zip(on_device, _device_fingerprints([v for _, v in on_device])):
-            slot[1] = fingerprint
-        self._own = own
-        return taken
+    def record(self, optimizer, params, recorded_slots: Sequence[tuple[int, str]] = (),
+               recorded: FlatCopy | None = None) -> None:
+        """Take the state after a step; ``recorded``: the step's copies of the state tensors at ``recorded_slots``
+        (parameter index, key), compared with them before the next step; the other CPU state tensors are copied
+        by the watch. With the keys of the last step, their slots are taken as they were then."""
+        states = [optimizer.state.get(p, _NO_STATE) for _, p, _ in params]
+        keys = [tuple(st) for st in states]
+        if not (keys == self._keys and self._layout is not None and self._take(states, *self._layout, recorded_slots,
+                                                                                 recorded)):
+            self._layout = _classify(states)
+            self._take(states, *self._layout, recorded_slots, recorded, strict=True)
+        self._params = [(name, p) for name, p, _ in params]
+        self._keys = keys
 
-    def record(self, optimizer, params, copies: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
-        """Take the state after a step; ``copies``: per parameter name, copies of state tensors just recorded (kept
-        in the step's record). The other CPU state tensors are copied into the watch's own copies of the last step
-        (compared before this step, no longer needed): a fresh D-sized buffer per step costs its page faults."""
-        self._after = self._take(optimizer, params, copies or {})
+    def _take(self, states, copied, scalars, on_device, recorded_slots, recorded, strict: bool = False) -> bool:
+        """Take the state at the given slots; False (nothing taken) when a value no longer fits its slot's kind."""
+        try:
+            if recorded is not None and recorded_slots and set(recorded_slots) <= set(copied):
+                skip = set(recorded_slots)
+                mine = [slot for slot in copied if slot not in skip]
+                kept_recorded = (list(recorded_slots), recorded)
+            else:
+                mine, kept_recorded = copied, None
+            old = self._own[1] if self._own is not None else None  # compared before this step: written again
+            tensors = [states[i][k] for i, k in mine]
+            own = (mine, FlatCopy(tensors) if old is None else old.refill(tensors)) if mine else None
+            values = _scalar_values([states[i][k] for i, k in scalars], strict)
+            device_tensors = [states[i][k] for i, k in on_device]
+            if not strict and not all(isinstance(v, torch.Tensor) and v.dim() > 0 and not compared_by_copy(v)
+                                      for v in device_tensors):
+                return False
+        except (AttributeError, TypeError, RuntimeError, ValueError):
+            if strict:
+                raise
+            return False
+        if values is None:
+            return False
+        fingerprints = _device_fingerprints(device_tensors)
+        self._recorded, self._own, self._scalars = kept_recorded, own, (scalars, values)
+        self._fingerprinted = [(i, k, f) for (i, k), f in zip(on_device, fingerprints)]
+        return True
 
     def forget(self) -> None:
-        self._after = None
+        self._params = None
 
     def check(self, optimizer, params, where: str) -> None:
-        if self._after is None:
+        """Raise naming the first state entry (by parameter, then key) that differs from the one taken after the
+        last step."""
+        if self._params is None:
             return
-        changed, on_device = [], []
-        for index, entry in enumerate(self._after):
-            now = optimizer.state.get(entry.param, {})
-            if now.keys() != entry.keys:
-                changed += [(index, key) for key in set(now) ^ entry.keys]
-                continue
-            for key, copy in entry.copies:
-                v = now[key]
-                if not (isinstance(v, torch.Tensor) and compared_by_copy(v) and v.shape == copy.shape
-                        and v.dtype == copy.dtype and torch.equal(v, copy)):
-                    changed.append((index, key))
-            for key, value in entry.scalars:
-                v = now[key]
-                if (isinstance(v, torch.Tensor) and v.dim() > 0) or _scalar(v) != value:
-                    changed.append((index, key))
-            for key, fingerprint in entry.fingerprints:
-                v = now[key]
-                if isinstance(v, torch.Tensor) and v.dim() > 0:
-                    on_device.append((index, key, fingerprint, v))
-                else:
-                    changed.append((index, key))
-        fingerprints = _device_fingerprints([v for *_, v in on_device])
-        changed += [(index, key) for (index, key, b, _), now in zip(on_device, fingerprints) if b != now]
+        now = [optimizer.state.get(p, _NO_STATE) for _, p in self._params]
+        changed = [(index, key) for index, (st, keys) in enumerate(zip(now, self._keys)) if tuple(st) != keys
+                   for key in set(st) ^ set(keys)]  # keys added or removed (a new order alone is no change)
+        if not changed:
+            for kept in (self._recorded, self._own):
+                if kept is not None:
+                    slots, copy = kept
+                    bad = copy.first_difference([now[i][k] for i, k in slots])
+                    if bad is not None:
+                        changed.append(slots[bad])
+            slots, values = self._scalars
+            current = [now[i][k] for i, k in slots]
+            if not _same_scalars(current, values):
+                changed += [slot for slot, v, before in zip(slots, current, _scalar_list(values))
+                            if (isinstance(v, torch.Tensor) and v.dim() > 0) or _scalar(v) != before]
+            live = [(i, k, f) for i, k, f in self._fingerprinted
+                    if isinstance(now[i][k], torch.Tensor) and now[i][k].dim() > 0]
+            changed += [(i, k) for i, k, _ in self._fingerprinted
+                        if not (isinstance(now[i][k], torch.Tensor) and now[i][k].dim() > 0)]
+            fingerprints = _device_fingerprints([now[i][k] for i, k, _ in live])
+            changed += [(i, k) for (i, k, before), after in zip(live, fingerprints) if before != after]
         if changed:
             index, key = min(changed, key=lambda c: (c[0], str(c[1])))
-            name = self._after[index].name
+            name = self._params[index][0]
             raise RecordingError(
                 f"{where}: the optimizer state {key!r} of parameter {name!r} changed since the last "
                 "optimizer.step() (optimizer.load_state_dict, or a state edited by hand, mid-run?); the "
                 "state may only change inside optimizer.step(). Restore it, or start a new recorder"
             )
+
+
+def _classify(states: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]:
+    """The slots (parameter index, key) of the state compared by a CPU copy, by value, and by fingerprint."""
+    copied, scalars, on_device = [], [], []
+    for index, st in enumerate(states):
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                scalars.append((index, k))
+            elif not compared_by_copy(v):
+                on_device.append((index, k))
+            else:
+                copied.append((index, k))
+    return copied, scalars, on_device
+
+
+def _stacked(values: Sequence[Any]) -> torch.Tensor | None:
+    """0-dim CPU tensors of one dtype (the step counts) stacked into one tensor (None: they are not)."""
+    try:
+        stacked = torch.stack(list(values))
+    except (TypeError, RuntimeError):
+        return None
+    if stacked.shape != (len(values),) or stacked.device.type != "cpu" or stacked.requires_grad:
+        return None
+    return stacked if all(v.dtype == stacked.dtype for v in values) else None
+
+
+def _scalar_values(values: Sequence[Any], strict: bool = True) -> Any:
+    """Scalars as taken after a step: 0-dim CPU tensors stacked into one tensor, else a list of their values (None
+    when not ``strict`` and they are not all 0-dim tensors: their slots are to be classified again)."""
+    if not values:
+        return []
+    stacked = _stacked(values)
+    if stacked is not None:
+        return stacked
+    if not strict:
+        return None
+    return [_scalar(v) for v in values]
+
+
+def _same_scalars(current: Sequence[Any], values: Any) -> bool:
+    """Whether the scalars now are those taken (one comparison when both are stacked 0-dim tensors)."""
+    if isinstance(values, torch.Tensor):
+        stacked = _stacked(current)
+        return stacked is not None and stacked.dtype == values.dtype and torch.equal(stacked, values)
+    return all(not (isinstance(v, torch.Tensor) and v.dim() > 0) and _scalar(v) == before
+               for v, before in zip(current, values))
+
+
+def _scalar_list(values: Any) -> list:
+    return [float(v) for v in values.tolist()] if isinstance(values, torch.Tensor) else list(values)
 
 
 def _scalar(v: Any) -> Any:

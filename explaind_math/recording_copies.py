@@ -1,0 +1,156 @@
+"""The recorder's copies of a step's tensors, laid out flat.
+
+Every ``optimizer.step()`` the recorder copies θ_{t+1}, the ``.grad`` and the optimizer state it records to the
+CPU, checks that they are finite, and before the next step checks that θ and the state were not changed in
+between. Tensor by tensor that is a Python call per tensor and per check, which on a small model (a 2-layer
+GPT-2 has 28 parameter tensors) costs more than the training step's own arithmetic. A :class:`FlatCopy` holds
+the copies of a list of tensors in one CPU buffer per (device, dtype): one ``torch.cat`` (one transfer from an
+accelerator) copies them, one sum settles that all are finite (a NaN or ±Inf entry makes the sum NaN or ±Inf;
+only a non-finite sum, which overflow can also give, is looked at tensor by tensor), one ``torch.equal`` that
+a list of tensors still holds the copied values. The per-tensor views the trajectory holds are made once, when
+they are first read. Everything is exact: the buffer holds the tensors' own values, bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .trajectory import all_finite, first_non_finite
+
+__all__ = ["FlatCopy", "step_counts"]
+
+
+#: above this many elements a comparison goes tensor by tensor: no gathered copy, whose memory (past glibc's
+#: mmap threshold, 128 KiB) would be new pages every step; there memory traffic, not calls, is what costs
+GATHERED_COMPARISON_LIMIT = 1 << 15
+
+
+class FlatCopy:
+    """CPU copies of ``tensors`` (all ``torch.Tensor``) in one buffer per (device, dtype) group, gathered in one call
+    per group (``flatten_dense_tensors``: the concatenation of the flattened tensors, formed in C++)."""
+
+    __slots__ = ("shapes", "dtypes", "_groups", "_buffers", "_views")
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.shapes = [t.shape for t in tensors]
+        self.dtypes = [t.dtype for t in tensors]
+        self._buffers: list[torch.Tensor] = []
+        self._views: list[torch.Tensor] | None = None
+        if sum(s.numel() for s in self.shapes) > GATHERED_COMPARISON_LIMIT:
+            # large: a copy per tensor (a gathered one is slower to form there, and calls cost little)
+            self._groups = []
+            self._views = [_cpu(t.detach().clone() if t.device.type == "cpu" else t.detach()) for t in tensors]
+            return
+        if self.dtypes and self.dtypes.count(self.dtypes[0]) == len(self.dtypes):
+            try:  # one dtype, and (unless this raises) one device: one group
+                flat = _gathered(tensors, copy=True)
+                self._groups = [((flat.device, self.dtypes[0]), list(range(len(tensors))))]
+                self._buffers = [_cpu(flat)]
+            except RuntimeError:
+                self._buffers = []
+        if not self._buffers:
+            self._groups = _groups(self.dtypes, [t.device for t in tensors])
+            self._buffers = [_cpu(_gathered([tensors[i] for i in indices], copy=True)) for _, indices in self._groups]
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def refill(self, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
+        """This copy written again with ``tensors`` when they have its dtypes, shapes and devices (its buffers
+        reused: no new memory; only for a copy whose views were handed to nobody), else a new copy."""
+        if len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
+            try:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.views(), list(tensors))
+                return self
+            except RuntimeError:
+                pass
+        return FlatCopy(tensors)
+
+    def views(self) -> list[torch.Tensor]:
+        """The copy of each tensor (views of the buffers; made once, when first asked for)."""
+        if self._views is None:
+            views: list[Any] = [None] * len(self.shapes)
+            for (_, indices), buffer in zip(self._groups, self._buffers):
+                parts = buffer.split([self.shapes[i].numel() for i in indices])
+                for i, part in zip(indices, parts):
+                    views[i] = part.view(self.shapes[i])
+            self._views = views
+        return self._views
+
+    def first_non_finite(self) -> int | None:
+        """The position of the first copied tensor with a NaN or ±Inf entry (None: all finite)."""
+        if not self._groups and self._views:  # a copy per tensor
+            return first_non_finite(self._views)
+        bad = []
+        for (_, indices), buffer in zip(self._groups, self._buffers):
+            if (buffer.is_floating_point() or buffer.is_complex()) and not bool(torch.isfinite(buffer.sum())):
+                views = self.views()
+                bad += [i for i in indices if not all_finite(views[i])]
+        return min(bad, default=None)
+
+    def first_difference(self, tensors: Sequence[Any]) -> int | None:
+        """The position of the first of ``tensors`` that is not a tensor of its copy's shape and dtype holding its
+        values exactly (None: all hold them)."""
+        if len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
+            try:  # a tensor on another device than the rest raises: then one by one
+                if self._buffers:
+                    if torch.equal(_cpu(_gathered(tensors, copy=False)), self._buffers[0]):
+                        return None
+                elif all(map(torch.equal, tensors, self.views())):
+                    return None
+            except RuntimeError:
+                pass
+        for i, (t, copy) in enumerate(zip(tensors, self.views())):
+            if not (isinstance(t, torch.Tensor) and t.shape == copy.shape and t.dtype == copy.dtype
+                    and torch.equal(_cpu(t), copy)):
+                return i
+        return None if len(tensors) == len(self.shapes) else min(len(tensors), len(self.shapes))
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def _gathered(tensors: Sequence[torch.Tensor], copy: bool) -> torch.Tensor:
+    """The tensors (one dtype and device) flattened and concatenated, detached; ``copy``: never a view of one of
+    them (one tensor alone is flattened without a copy)."""
+    with torch.no_grad():
+        if len(tensors) == 1:
+            flat = tensors[0].detach().reshape(-1)
+            return flat.clone() if copy else flat
+        return torch._C._nn.flatten_dense_tensors(list(tensors)) if tensors else torch.empty(0)
+
+
+def _same_layout(tensors: Sequence[Any], copy: FlatCopy) -> bool:
+    """Whether ``tensors`` are tensors of the copy's dtypes and shapes."""
+    try:
+        return [t.dtype for t in tensors] == copy.dtypes and [t.shape for t in tensors] == copy.shapes
+    except AttributeError:  # not a tensor
+        return False
+
+
+def _groups(dtypes: list, devices: list) -> list[tuple[tuple, list[int]]]:
+    """The positions of the tensors of each (device, dtype), in order of first appearance."""
+    if not dtypes:
+        return []
+    if dtypes.count(dtypes[0]) == len(dtypes) and devices.count(devices[0]) == len(devices):
+        return [((devices[0], dtypes[0]), list(range(len(dtypes))))]
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(devices, dtypes)):
+        groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
+def step_counts(values: Sequence[Any]) -> list[int]:
+    """``int`` of every step count (0-dim CPU tensors read back in one ``tolist``; Python numbers as they are)."""
+    if values:
+        try:
+            stacked = torch.stack(list(values))
+            if stacked.shape == (len(values),) and stacked.device.type == "cpu":
+                return [int(v) for v in stacked.tolist()]
+        except (TypeError, RuntimeError):  # numbers, or tensors of several devices
+            pass
+    return [int(v.item() if hasattr(v, "item") else v) for v in values]

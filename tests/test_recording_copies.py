@@ -1,0 +1,105 @@
+"""FlatCopy, the recorder's copies of a step's tensors: exact bit for bit, in both layouts (one gathered buffer for
+small totals, a copy per tensor for large ones), with every change found and named by position."""
+
+import pytest
+import torch
+
+from explaind_math import recording_copies
+from explaind_math.recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy, step_counts
+
+SMALL = [(3, 4), (4,), (), (2, 1, 3)]
+LARGE = [(GATHERED_COMPARISON_LIMIT // 2 + 1,), (5, 7), (GATHERED_COMPARISON_LIMIT // 2,)]
+
+
+def _tensors(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    out[0].view(-1)[0] = -0.0
+    out[0].view(-1)[1] = torch.finfo(dtype).tiny / 4  # a subnormal: copied, not flushed
+    return out
+
+
+@pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["gathered", "per-tensor"])
+def test_copies_are_the_tensors_bit_for_bit_and_independent_of_them(shapes):
+    tensors = _tensors(shapes)
+    copy = FlatCopy(tensors)
+    views = copy.views()
+    assert [v.shape for v in views] == [t.shape for t in tensors]
+    for v, t in zip(views, tensors):
+        assert torch.equal(v.view(torch.int32), t.view(torch.int32))  # the bits, -0.0 and subnormals included
+    tensors[1].add_(1.0)
+    assert not torch.equal(views[1], tensors[1])  # a copy, not a view of the source
+    assert copy.first_difference(tensors) == 1
+
+
+@pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["gathered", "per-tensor"])
+@pytest.mark.parametrize("change", ["one-ulp", "dtype", "reshaped", "not-a-tensor"])
+def test_first_difference_finds_the_changed_tensor(shapes, change):
+    tensors = _tensors(shapes)
+    copy = FlatCopy(tensors)
+    assert copy.first_difference([t.clone() for t in tensors]) is None
+    now = [t.clone() for t in tensors]
+    k = 2 if len(shapes) > 2 else 1
+    if change == "one-ulp":
+        flat = now[k].view(-1)
+        flat[-1] = torch.nextafter(flat[-1], torch.tensor(float("inf")))
+    elif change == "dtype":
+        now[k] = now[k].double()  # equal values: torch.equal alone would not see it
+    elif change == "reshaped":
+        now[0] = now[0].reshape(1, -1)  # the same values, in another shape
+        k = 0
+    else:
+        now[k] = 1.0
+    assert copy.first_difference(now) == k
+
+
+@pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["gathered", "per-tensor"])
+def test_first_non_finite_names_the_tensor_and_overflow_alone_is_not_refused(shapes):
+    tensors = _tensors(shapes)
+    assert FlatCopy(tensors).first_non_finite() is None
+    huge = [torch.full(s, 3e38) for s in shapes]  # finite, but their sum overflows to inf
+    assert FlatCopy(huge).first_non_finite() is None
+    for bad in (float("nan"), float("-inf")):
+        broken = [t.clone() for t in tensors]
+        broken[-1].view(-1)[-1] = bad
+        assert FlatCopy(broken).first_non_finite() == len(shapes) - 1
+
+
+def test_several_dtypes_are_copied_in_groups_and_compared_exactly():
+    tensors = [torch.randn(3), torch.randn(2, 2, dtype=torch.float64), torch.arange(4), torch.randn(5)]
+    copy = FlatCopy(tensors)
+    assert [v.dtype for v in copy.views()] == [t.dtype for t in tensors]
+    assert all(torch.equal(v, t) for v, t in zip(copy.views(), tensors))
+    assert copy.first_difference(tensors) is None
+    now = [t.clone() for t in tensors]
+    now[3][0] += 1
+    assert copy.first_difference(now) == 3
+
+
+@pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["gathered", "per-tensor"])
+def test_refill_writes_the_same_buffers_again(shapes):
+    copy = FlatCopy(_tensors(shapes, seed=1))
+    buffers = [v.data_ptr() for v in copy.views()]
+    later = _tensors(shapes, seed=2)
+    again = copy.refill(later)
+    assert again is copy and [v.data_ptr() for v in again.views()] == buffers
+    assert again.first_difference(later) is None
+    other = copy.refill(_tensors(SMALL + [(1,)]))  # another layout: a new copy
+    assert other is not copy
+
+
+def test_one_tensor_is_copied_not_viewed():
+    t = torch.randn(4, 3)
+    copy = FlatCopy([t])
+    t.zero_()
+    assert copy.first_difference([t]) == 0
+
+
+def test_step_counts_read_tensors_and_numbers():
+    assert step_counts([torch.tensor(3.0), torch.tensor(4.0)]) == [3, 4]
+    assert step_counts([3, torch.tensor(5.0)]) == [3, 5]
+    assert step_counts([]) == []
+
+
+def test_the_module_names_its_public_parts():
+    assert set(recording_copies.__all__) == {"FlatCopy", "step_counts"}
