@@ -163,6 +163,7 @@ class ForwardState:
         # per module, its own scalar attributes: compared module by module while the module tree is the one
         # recorded (the flat, named comparison only when it changed or an attribute differs)
         self._per_module = [(module, _module_scalars(module)) for _, module in modules] if attributes else []
+        self._signature = _attribute_signature(modules) if attributes else None
 
     def check(self, model: nn.Module, where: str, modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
         """Raise naming the first buffer, frozen parameter or attribute that differs from the recorded one
@@ -191,10 +192,15 @@ class ForwardState:
             self._raise_changed_attribute(model, modules, where)
 
     def _same_attributes(self, modules: Sequence[tuple[str, nn.Module]]) -> bool:
+        if _same_signature(modules, self._signature):
+            return True
         if len(modules) != len(self._per_module):
             return False
-        return all(module is recorded and _module_scalars(module) == attributes
+        same = all(module is recorded and _module_scalars(module) == attributes
                    for (_, module), (recorded, attributes) in zip(modules, self._per_module))
+        if same:  # only something the attributes compared do not depend on changed: the signature from now on
+            self._signature = _attribute_signature(modules)
+        return same
 
     def _raise_changed_attribute(self, model: nn.Module, modules, where: str) -> None:
         now = _plain_attributes(model, modules)
@@ -208,6 +214,35 @@ class ForwardState:
                 )
         # the same named attributes in a rebuilt module tree: what is compared from now on
         self._per_module = [(module, _module_scalars(module)) for _, module in modules]
+        self._signature = _attribute_signature(modules)
+
+
+def _is_scalar(value: Any) -> bool:
+    return type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str))
+
+
+def _attribute_signature(modules: Sequence[tuple[str, nn.Module]]) -> tuple[list, list, list]:
+    """What a quick check of the modules' scalar attributes compares: the modules, the keys of each one's
+    ``__dict__`` in order, and each public attribute with its type, value and whether it is a scalar."""
+    mods = [module for _, module in modules]
+    items = [(module, key, type(value), value, _is_scalar(value)) for module in mods
+             for key, value in vars(module).items() if key[:1] != "_" and key != "training"]
+    return mods, [tuple(vars(module)) for module in mods], items
+
+
+def _same_signature(modules: Sequence[tuple[str, nn.Module]], signature) -> bool:
+    """Whether the modules are those of ``signature`` with the same ``__dict__`` keys, every public attribute of the
+    same type, the scalars equal and the others the same objects: then every module's :func:`_module_scalars` is
+    the one recorded (False says nothing: the full comparison decides)."""
+    if signature is None:
+        return False
+    mods, keys, items = signature
+    if len(modules) != len(mods) or any(module is not recorded for (_, module), recorded in zip(modules, mods)):
+        return False
+    if [tuple(vars(module)) for module in mods] != keys:
+        return False
+    return all(type(now := vars(module)[key]) is kind and (now is value or (scalar and now == value))
+               for module, key, kind, value, scalar in items)
 
 
 # ---------------------------------------------------------------------- optimizer state between steps

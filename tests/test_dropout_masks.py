@@ -84,3 +84,26 @@ def test_the_recorders_int32_masks_are_the_int64_formulas_bits():
         assert got.dtype == dtype and got.shape == expected.shape
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[expected.element_size()]
         assert torch.equal(got.reshape(-1).view(bits), expected.reshape(-1).view(bits)), (shape, call, p, dtype)
+
+
+def test_masks_formed_together_for_calls_alike_are_those_formed_alone():
+    """RecordMode forms in one computation the masks of the calls that the last forward made alike (same rows, row
+    shape, p, dtype); each must be the replay formula's mask for its own call, also when a call differs from the
+    prediction (another shape, another p) or the forward makes more or fewer calls than the last one."""
+    keys = torch.tensor([forward.row_key(7, 3, 0, r) for r in range(5)])
+    cache = forward.CoordinateCache()
+    forwards = [
+        [((6, 4), 0.1), ((2, 6, 6), 0.1), ((6, 4), 0.1), ((6, 4), 0.1), ((6, 4), 0.0)],
+        [((9, 4), 0.1), ((2, 9, 9), 0.1), ((9, 4), 0.1), ((9, 4), 0.1), ((9, 4), 0.1)],  # longer rows
+        [((9, 4), 0.1), ((2, 9, 9), 0.1), ((9, 4), 0.3), ((8, 4), 0.1), ((9, 4), 0.1), ((9, 4), 0.1)],  # mispredicted
+        [((9, 4), 0.1)],
+    ]
+    g = torch.Generator().manual_seed(0)
+    for calls in forwards:
+        mode = forward.RecordMode(lambda size: keys[:size], cache)
+        for k, (shape, p) in enumerate(calls):
+            x = torch.randn(5, *shape, generator=g)
+            got = mode.dropout(x, p, True)
+            expected = x if p == 0 else x * forward._mask(keys, k, shape, p, x.dtype, "cpu")
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (calls, k)
+        assert mode.calls == [p for _, p in calls]

@@ -204,6 +204,9 @@ class CoordinateCache:
     def __init__(self, max_bytes: int = 64 << 20):
         self.max_bytes, self._bytes = int(max_bytes), 0
         self._entries: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        #: per dropout call of the last recorded forward, its (rows, row shape, p, dtype, device) (None: p = 0): a
+        #: forward forms the masks of the calls that the last one made alike in one computation (see RecordMode)
+        self.last_forward: list[tuple | None] = []
 
     def get(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         where = (shape, device)
@@ -234,11 +237,17 @@ class RecordMode(TorchFunctionMode):
         self._keys: dict[int, list[int]] = {}  # batch size → the keys as Python ints
         self._coordinates = CoordinateCache() if coordinates is None else coordinates
         self.intercepted = 0  # dropout and SDPA calls seen as the torch-function mode (not through a DropoutRoute)
+        # the calls of this forward, (rows, row shape, p, dtype, device) each, and the last forward's: masks formed
+        # ahead for later calls, each with the signature it was formed for (used only by a call that has it)
+        self._previous, self._signature = self._coordinates.last_forward, []
+        self._coordinates.last_forward = self._signature
+        self._ready: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     def _apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
         call = len(self.calls)
         self.calls.append(p)
         if p == 0.0:
+            self._signature.append(None)
             return x
         if self.batch_size is None:
             self.batch_size = x.shape[0]
@@ -247,15 +256,32 @@ class RecordMode(TorchFunctionMode):
                 f"dropout call {call} has a leading axis of {x.shape[0]}, earlier ones {self.batch_size}: "
                 "recorded dropout needs the batch axis first in every dropout input")
         keys = self._keys_of_rows(x.shape[0])
+        signature = (int(x.shape[0]), tuple(int(v) for v in x.shape[1:]), p, x.dtype, x.device)
+        self._signature.append(signature)
         if not _fast_masks_agree(x.device):
             return x * _mask(keys, call, x.shape[1:], p, x.dtype, x.device)
+        ready = self._ready.pop(call, None)
+        if ready is not None and ready[0] == signature:
+            return x * ready[1]
         size = x.shape[0]
         if size not in self._keys:
             self._keys[size] = [int(k) for k in keys.tolist()]
-        shape = tuple(int(v) for v in x.shape[1:])
-        coordinates = self._coordinates.get(shape, x.device)
-        halves = torch.tensor(_row_halves(self._keys[size], call), dtype=torch.int32, device=x.device)
-        return x * _mask_int32(halves.reshape(-1, *([1] * len(shape))), coordinates, p, x.dtype)
+        return x * self._masks_from(call, signature)
+
+    def _masks_from(self, call: int, signature: tuple) -> torch.Tensor:
+        """The mask of ``call``, formed together with those of the later calls that the last forward made with the
+        signature it made ``call`` with (kept for them; a call whose signature differs forms its own). Each mask is
+        the same function of (row keys, call, row shape, p) as when formed alone: bit for bit the same."""
+        size, shape, p, dtype, device = signature
+        group = [call]
+        if call < len(self._previous) and self._previous[call] is not None:
+            group += [j for j in range(call + 1, len(self._previous)) if self._previous[j] == self._previous[call]]
+        halves = torch.tensor([_row_halves(self._keys[size], j) for j in group], dtype=torch.int32, device=device)
+        coordinates = self._coordinates.get(shape, device)
+        masks = _mask_int32(halves.reshape(len(group), size, *([1] * len(shape))), coordinates, p, dtype)
+        for j, mask in zip(group[1:], masks[1:]):
+            self._ready[j] = (signature, mask)
+        return masks[0]
 
     def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         """An ``F.dropout(x, p, training)`` call of the recorded forward."""
