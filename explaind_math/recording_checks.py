@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
-from .recording_copies import FlatCopy
+from .recording_copies import FlatCopy, cpu_copy, on_cpu, stacked_scalars
 from .trajectory import all_finite, weights_for
 
 __all__ = [
@@ -99,17 +99,6 @@ def check_param_groups(optimizer: torch.optim.Optimizer, recorded: Sequence[tupl
             "optimizer are as before it) and the steps before it are kept (recorder.trajectory()); to train the "
             "new parameters, start a new recorder (a new trajectory) with the optimizer as it is now"
         )
-
-
-# ---------------------------------------------------------------------- copies and comparisons on the CPU
-def cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached copy of ``t`` on the CPU (one copy, from any device)."""
-    return t.detach().clone() if t.device.type == "cpu" else t.detach().cpu()
-
-
-def on_cpu(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself on the CPU (no copy), else a CPU copy: for comparisons."""
-    return t if t.device.type == "cpu" else t.detach().cpu()
 
 
 # ---------------------------------------------------------------------- state the forward reads
@@ -296,8 +285,8 @@ class OptimizerStateWatch:
     def _take(self, states, copied, scalars, on_device, recorded_slots, recorded, strict: bool = False) -> bool:
         """Take the state at the given slots; False (nothing taken) when a value no longer fits its slot's kind."""
         try:
-            if recorded is not None and recorded_slots and set(recorded_slots) <= set(copied):
-                skip = set(recorded_slots)
+            skip = set(recorded_slots)
+            if recorded is not None and skip and skip <= set(copied):
                 mine = [slot for slot in copied if slot not in skip]
                 kept_recorded = (list(recorded_slots), recorded)
             else:
@@ -374,23 +363,12 @@ def _classify(states: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]:
     return copied, scalars, on_device
 
 
-def _stacked(values: Sequence[Any]) -> torch.Tensor | None:
-    """0-dim CPU tensors of one dtype (the step counts) stacked into one tensor (None: they are not)."""
-    try:
-        stacked = torch.stack(list(values))
-    except (TypeError, RuntimeError):
-        return None
-    if stacked.shape != (len(values),) or stacked.device.type != "cpu" or stacked.requires_grad:
-        return None
-    return stacked if all(v.dtype == stacked.dtype for v in values) else None
-
-
 def _scalar_values(values: Sequence[Any], strict: bool = True) -> Any:
     """Scalars as taken after a step: 0-dim CPU tensors stacked into one tensor, else a list of their values (None
     when not ``strict`` and they are not all 0-dim tensors: their slots are to be classified again)."""
     if not values:
         return []
-    stacked = _stacked(values)
+    stacked = stacked_scalars(values)
     if stacked is not None:
         return stacked
     if not strict:
@@ -401,7 +379,7 @@ def _scalar_values(values: Sequence[Any], strict: bool = True) -> Any:
 def _same_scalars(current: Sequence[Any], values: Any) -> bool:
     """Whether the scalars now are those taken (one comparison when both are stacked 0-dim tensors)."""
     if isinstance(values, torch.Tensor):
-        stacked = _stacked(current)
+        stacked = stacked_scalars(current)
         return stacked is not None and stacked.dtype == values.dtype and torch.equal(stacked, values)
     return all(not (isinstance(v, torch.Tensor) and v.dim() > 0) and _scalar(v) == before
                for v, before in zip(current, values))

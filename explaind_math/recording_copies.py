@@ -3,12 +3,13 @@
 Every ``optimizer.step()`` the recorder copies θ_{t+1}, the ``.grad`` and the optimizer state it records to the
 CPU, checks that they are finite, and before the next step checks that θ and the state were not changed in
 between. Tensor by tensor that is a Python call per tensor and per check, which on a small model (a 2-layer
-GPT-2 has 28 parameter tensors) costs more than the training step's own arithmetic. A :class:`FlatCopy` holds
-the copies of a list of tensors in one CPU buffer per (device, dtype): one ``torch.cat`` (one transfer from an
-accelerator) copies them, one sum settles that all are finite (a NaN or ±Inf entry makes the sum NaN or ±Inf;
-only a non-finite sum, which overflow can also give, is looked at tensor by tensor), one ``torch.equal`` that
-a list of tensors still holds the copied values. The per-tensor views the trajectory holds are made once, when
-they are first read. Everything is exact: the buffer holds the tensors' own values, bit for bit.
+GPT-2 has 28 parameter tensors) costs more than the training step's own arithmetic. A :class:`FlatCopy` of a
+small total holds the copies in one CPU buffer per (device, dtype): one ``flatten_dense_tensors`` (one transfer
+from an accelerator) copies them, one sum settles that all are finite (a NaN or ±Inf entry makes the sum NaN or
+±Inf; only a non-finite sum, which overflow can also give, is looked at tensor by tensor), one ``torch.equal``
+that a list of tensors still holds the copied values; the per-tensor views the trajectory holds are made when
+they are first read. A large total is copied tensor by tensor, where calls cost little against memory traffic.
+Everything is exact: the copies hold the tensors' own values, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,17 +20,28 @@ import torch
 
 from .trajectory import all_finite, first_non_finite
 
-__all__ = ["FlatCopy", "step_counts"]
+__all__ = ["FlatCopy", "cpu_copy", "on_cpu", "stacked_scalars", "step_counts"]
 
 
-#: above this many elements a comparison goes tensor by tensor: no gathered copy, whose memory (past glibc's
-#: mmap threshold, 128 KiB) would be new pages every step; there memory traffic, not calls, is what costs
+def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` on the CPU (one copy, from any device)."""
+    return t.detach().clone() if t.device.type == "cpu" else t.detach().cpu()
+
+
+def on_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself on the CPU (no copy), else a CPU copy: for comparisons."""
+    return t if t.device.type == "cpu" else t.detach().cpu()
+
+
+#: above this many elements in all, copies and comparisons go tensor by tensor: a gathered buffer is slower to form
+#: there, and the one a comparison gathers (past glibc's mmap threshold, 128 KiB) would be new pages every step
 GATHERED_COMPARISON_LIMIT = 1 << 15
 
 
 class FlatCopy:
-    """CPU copies of ``tensors`` (all ``torch.Tensor``) in one buffer per (device, dtype) group, gathered in one call
-    per group (``flatten_dense_tensors``: the concatenation of the flattened tensors, formed in C++)."""
+    """CPU copies of ``tensors`` (all ``torch.Tensor``): up to :data:`GATHERED_COMPARISON_LIMIT` elements in one
+    buffer per (device, dtype) group, gathered in one call per group (``flatten_dense_tensors``: the concatenation
+    of the flattened tensors, formed in C++); above it, a copy per tensor."""
 
     __slots__ = ("shapes", "dtypes", "_groups", "_buffers", "_views")
 
@@ -41,25 +53,22 @@ class FlatCopy:
         if sum(s.numel() for s in self.shapes) > GATHERED_COMPARISON_LIMIT:
             # large: a copy per tensor (a gathered one is slower to form there, and calls cost little)
             self._groups = []
-            self._views = [_cpu(t.detach().clone() if t.device.type == "cpu" else t.detach()) for t in tensors]
+            self._views = [cpu_copy(t) for t in tensors]
             return
         if self.dtypes and self.dtypes.count(self.dtypes[0]) == len(self.dtypes):
             try:  # one dtype, and (unless this raises) one device: one group
                 flat = _gathered(tensors, copy=True)
                 self._groups = [((flat.device, self.dtypes[0]), list(range(len(tensors))))]
-                self._buffers = [_cpu(flat)]
+                self._buffers = [on_cpu(flat)]
             except RuntimeError:
                 self._buffers = []
         if not self._buffers:
             self._groups = _groups(self.dtypes, [t.device for t in tensors])
-            self._buffers = [_cpu(_gathered([tensors[i] for i in indices], copy=True)) for _, indices in self._groups]
-
-    def __len__(self) -> int:
-        return len(self.shapes)
+            self._buffers = [on_cpu(_gathered([tensors[i] for i in indices], copy=True)) for _, indices in self._groups]
 
     def refill(self, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
-        """This copy written again with ``tensors`` when they have its dtypes, shapes and devices (its buffers
-        reused: no new memory; only for a copy whose views were handed to nobody), else a new copy."""
+        """This copy written again with ``tensors`` when they have its dtypes and shapes (its buffers reused: no new
+        memory; only for a copy whose views were handed to nobody), else a new copy."""
         if len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
             try:
                 with torch.no_grad():
@@ -97,7 +106,7 @@ class FlatCopy:
         if len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
             try:  # a tensor on another device than the rest raises: then one by one
                 if self._buffers:
-                    if torch.equal(_cpu(_gathered(tensors, copy=False)), self._buffers[0]):
+                    if torch.equal(on_cpu(_gathered(tensors, copy=False)), self._buffers[0]):
                         return None
                 elif all(map(torch.equal, tensors, self.views())):
                     return None
@@ -105,13 +114,9 @@ class FlatCopy:
                 pass
         for i, (t, copy) in enumerate(zip(tensors, self.views())):
             if not (isinstance(t, torch.Tensor) and t.shape == copy.shape and t.dtype == copy.dtype
-                    and torch.equal(_cpu(t), copy)):
+                    and torch.equal(on_cpu(t), copy)):
                 return i
         return None if len(tensors) == len(self.shapes) else min(len(tensors), len(self.shapes))
-
-
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t if t.device.type == "cpu" else t.cpu()
 
 
 def _gathered(tensors: Sequence[torch.Tensor], copy: bool) -> torch.Tensor:
@@ -144,13 +149,21 @@ def _groups(dtypes: list, devices: list) -> list[tuple[tuple, list[int]]]:
     return list(groups.items())
 
 
+def stacked_scalars(values: Sequence[Any]) -> torch.Tensor | None:
+    """0-dim CPU tensors of one dtype (the step counts) stacked into one tensor, one read-back for all (None: they
+    are not)."""
+    try:
+        stacked = torch.stack(list(values))
+    except (TypeError, RuntimeError):
+        return None
+    if stacked.shape != (len(values),) or stacked.device.type != "cpu" or stacked.requires_grad:
+        return None
+    return stacked if all(v.dtype == stacked.dtype for v in values) else None
+
+
 def step_counts(values: Sequence[Any]) -> list[int]:
     """``int`` of every step count (0-dim CPU tensors read back in one ``tolist``; Python numbers as they are)."""
-    if values:
-        try:
-            stacked = torch.stack(list(values))
-            if stacked.shape == (len(values),) and stacked.device.type == "cpu":
-                return [int(v) for v in stacked.tolist()]
-        except (TypeError, RuntimeError):  # numbers, or tensors of several devices
-            pass
+    stacked = stacked_scalars(values) if values else None
+    if stacked is not None:
+        return [int(v) for v in stacked.tolist()]
     return [int(v.item() if hasattr(v, "item") else v) for v in values]
