@@ -177,6 +177,7 @@ class TrajectoryRecorder:
         self._current: dict | None = None
         self._count = 0  # steps recorded, including those found on disk when resuming
         self._last_theta: FlatCopy | None = None  # θ_t, to catch changes between steps
+        self._last_step: _RecordedStep | None = None  # the last step kept: its layout is shared by the next
         self._writer = None
         self.resumed_from: int | None = None
         if directory is not None:
@@ -391,7 +392,7 @@ class TrajectoryRecorder:
 
     # ------------------------------------------------------------------ hooks
     def _snapshot(self) -> FlatCopy:
-        return FlatCopy([p for _, p, _ in self._params])
+        return FlatCopy([p for _, p, _ in self._params], like=self._last_theta)
 
     def _named(self, theta: FlatCopy) -> dict[str, torch.Tensor]:
         return {n: v for (n, _, _), v in zip(self._params, theta.views())}
@@ -455,8 +456,12 @@ class TrajectoryRecorder:
             if p.grad.is_sparse:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
             grads[n] = p.grad
+        last = self._last_step._current if self._last_step is not None else None
         updated = list(grads)
-        gradient = FlatCopy(list(grads.values())) if self.record_gradients else None
+        if last is not None and last["updated"] == updated:
+            updated = last["updated"]  # shared with the last step: no new objects kept per step (see FlatCopy)
+        like = last["gradient"] if last is not None else None
+        gradient = FlatCopy(list(grads.values()), like=like) if self.record_gradients else None
         bad = first_non_finite(list(grads.values())) if gradient is None else gradient.first_non_finite()
         if bad is not None:
             raise NonFiniteError(f"{where}: the gradient of parameter {updated[bad]!r} contains NaN or Inf")
@@ -489,7 +494,8 @@ class TrajectoryRecorder:
             for key in keys_of_group[gi]:
                 slots.append((index, key))
                 tensors.append(st[key])
-        state = FlatCopy(tensors)
+        last = self._last_step
+        state = FlatCopy(tensors, like=last._state if last is not None else None)
         bad = state.first_non_finite()  # trajectory() would refuse the whole run: refuse this step
         if bad is not None:
             index, key = slots[bad]
@@ -497,11 +503,13 @@ class TrajectoryRecorder:
                 f"step {t}: the optimizer state {key!r} of parameter {self._params[index][0]!r} became NaN or Inf; "
                 f"the {t} steps before it are kept (recorder.trajectory())"
             )
-        record = _RecordedStep(current, dict(zip(counted, step_counts(counts))),
-                               [(self._params[index][0], key) for index, key in slots], state)
+        names = [(self._params[index][0], key) for index, key in slots]
+        if last is not None and last._slots == names:
+            names = last._slots
+        record = _RecordedStep(current, dict(zip(counted, step_counts(counts))), names, state)
         self._watch.after_step(t)
         self._count += 1
-        self._last_theta = theta
+        self._last_theta, self._last_step = theta, record
         self._state_watch.record(optimizer, self._params, slots, state)
         if self._writer is None:
             self._steps.append(record)

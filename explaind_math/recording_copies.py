@@ -45,26 +45,36 @@ class FlatCopy:
 
     __slots__ = ("shapes", "dtypes", "_groups", "_buffers", "_views")
 
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        self.shapes = [t.shape for t in tensors]
-        self.dtypes = [t.dtype for t in tensors]
-        self._buffers: list[torch.Tensor] = []
+    def __init__(self, tensors: Sequence[torch.Tensor], like: "FlatCopy | None" = None):
+        """``like``: an earlier copy (the last step's); when it has the same layout, this one shares its shapes, dtypes
+        and groups, so that a step keeps no new Python objects for them (a memory-mode record keeps every step's
+        copies, and what they keep the garbage collector traverses again and again)."""
+        shapes, dtypes = tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors)
+        if like is not None and like.shapes == shapes and like.dtypes == dtypes:
+            shapes, dtypes = like.shapes, like.dtypes
+        else:
+            like = None
+        self.shapes, self.dtypes = shapes, dtypes
+        self._buffers: tuple[torch.Tensor, ...] = ()
         self._views: list[torch.Tensor] | None = None
-        if sum(s.numel() for s in self.shapes) > GATHERED_COMPARISON_LIMIT:
+        if sum(s.numel() for s in shapes) > GATHERED_COMPARISON_LIMIT:
             # large: a copy per tensor (a gathered one is slower to form there, and calls cost little)
-            self._groups = []
+            self._groups = ()
             self._views = [cpu_copy(t) for t in tensors]
             return
-        if self.dtypes and self.dtypes.count(self.dtypes[0]) == len(self.dtypes):
+        if dtypes and dtypes.count(dtypes[0]) == len(dtypes):
             try:  # one dtype, and (unless this raises) one device: one group
                 flat = _gathered(tensors, copy=True)
-                self._groups = [((flat.device, self.dtypes[0]), list(range(len(tensors))))]
-                self._buffers = [on_cpu(flat)]
+                key = (flat.device, dtypes[0])
+                same = like is not None and len(like._groups) == 1 and like._groups[0][0] == key
+                self._groups = like._groups if same else ((key, range(len(tensors))),)
+                self._buffers = (on_cpu(flat),)
             except RuntimeError:
-                self._buffers = []
+                self._buffers = ()
         if not self._buffers:
-            self._groups = _groups(self.dtypes, [t.device for t in tensors])
-            self._buffers = [on_cpu(_gathered([tensors[i] for i in indices], copy=True)) for _, indices in self._groups]
+            self._groups = _groups(dtypes, [t.device for t in tensors])
+            self._buffers = tuple(on_cpu(_gathered([tensors[i] for i in indices], copy=True))
+                                  for _, indices in self._groups)
 
     def refill(self, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
         """This copy written again with ``tensors`` when they have its dtypes and shapes (its buffers reused: no new
@@ -76,7 +86,7 @@ class FlatCopy:
                 return self
             except RuntimeError:
                 pass
-        return FlatCopy(tensors)
+        return FlatCopy(tensors, like=self)
 
     def views(self) -> list[torch.Tensor]:
         """The copy of each tensor (views of the buffers; made once, when first asked for)."""
@@ -132,21 +142,21 @@ def _gathered(tensors: Sequence[torch.Tensor], copy: bool) -> torch.Tensor:
 def _same_layout(tensors: Sequence[Any], copy: FlatCopy) -> bool:
     """Whether ``tensors`` are tensors of the copy's dtypes and shapes."""
     try:
-        return [t.dtype for t in tensors] == copy.dtypes and [t.shape for t in tensors] == copy.shapes
+        return tuple(t.dtype for t in tensors) == copy.dtypes and tuple(t.shape for t in tensors) == copy.shapes
     except AttributeError:  # not a tensor
         return False
 
 
-def _groups(dtypes: list, devices: list) -> list[tuple[tuple, list[int]]]:
+def _groups(dtypes: Sequence, devices: Sequence) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
     """The positions of the tensors of each (device, dtype), in order of first appearance."""
     if not dtypes:
-        return []
-    if dtypes.count(dtypes[0]) == len(dtypes) and devices.count(devices[0]) == len(devices):
-        return [((devices[0], dtypes[0]), list(range(len(dtypes))))]
+        return ()
+    if list(dtypes).count(dtypes[0]) == len(dtypes) and list(devices).count(devices[0]) == len(devices):
+        return (((devices[0], dtypes[0]), range(len(dtypes))),)
     groups: dict[tuple, list[int]] = {}
     for i, key in enumerate(zip(devices, dtypes)):
         groups.setdefault(key, []).append(i)
-    return list(groups.items())
+    return tuple((key, tuple(indices)) for key, indices in groups.items())
 
 
 def stacked_scalars(values: Sequence[Any]) -> torch.Tensor | None:
