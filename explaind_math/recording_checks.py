@@ -267,6 +267,7 @@ class OptimizerStateWatch:
         self._scalars: tuple[list, Any] = ([], [])  # slots, their values (a stacked tensor or a list)
         self._fingerprinted: list[tuple[int, str, tuple]] = []  # accelerator tensors: (parameter, key, (Σv, Σv²))
         self._layout: tuple[list, list, list] | None = None  # the last step's slots: copied, scalar, on a device
+        self._plan: tuple | None = None  # (copied slots, recorded slots, the watch's own slots, whether split)
 
     def record(self, optimizer, params, recorded_slots: Sequence[tuple[int, str]] = (),
                recorded: FlatCopy | None = None) -> None:
@@ -285,12 +286,16 @@ class OptimizerStateWatch:
     def _take(self, states, copied, scalars, on_device, recorded_slots, recorded, strict: bool = False) -> bool:
         """Take the state at the given slots; False (nothing taken) when a value no longer fits its slot's kind."""
         try:
-            skip = set(recorded_slots)
-            if recorded is not None and skip and skip <= set(copied):
-                mine = [slot for slot in copied if slot not in skip]
-                kept_recorded = (list(recorded_slots), recorded)
-            else:
-                mine, kept_recorded = copied, None
+            plan = self._plan  # the split of the copied slots, kept while the slots stay those of the last step
+            if plan is None or plan[0] is not copied or plan[1] != recorded_slots:
+                skip = set(recorded_slots)
+                split = skip and skip <= set(copied)
+                mine = [slot for slot in copied if slot not in skip] if split else copied
+                plan = self._plan = (copied, list(recorded_slots), mine, split)
+            _, kept_slots, mine, split = plan
+            kept_recorded = (kept_slots, recorded) if recorded is not None and split else None
+            if recorded is None and split:
+                mine = copied
             old = self._own[1] if self._own is not None else None  # compared before this step: written again
             tensors = [states[i][k] for i, k in mine]
             own = (mine, FlatCopy(tensors) if old is None else old.refill(tensors)) if mine else None
