@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import numbers
 import random
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from .errors import NonFiniteError, RecordingError, StochasticTrainingError
-from .recording_copies import FlatCopy, cpu_copy, on_cpu, stacked_scalars
+from .recording_copies import FlatCopy, cpu_copy, cpu_scalars, on_cpu, stacked_scalars
 from .trajectory import all_finite, weights_for
 
 __all__ = [
@@ -368,11 +368,26 @@ def _classify(states: Sequence[Mapping[str, Any]]) -> tuple[list, list, list]:
     return copied, scalars, on_device
 
 
+class _CpuScalars(NamedTuple):
+    """0-dim CPU tensors as taken after a step: their dtypes and values."""
+    dtypes: tuple
+    values: list
+
+
+def _cpu_scalars(values: Sequence[Any]) -> _CpuScalars | None:
+    read = cpu_scalars(values)
+    return None if read is None else _CpuScalars(tuple(v.dtype for v in values), read)
+
+
 def _scalar_values(values: Sequence[Any], strict: bool = True) -> Any:
-    """Scalars as taken after a step: 0-dim CPU tensors stacked into one tensor, else a list of their values (None
-    when not ``strict`` and they are not all 0-dim tensors: their slots are to be classified again)."""
+    """Scalars as taken after a step: 0-dim CPU tensors read one by one (:class:`_CpuScalars`), those on a device
+    stacked into one tensor (one transfer), else a list of their values (None when not ``strict`` and they are not
+    all 0-dim tensors: their slots are to be classified again)."""
     if not values:
         return []
+    taken = _cpu_scalars(values)
+    if taken is not None:
+        return taken
     stacked = stacked_scalars(values)
     if stacked is not None:
         return stacked
@@ -382,7 +397,10 @@ def _scalar_values(values: Sequence[Any], strict: bool = True) -> Any:
 
 
 def _same_scalars(current: Sequence[Any], values: Any) -> bool:
-    """Whether the scalars now are those taken (one comparison when both are stacked 0-dim tensors)."""
+    """Whether the scalars now are those taken (same dtypes and values; one comparison when both are stacked)."""
+    if isinstance(values, _CpuScalars):
+        now = _cpu_scalars(current)
+        return now is not None and now == values
     if isinstance(values, torch.Tensor):
         stacked = stacked_scalars(current)
         return stacked is not None and stacked.dtype == values.dtype and torch.equal(stacked, values)
@@ -391,6 +409,8 @@ def _same_scalars(current: Sequence[Any], values: Any) -> bool:
 
 
 def _scalar_list(values: Any) -> list:
+    if isinstance(values, _CpuScalars):
+        return [float(v) for v in values.values]
     return [float(v) for v in values.tolist()] if isinstance(values, torch.Tensor) else list(values)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .trajectory import all_finite, first_non_finite
 
-__all__ = ["FlatCopy", "cpu_copy", "on_cpu", "stacked_scalars", "step_counts"]
+__all__ = ["FlatCopy", "cpu_copy", "cpu_scalars", "on_cpu", "stacked_scalars", "step_counts"]
 
 
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -171,8 +171,23 @@ def stacked_scalars(values: Sequence[Any]) -> torch.Tensor | None:
     return stacked if all(v.dtype == stacked.dtype for v in values) else None
 
 
+def cpu_scalars(values: Sequence[Any]) -> list | None:
+    """The Python numbers of 0-dim CPU tensors (an ``item()`` each, a read of host memory: cheaper than stacking
+    them), None when some value is not one."""
+    try:
+        if all(v.is_cpu and v.ndim == 0 for v in values):
+            return [v.item() for v in values]
+    except AttributeError:  # not a tensor
+        pass
+    return None
+
+
 def step_counts(values: Sequence[Any]) -> list[int]:
-    """``int`` of every step count (0-dim CPU tensors read back in one ``tolist``; Python numbers as they are)."""
+    """``int`` of every step count (0-dim CPU tensors read one by one, others on a device read back in one
+    ``tolist``; Python numbers as they are)."""
+    read = cpu_scalars(values)
+    if read is not None:
+        return [int(v) for v in read]
     stacked = stacked_scalars(values) if values else None
     if stacked is not None:
         return [int(v) for v in stacked.tolist()]
