@@ -14,6 +14,8 @@ Everything is exact: the copies hold the tensors' own values, bit for bit.
 
 from __future__ import annotations
 
+import cmath
+import math
 from typing import Any, Sequence
 
 import torch
@@ -105,7 +107,7 @@ class FlatCopy:
             return first_non_finite(self._views)
         bad = []
         for (_, indices), buffer in zip(self._groups, self._buffers):
-            if (buffer.is_floating_point() or buffer.is_complex()) and not bool(torch.isfinite(buffer.sum())):
+            if (buffer.is_floating_point() or buffer.is_complex()) and not _finite(buffer.sum().item()):
                 views = self.views()
                 bad += [i for i in indices if not all_finite(views[i])]
         return min(bad, default=None)
@@ -127,6 +129,11 @@ class FlatCopy:
                     and torch.equal(on_cpu(t), copy)):
                 return i
         return None if len(tensors) == len(self.shapes) else min(len(tensors), len(self.shapes))
+
+
+def _finite(total: complex | float) -> bool:
+    """Whether a sum read back (a Python number) is finite."""
+    return cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total)
 
 
 def _gathered(tensors: Sequence[torch.Tensor], copy: bool) -> torch.Tensor:
