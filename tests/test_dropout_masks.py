@@ -107,3 +107,34 @@ def test_masks_formed_together_for_calls_alike_are_those_formed_alone():
             expected = x if p == 0 else x * forward._mask(keys, k, shape, p, x.dtype, "cpu")
             assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (calls, k)
         assert mode.calls == [p for _, p in calls]
+
+
+def test_the_masks_of_a_forward_alike_the_last_are_formed_in_one_pass(monkeypatch):
+    """After one forward, the next one with longer padded rows forms every mask at its first call: the later calls'
+    shapes are predicted from the last forward's ((6, 4) -> (9, 4) makes (2, 6, 6) -> (2, 9, 9)), all hashed and
+    thresholded in one pass; each call then uses the mask formed for its shape."""
+    passes = []
+    original = forward._mixed_and_thresholded
+    monkeypatch.setattr(forward, "_mixed_and_thresholded",
+                        lambda h, p, dtype: passes.append(h.numel()) or original(h, p, dtype))
+    keys = torch.tensor([forward.row_key(7, 3, 0, r) for r in range(5)])
+    cache = forward.CoordinateCache()
+    g = torch.Generator().manual_seed(1)
+    for length in (6, 9):
+        passes.clear()
+        mode = forward.RecordMode(lambda size: keys[:size], cache)
+        shapes = [(length, 4), (2, length, length), (length, 4), (2, length, length)]
+        for k, shape in enumerate(shapes):
+            x = torch.randn(5, *shape, generator=g)
+            expected = x * forward._mask(keys, k, shape, 0.1, x.dtype, "cpu")
+            assert torch.equal(mode.dropout(x, 0.1, True).view(torch.int32), expected.view(torch.int32))
+        # the first forward learns the calls (a pass per call), the second forms all four in one pass
+        assert passes == ([5 * length * 4, 5 * 2 * length * length] * 2 if length == 6
+                          else [5 * (2 * length * 4 + 2 * 2 * length * length)])
+
+
+def test_a_predicted_row_shape_maps_each_length_one_to_one():
+    assert forward._predicted_row((20, 32), (23, 32), (4, 20, 20)) == (4, 23, 23)
+    assert forward._predicted_row((20, 32), (20, 32), (4, 20, 20)) == (4, 20, 20)
+    assert forward._predicted_row((32, 32), (23, 32), (4, 32, 32)) is None  # 32 -> 23 and 32 -> 32: ambiguous
+    assert forward._predicted_row((20, 32), (23,), (4, 20, 20)) is None

@@ -107,7 +107,12 @@ def _mask_int32(halves: torch.Tensor, coordinate_halves: torch.Tensor, p: float,
     coordinates' (shape): the same bits at half the memory traffic and about half the operations of the int64
     form. The recorder draws its masks with it (:class:`RecordMode`); replay, under vmap, uses :func:`_mask`;
     :func:`_fast_masks_agree` checks that the two agree on a device before it is used there."""
-    h = halves ^ coordinate_halves
+    return _mixed_and_thresholded(halves ^ coordinate_halves, p, dtype)
+
+
+def _mixed_and_thresholded(h: torch.Tensor, p: float, dtype) -> torch.Tensor:
+    """The rest of :func:`_mask_int32` after h = row half ^ coordinate half, in place on the int32 tensor ``h`` (of
+    any shape: the masks of several calls with one p and dtype, laid out in one buffer, are formed in one pass)."""
     h.mul_(_MIX)  # hash32's first round: ((x >> 16) ^ x) · MIX mod 2³²
     t = h >> 16
     h.bitwise_xor_(t.bitwise_and_(0xFFFF)).mul_(_MIX)  # second round
@@ -223,6 +228,20 @@ class CoordinateCache:
         return found
 
 
+def _predicted_row(before: tuple, now: tuple, other_before: tuple) -> tuple | None:
+    """The row shape a later dropout call will likely have, from the shapes this call and that one had in the last
+    forward: each length of this call's last shape replaced by its length now (a padded length, changed from batch
+    to batch), as in ``(20, 32) -> (23, 32)`` makes ``(4, 20, 20) -> (4, 23, 23)``; None when the lengths do not map
+    one to one. Only a prediction: a mask formed ahead is used only by a call with the shape it was formed for."""
+    if len(before) != len(now):
+        return None
+    lengths: dict[int, int] = {}
+    for a, b in zip(before, now):
+        if lengths.setdefault(a, b) != b:
+            return None
+    return tuple(lengths.get(d, d) for d in other_before)
+
+
 class RecordMode(TorchFunctionMode):
     """Active during one recorded training forward: every ``F.dropout`` (so every ``nn.Dropout``) and
     every SDPA call with dropout draws its mask from the hash of the rows' keys; ``calls`` collects the
@@ -270,18 +289,40 @@ class RecordMode(TorchFunctionMode):
 
     def _masks_from(self, call: int, signature: tuple) -> torch.Tensor:
         """The mask of ``call``, formed together with those of the later calls that the last forward made with the
-        signature it made ``call`` with (kept for them; a call whose signature differs forms its own). Each mask is
-        the same function of (row keys, call, row shape, p) as when formed alone: bit for bit the same."""
+        batch size, p, dtype and device it made ``call`` with (kept for them, each with the signature it was formed
+        for; a call whose signature differs forms its own): the calls of one row shape from one row-by-coordinate
+        XOR each, all of them hashed and thresholded in one pass over one buffer. Each mask is the same function of
+        (row keys, call, row shape, p) as when formed alone: bit for bit the same."""
         size, shape, p, dtype, device = signature
-        group = [call]
-        if call < len(self._previous) and self._previous[call] is not None:
-            group += [j for j in range(call + 1, len(self._previous)) if self._previous[j] == self._previous[call]]
-        halves = torch.tensor([_row_halves(self._keys[size], j) for j in group], dtype=torch.int32, device=device)
-        coordinates = self._coordinates.get(shape, device)
-        masks = _mask_int32(halves.reshape(len(group), size, *([1] * len(shape))), coordinates, p, dtype)
-        for j, mask in zip(group[1:], masks[1:]):
-            self._ready[j] = (signature, mask)
-        return masks[0]
+        previous = self._previous
+        by_shape: dict[tuple, list[int]] = {shape: [call]}
+        if call < len(previous) and previous[call] is not None:
+            before = previous[call]
+            for j in range(call + 1, len(previous)):
+                other = previous[j]
+                if other is not None and other[0] == before[0] and other[2:] == before[2:]:
+                    row = _predicted_row(before[1], shape, other[1])
+                    if row is not None:
+                        by_shape.setdefault(row, []).append(j)
+        counts = [len(calls) * size * math.prod(row) for row, calls in by_shape.items()]
+        flat = torch.empty(sum(counts), dtype=torch.int32, device=device)
+        blocks, offset = [], 0
+        for (row, calls), count in zip(by_shape.items(), counts):
+            halves = torch.tensor([_row_halves(self._keys[size], j) for j in calls], dtype=torch.int32, device=device)
+            block = flat[offset:offset + count].view(len(calls), size, *row)
+            torch.bitwise_xor(halves.view(len(calls), size, *([1] * len(row))), self._coordinates.get(row, device),
+                              out=block)
+            blocks.append((row, calls, offset, count))
+            offset += count
+        masks = _mixed_and_thresholded(flat, p, dtype)
+        first = None
+        for row, calls, offset, count in blocks:
+            for j, mask in zip(calls, masks[offset:offset + count].view(len(calls), size, *row)):
+                if j == call:
+                    first = mask
+                else:
+                    self._ready[j] = ((size, row, p, dtype, device), mask)
+        return first
 
     def dropout(self, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         """An ``F.dropout(x, p, training)`` call of the recorded forward."""
