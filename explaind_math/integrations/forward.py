@@ -119,12 +119,11 @@ def _mixed_and_thresholded(h: torch.Tensor, p: float, dtype) -> torch.Tensor:
     t = h >> 16
     h.bitwise_xor_(t.bitwise_and_(0xFFFF))  # (x >> 16) ^ x: the hash, as int32 bits
     threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
-    scale, zero = _scale_and_zero(p, dtype, h.device)
     if threshold >= 2 ** 32:
-        return scale.expand(h.shape).clone()
+        return _scale_and_zero(p, dtype, h.device)[0].expand(h.shape).clone()
     # unsigned h < threshold  <=>  (h XOR 2³¹) < threshold − 2³¹ as signed int32
     keep = h.bitwise_xor_(-(1 << 31)) < threshold - (1 << 31)
-    return torch.where(keep, scale, zero)
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))  # _mask's (keep).to(dtype) · 1/(1 − p) (where() is slower on CPU)
 
 
 @functools.lru_cache(maxsize=64)
