@@ -297,16 +297,24 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+#: above this many elements a CPU tensor's finiteness is read off its own sum (see first_non_finite)
+_OWN_SUM_ABOVE = 1 << 14
+
+
 def first_non_finite(tensors: Sequence[torch.Tensor]) -> int | None:
     """The position of the first tensor with a NaN or ±Inf entry (None: all finite). The 2-norms of all tensors
-    (one ``_foreach_norm``; a NaN or ±Inf entry makes a norm NaN or Inf) are compared in one reduction, one
-    synchronisation for a whole step's tensors; only when one is not finite (overflow can also make it so)
-    are the tensors checked one by one, exactly, with :func:`all_finite`."""
+    (one ``_foreach_norm``; a NaN or ±Inf entry makes a norm NaN or Inf; a large CPU tensor's sum instead) are
+    compared in one reduction, one synchronisation for a whole step's tensors; only when one is not finite
+    (overflow can also make it so) are the tensors checked one by one, exactly, with :func:`all_finite`."""
     floating = [x for x in tensors if (x.is_floating_point() or x.is_complex()) and x.numel()]
     if not floating:
         return None
     if all(x.dtype in (torch.float32, torch.float64) for x in floating):
-        summaries = list(torch._foreach_norm(floating))
+        # a large CPU tensor by its own sum (torch parallelises a sum, not _foreach_norm: 148 against 228 us for a
+        # 4-layer GPT-2's 0.8M parameters on 2 cores), the rest in one _foreach_norm
+        large = [x for x in floating if x.is_cpu and x.numel() > _OWN_SUM_ABOVE]
+        rest = [x for x in floating if not (x.is_cpu and x.numel() > _OWN_SUM_ABOVE)] if large else floating
+        summaries = [x.sum() for x in large] + (list(torch._foreach_norm(rest)) if rest else [])
     else:
         summaries = [x.sum() for x in floating]
     if len({(v.dtype, v.device) for v in summaries}) > 1:  # stack needs one dtype and device

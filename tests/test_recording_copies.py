@@ -147,4 +147,5 @@ def test_step_counts_read_tensors_and_numbers():
 
 
 def test_the_module_names_its_public_parts():
-    assert set(recording_copies.__all__) == {"FlatCopy", "cpu_copy", "cpu_scalars", "on_cpu", "stacked_scalars", "step_counts"}
+    assert set(recording_copies.__all__) == {"FlatCopy", "cpu_copy", "cpu_scalars", "on_cpu", "stacked_scalars",
+                                             "step_counts"}
