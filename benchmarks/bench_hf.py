@@ -119,7 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="steps of the decomposed runs")
-    parser.add_argument("--trainer-steps", type=int, default=48, help="steps of the timed Trainer runs")
+    parser.add_argument("--trainer-steps", type=int, default=200,
+                        help="steps of the timed Trainer runs (one-time costs, the recorder's set-up and first-step "
+                             "probe and the Trainer's own, are spread over them, as over a run)")
     parser.add_argument("--trainer-repeats", type=int, default=5, help="interleaved Trainer runs per size (best kept)")
     parser.add_argument("--only-trainer", action="store_true", help="part 2 only")
     parser.add_argument("--in-process", action="store_true",
