@@ -244,11 +244,7 @@ class TrajectoryRecorder:
         if self._writer is not None:
             from .storage import ShardedTrajectory
 
-            if metadata is not None or self._watch.records_dropout:
-                self._writer.set_metadata({**(metadata or {}), **self._watch.metadata(),
-                                           "gradient_rescaling": self.gradient_rescaling})
-            self._writer.flush()
-            self._writer.wait()
+            self.flush(metadata)
             return ShardedTrajectory(self._writer.directory)
         return Trajectory(
             optimizer=self.rule.name,
@@ -271,10 +267,13 @@ class TrajectoryRecorder:
         """Where the trajectory is written (``None`` when it is kept in memory)."""
         return None if self._writer is None else self._writer.directory
 
-    def flush(self) -> None:
-        """With ``directory``: write the steps not yet on disk now (a shorter shard), and wait until
-        they are committed."""
+    def flush(self, metadata: dict | None = None) -> None:
+        """With ``directory``: write the steps not yet on disk now (a shorter shard), the dropout record of the steps
+        so far and ``metadata`` (when given) into the manifest, and wait until they are committed."""
         if self._writer is not None:
+            if metadata is not None or self._watch.records_dropout:
+                self._writer.set_metadata({**(metadata or {}), **self._watch.metadata(),
+                                           "gradient_rescaling": self.gradient_rescaling})
             self._writer.flush()
             self._writer.wait()
 

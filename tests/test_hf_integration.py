@@ -191,6 +191,26 @@ def test_trainer_settings_without_an_exact_rule_are_refused_before_training(tmp_
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no step was taken
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["written-in-step", "written-in-background"])
+def test_a_trainer_recording_into_a_directory_leaves_every_step_there(tmp_path, background):
+    """train() returns with every recorded step committed to the directory (the last shard shorter than
+    steps_per_shard), without a call to recorder.trajectory() or close()."""
+    from explaind_math.storage import ShardedTrajectory
+
+    directory = tmp_path / "run"
+    trainer = hf.RecordingTrainer(model=gpt2(dtype=torch.float32, dropout=0.1),
+                                  args=trainer_args(tmp_path, max_steps=6, per_device_train_batch_size=2),
+                                  train_dataset=hf.with_sample_ids(sequences(12, seed=1)),
+                                  data_collator=em.integrations.padded_collate,
+                                  recorder_options={"directory": directory, "steps_per_shard": 4,
+                                                    "write_in_background": background})
+    trainer.train()
+    on_disk = ShardedTrajectory(directory)
+    assert on_disk.num_steps == 6 and trainer.recorder.num_steps == 6
+    assert sorted(on_disk.metadata["dropout"]["steps"], key=int) == [str(t) for t in range(6)]
+    trainer.recorder.close()
+
+
 def test_trainer_with_a_custom_loss_function_is_refused(tmp_path):
     with pytest.raises(RecordingError, match="compute_loss_func"):
         hf.RecordingTrainer(model=gpt2(dtype=torch.float32, dropout=0.0), args=trainer_args(tmp_path),

@@ -172,6 +172,15 @@ class TrainerRecording:
             self.recorder = _recorder_class()(self.model, optimizer, **options)
         return optimizer
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; then (also when a step was refused) the recorder's steps not yet on disk are written, so
+        that a recorder with ``recorder_options={"directory": ...}`` leaves every recorded step in the directory."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.recorder is not None:
+                self.recorder.flush()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs.pop(SAMPLE_ID, None)
         if not (model.training and torch.is_grad_enabled()):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,6 +68,9 @@ class TrajectoryShardWriter:
             self._thread = threading.Thread(target=self._work, name=f"explaind_math shards {self.directory.name}",
                                             daemon=True)
             self._thread.start()
+            # at interpreter exit, let the shard being written finish (a daemon thread killed inside a write can
+            # abort the process); the steps not yet handed over are not written, the directory stays consistent
+            weakref.finalize(self, _stop_worker, self._queue, self._thread)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -215,9 +219,15 @@ class TrajectoryShardWriter:
                 self._queue.task_done()
 
     def _stop_thread(self) -> None:
-        if self._queue is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        if self._queue is not None:
+            _stop_worker(self._queue, self._thread)
+
+
+def _stop_worker(jobs, thread) -> None:
+    """Stop a writer thread after the jobs queued before this call."""
+    if thread.is_alive():
+        jobs.put(None)
+        thread.join()
 
 
 def write_directory(trajectory: Trajectory, directory: str | os.PathLike, *,
