@@ -57,3 +57,5 @@ if __name__ == "__main__":
             f.write(repr(same))
         with_dropout.recorder.trajectory().save(os.path.join(out, "trainer.safetensors"))
     dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # without interpreter finalization, as ddp_recording_worker.py leaves (a gloo teardown race)
