@@ -288,8 +288,9 @@ class RecordMode(TorchFunctionMode):
 
     def _masks_from(self, call: int, signature: tuple) -> torch.Tensor:
         """The mask of ``call``, formed together with those of the later calls that the last forward made with the
-        batch size, p, dtype and device it made ``call`` with (kept for them, each with the signature it was formed
-        for; a call whose signature differs forms its own): the calls of one row shape from one row-by-coordinate
+        batch size, p, dtype and device it made ``call`` with, their row shapes predicted by :func:`_predicted_row`
+        (kept for them, each with the signature it was formed for; a call whose signature differs from it forms its
+        own): the calls of one row shape from one row-by-coordinate
         XOR each, all of them hashed and thresholded in one pass over one buffer. Each mask is the same function of
         (row keys, call, row shape, p) as when formed alone: bit for bit the same."""
         size, shape, p, dtype, device = signature
