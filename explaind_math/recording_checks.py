@@ -267,7 +267,7 @@ class OptimizerStateWatch:
         self._scalars: tuple[list, Any] = ([], [])  # slots, their values (a stacked tensor or a list)
         self._fingerprinted: list[tuple[int, str, tuple]] = []  # accelerator tensors: (parameter, key, (Σv, Σv²))
         self._layout: tuple[list, list, list] | None = None  # the last step's slots: copied, scalar, on a device
-        self._plan: tuple | None = None  # (copied slots, recorded slots, the watch's own slots, whether split)
+        self._plan: tuple | None = None  # (copied slots, recorded slots, a record given, own slots, split)
 
     def record(self, optimizer, params, recorded_slots: Sequence[tuple[int, str]] = (),
                recorded: FlatCopy | None = None) -> None:
@@ -287,15 +287,14 @@ class OptimizerStateWatch:
         """Take the state at the given slots; False (nothing taken) when a value no longer fits its slot's kind."""
         try:
             plan = self._plan  # the split of the copied slots, kept while the slots stay those of the last step
-            if plan is None or plan[0] is not copied or plan[1] != recorded_slots:
+            given = recorded is not None
+            if plan is None or plan[0] is not copied or plan[1] != recorded_slots or plan[2] != given:
                 skip = set(recorded_slots)
-                split = skip and skip <= set(copied)
+                split = given and bool(skip) and skip <= set(copied)
                 mine = [slot for slot in copied if slot not in skip] if split else copied
-                plan = self._plan = (copied, list(recorded_slots), mine, split)
-            _, kept_slots, mine, split = plan
-            kept_recorded = (kept_slots, recorded) if recorded is not None and split else None
-            if recorded is None and split:
-                mine = copied
+                plan = self._plan = (copied, list(recorded_slots), given, mine, split)
+            _, kept_slots, _, mine, split = plan
+            kept_recorded = (kept_slots, recorded) if split else None
             old = self._own[1] if self._own is not None else None  # compared before this step: written again
             tensors = [states[i][k] for i, k in mine]
             own = (mine, FlatCopy(tensors) if old is None else old.refill(tensors)) if mine else None

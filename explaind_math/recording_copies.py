@@ -158,7 +158,7 @@ def _groups(dtypes: Sequence, devices: Sequence) -> tuple[tuple[tuple, tuple[int
     """The positions of the tensors of each (device, dtype), in order of first appearance."""
     if not dtypes:
         return ()
-    if list(dtypes).count(dtypes[0]) == len(dtypes) and list(devices).count(devices[0]) == len(devices):
+    if dtypes.count(dtypes[0]) == len(dtypes) and devices.count(devices[0]) == len(devices):
         return (((devices[0], dtypes[0]), range(len(dtypes))),)
     groups: dict[tuple, list[int]] = {}
     for i, key in enumerate(zip(devices, dtypes)):

@@ -119,19 +119,11 @@ def _mixed_and_thresholded(h: torch.Tensor, p: float, dtype) -> torch.Tensor:
     t = h >> 16
     h.bitwise_xor_(t.bitwise_and_(0xFFFF))  # (x >> 16) ^ x: the hash, as int32 bits
     threshold = min(int(round((1.0 - p) * 2 ** 32)), 2 ** 32)
-    if threshold >= 2 ** 32:
-        return _scale_and_zero(p, dtype, h.device)[0].expand(h.shape).clone()
+    if threshold >= 2 ** 32:  # every entry kept (threshold − 2³¹ is past int32)
+        return torch.ones(h.shape, dtype=dtype, device=h.device).mul_(1.0 / (1.0 - p))
     # unsigned h < threshold  <=>  (h XOR 2³¹) < threshold − 2³¹ as signed int32
     keep = h.bitwise_xor_(-(1 << 31)) < threshold - (1 << 31)
     return keep.to(dtype).mul_(1.0 / (1.0 - p))  # _mask's (keep).to(dtype) · 1/(1 − p) (where() is slower on CPU)
-
-
-@functools.lru_cache(maxsize=64)
-def _scale_and_zero(p: float, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """1/(1 − p) formed as :func:`_mask` forms it (ones of ``dtype`` times the Python float), and 0: 0-dim
-    tensors, kept (a model has a few p)."""
-    scale = torch.ones((), dtype=dtype, device=device) * (1.0 / (1.0 - p))
-    return scale, torch.zeros((), dtype=dtype, device=device)
 
 
 def _row_halves(keys: Sequence[int], call: int) -> list[int]:
@@ -290,9 +282,9 @@ class RecordMode(TorchFunctionMode):
         """The mask of ``call``, formed together with those of the later calls that the last forward made with the
         batch size, p, dtype and device it made ``call`` with, their row shapes predicted by :func:`_predicted_row`
         (kept for them, each with the signature it was formed for; a call whose signature differs from it forms its
-        own): the calls of one row shape from one row-by-coordinate
-        XOR each, all of them hashed and thresholded in one pass over one buffer. Each mask is the same function of
-        (row keys, call, row shape, p) as when formed alone: bit for bit the same."""
+        own): the calls of one row shape from one row-by-coordinate XOR each, all of them hashed and thresholded in
+        one pass over one buffer. Each mask is the same function of (row keys, call, row shape, p) as when formed
+        alone: bit for bit the same."""
         size, shape, p, dtype, device = signature
         previous = self._previous
         by_shape: dict[tuple, list[int]] = {shape: [call]}

@@ -176,10 +176,17 @@ class TrainerRecording:
         """``Trainer.train``; then (also when a step was refused) the recorder's steps not yet on disk are written, so
         that a recorder with ``recorder_options={"directory": ...}`` leaves every recorded step in the directory."""
         try:
-            return super().train(*args, **kwargs)
-        finally:
+            result = super().train(*args, **kwargs)
+        except BaseException as error:
             if self.recorder is not None:
-                self.recorder.flush()
+                try:
+                    self.recorder.flush()
+                except Exception as failed:  # the training error is the one to see
+                    error.add_note(f"writing the recorded steps failed too: {failed}")
+            raise
+        if self.recorder is not None:
+            self.recorder.flush()
+        return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs.pop(SAMPLE_ID, None)

@@ -70,7 +70,7 @@ class TrajectoryShardWriter:
             self._thread.start()
             # at interpreter exit, let the shard being written finish (a daemon thread killed inside a write can
             # abort the process); the steps not yet handed over are not written, the directory stays consistent
-            weakref.finalize(self, _stop_worker, self._queue, self._thread)
+            self._stop_once = weakref.finalize(self, _stop_worker, self._queue, self._thread)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -220,7 +220,7 @@ class TrajectoryShardWriter:
 
     def _stop_thread(self) -> None:
         if self._queue is not None:
-            _stop_worker(self._queue, self._thread)
+            self._stop_once()  # runs once: at close, abandon or interpreter exit, whichever comes first
 
 
 def _stop_worker(jobs, thread) -> None:
