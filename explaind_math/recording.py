@@ -49,6 +49,7 @@ from .recording_checks import (
     probe_forward,
 )
 from .recording_copies import FlatCopy, step_counts
+from .rerun import RecordedRerun, RerunTrajectory
 from .trajectory import StepRecord, Trajectory, first_non_finite
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
@@ -77,6 +78,16 @@ def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: boo
             raise StochasticTrainingError(
                 f"{where}: attention module {label!r} has active dropout={module.dropout}; set it to 0 or eval()"
             )
+
+
+def check_recording_options(gradient_rescaling: bool, record_gradients: bool, rerun_optimizer: bool,
+                            directory: Any) -> None:
+    """Refuse recorder options that need one another, naming the one missing."""
+    if gradient_rescaling and not record_gradients:
+        raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
+    if rerun_optimizer and (directory is not None or not record_gradients):
+        raise RecordingError("rerun_optimizer=True keeps a step by its recorded .grad, in memory: it needs "
+                             "record_gradients=True and no directory (a directory is written step by step)")
 
 
 class TrajectoryRecorder:
@@ -118,6 +129,10 @@ class TrajectoryRecorder:
             forward with the ids in row order; the record is a few integers per step in
             ``trajectory.metadata["dropout"]``. ``False`` keeps refusing active dropout.
         dropout_seed: the seed of those masks (default: drawn from the OS, recorded).
+        rerun_optimizer: keep a step by its ``.grad`` alone when a rerun of the optimizer on CPU copies
+            reproduces θ_{t+1} and the state bit for bit, checked at the step (:mod:`explaind_math.rerun`):
+            a third of the memory; ``trajectory()`` rebuilds them on demand. In memory only; needs
+            ``record_gradients=True``.
     """
 
     def __init__(
@@ -134,10 +149,11 @@ class TrajectoryRecorder:
         write_in_background: bool = False,
         dropout: bool | str = "auto",
         dropout_seed: int | None = None,
+        rerun_optimizer: bool = False,
     ):
         model = unwrap_model(model)  # torch.compile / DDP: parameters named as the model itself names them
-        if gradient_rescaling and not record_gradients:
-            raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
+        check_recording_options(gradient_rescaling, record_gradients, rerun_optimizer, directory)
+        self._rerun_wanted, self._rerun = rerun_optimizer, None
         self.gradient_rescaling = gradient_rescaling
         self.grad_scaler = grad_scaler
         self._scale_at_batch: float | None = None
@@ -246,16 +262,17 @@ class TrajectoryRecorder:
 
             self.flush(metadata)
             return ShardedTrajectory(self._writer.directory)
-        return Trajectory(
-            optimizer=self.rule.name,
-            parameter_names=[n for n, _, _ in self._params],
-            group_of={n: gi for n, _, gi in self._params},
-            parameters=[self._named(theta) for theta in self._snapshots],
-            steps=[step.record() for step in self._steps],
-            initial_state=self._initial_state,
-            buffers=self._buffers,
-            metadata={**(metadata or {}), **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling},
-        )
+        common = dict(optimizer=self.rule.name, parameter_names=[n for n, _, _ in self._params],
+                      group_of={n: gi for n, _, gi in self._params}, initial_state=self._initial_state,
+                      buffers=self._buffers,
+                      metadata={**(metadata or {}), **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling})
+        steps = [step.record() for step in self._steps]
+        if self._rerun is not None:
+            common["metadata"]["optimizer_rerun"] = self._rerun.metadata(len(steps))
+            if None in self._snapshots:  # some steps kept by their gradient: rebuilt on demand
+                thetas = [None if theta is None else self._named(theta) for theta in self._snapshots]
+                return RerunTrajectory(thetas=thetas, records=steps, rerun=self._rerun, rule=self.rule, **common)
+        return Trajectory(parameters=[self._named(theta) for theta in self._snapshots], steps=steps, **common)
 
     @property
     def num_steps(self) -> int:
@@ -437,6 +454,7 @@ class TrajectoryRecorder:
             self._snapshots = [theta]  # (re)set: a refused first step must not leave a second θ_0 behind
             self._initial_state = self._carried_state()
             self._last_theta = theta
+            self._rerun = RecordedRerun(optimizer, self._params, theta.views()) if self._rerun_wanted else None
         else:
             previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
             bad = previous.first_difference([p for _, p, _ in self._params])
@@ -473,7 +491,10 @@ class TrajectoryRecorder:
         t = self._count
         current, self._current = self._current, None
         self._forget_pending()
-        theta = self._snapshot()
+        rerun = self._rerun
+        extra = any(v is not None for v in (*args[1:], *kwargs.values()))  # args[0] is the optimizer
+        by_gradient = rerun is not None and rerun.after_step(optimizer, current, extra)
+        theta = FlatCopy.over(rerun.rerun.theta) if by_gradient else self._snapshot()
         bad = theta.first_non_finite()
         if bad is not None:
             raise NonFiniteError(
@@ -494,8 +515,8 @@ class TrajectoryRecorder:
                 slots.append((index, key))
                 tensors.append(st[key])
         last = self._last_step
-        state = FlatCopy(tensors, like=last._state if last is not None else None)
-        bad = state.first_non_finite()  # trajectory() would refuse the whole run: refuse this step
+        state = None if by_gradient else FlatCopy(tensors, like=last._state if last is not None else None)
+        bad = first_non_finite(tensors) if state is None else state.first_non_finite()  # refuse the step, not the run
         if bad is not None:
             index, key = slots[bad]
             raise NonFiniteError(
@@ -509,10 +530,13 @@ class TrajectoryRecorder:
         self._watch.after_step(t)
         self._count += 1
         self._last_theta, self._last_step = theta, record
-        self._state_watch.record(optimizer, self._params, slots, state)
+        self._state_watch.record(optimizer, self._params, *(rerun.state_reference(optimizer) if by_gradient
+                                                            else (slots, state)))
         if self._writer is None:
             self._steps.append(record)
-            self._snapshots.append(theta)
+            self._snapshots.append(None if by_gradient else theta)
+            if rerun is not None and not by_gradient:
+                rerun.restart(t + 1, theta.views(), optimizer)
             return
         if not self._writer.has_trajectory:
             self._writer.begin(
@@ -551,7 +575,7 @@ class _RecordedStep:
 
     __slots__ = ("_current", "_counts", "_slots", "_state")
 
-    def __init__(self, current: dict, counts: dict[str, int], slots: list[tuple[str, str]], state: FlatCopy):
+    def __init__(self, current: dict, counts: dict[str, int], slots: list[tuple[str, str]], state: FlatCopy | None):
         self._current, self._counts, self._slots, self._state = current, counts, slots, state
 
     def record(self) -> StepRecord:
@@ -559,8 +583,8 @@ class _RecordedStep:
         state: dict[str, dict] = {n: {} for n in current["updated"]}
         for n, count in self._counts.items():
             state[n]["step"] = count
-        for (n, key), copy in zip(self._slots, self._state.views()):
-            state[n][key] = copy
+        for (n, key), copy in zip(self._slots, self._state.views() if self._state is not None else ()):
+            state[n][key] = copy  # (no state kept: a step kept by its gradient, rebuilt by RerunTrajectory)
         gradient = current["gradient"]
         if gradient is not None:
             gradient = dict(zip(current["updated"], gradient.views()))

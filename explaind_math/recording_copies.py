@@ -78,6 +78,15 @@ class FlatCopy:
             self._buffers = tuple(on_cpu(_gathered([tensors[i] for i in indices], copy=True))
                                   for _, indices in self._groups)
 
+    @classmethod
+    def over(cls, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
+        """The CPU ``tensors`` themselves in the place of a copy (no copy; they must not change while it is used):
+        the rerun's θ_{t+1}, equal to the live one bit for bit, against which the next step compares."""
+        copy = cls.__new__(cls)
+        copy.shapes, copy.dtypes = tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors)
+        copy._groups, copy._buffers, copy._views = (), (), list(tensors)
+        return copy
+
     def refill(self, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
         """This copy written again with ``tensors`` when they have its dtypes and shapes (its buffers reused: no new
         memory; only for a copy whose views were handed to nobody), else a new copy."""

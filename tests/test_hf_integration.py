@@ -226,6 +226,9 @@ def test_gpt2_trainer_example(flag, bound):
     trajectory = out["trajectory"]
     assert trajectory.metadata["gradient_rescaling"] and len(trajectory.metadata["dropout"]["steps"]) == 4
     assert all(len(mbs) == 2 for mbs in trajectory.metadata["dropout"]["steps"].values())  # accumulation 2
+    # in memory the Trainer keeps a step by its .grad (explaind_math.rerun): the rerun reproduced every step
+    rerun = trajectory.metadata["optimizer_rerun"]
+    assert rerun["steps_kept_by_gradient"] == trajectory.num_steps and "given_up" not in rerun, rerun
 
 
 @pytest.mark.parametrize("dropout_seed", range(1, 6))

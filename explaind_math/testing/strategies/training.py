@@ -110,6 +110,7 @@ def train_and_record(
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     loss: LossSpec | None = None,
     record_gradients: bool = True,
+    rerun_optimizer: bool = False,
 ) -> TrainedRun:
     """Train with the unmodified torch optimizer while :class:`~explaind_math.TrajectoryRecorder` records.
 
@@ -123,6 +124,7 @@ def train_and_record(
         loss = Σ_{i∈B_t} w_{t,i} ℓ_i  (LossSpec.batched, reduction "none", then weighted)
         loss.backward(); recorder.record_batch(ids, weights=w); optimizer.step(); scheduler.step()
 
+    ``rerun_optimizer``: steps kept by their ``.grad`` (:mod:`explaind_math.rerun`).
     Returns a :class:`TrainedRun` (the model is left on ``device`` with every parameter trainable).
     """
     spec: RunSpec | None = None
@@ -151,7 +153,7 @@ def train_and_record(
     # freezing the only parameter tensor would leave nothing to train: then nothing is frozen
     frozen_tensor = params[schedule.frozen_param % len(params)] if schedule.frozen and len(params) > 1 else None
     f_before = model_outputs(model, X_test)
-    recorder = em.TrajectoryRecorder(model, opt, record_gradients=record_gradients)
+    recorder = em.TrajectoryRecorder(model, opt, record_gradients=record_gradients, rerun_optimizer=rerun_optimizer)
     try:
         for t, ids in enumerate(_batches(schedule, generator)):
             if schedule.weighting == "random":

@@ -1,0 +1,303 @@
+"""Keeping a step by its gradient: θ_{t+1} and the optimizer state rebuilt by rerunning the user's optimizer.
+
+A recorded step needs θ_{t+1}, the optimizer state the rule reads (AdamW's v_t) and the ``.grad`` the step saw
+(MATH.md §0; the gradient-sum check). The first two follow from θ_t, the state before the step and the third:
+they are what ``optimizer.step()`` computes from them. With ``TrajectoryRecorder(..., rerun_optimizer=True)``
+the recorder keeps the ``.grad`` only, and checks at every step that a second instance of the user's optimizer
+class (:class:`OptimizerRerun`: same class, same param-group settings, on CPU copies of the parameters), given
+θ_t, the state and the recorded ``.grad``, produces θ_{t+1} and every state entry bit for bit. A step that is not
+reproduced so (an optimizer on an accelerator, whose arithmetic the CPU does not repeat; a step given extra
+arguments; an optimizer whose class cannot be built from its param groups) is kept in full, as without the
+option, and the rerun restarts from it; after three such steps in a row the rerun is given up. Every
+:data:`RESTART_INTERVAL` steps a step is kept in full too, so that any θ_t is at most that many reruns away.
+
+:class:`RerunTrajectory` is the :class:`~explaind_math.Trajectory` of such a recording: ``parameters[t]`` and
+``steps[t].state`` of a step kept by its gradient are rebuilt on demand by the same rerun, from the last step
+kept in full, and the last :data:`RESTART_INTERVAL` rebuilt are cached (a pass in either direction reruns each
+step about once). The numbers are those the optimizer computed, bit for bit, checked when they were recorded.
+
+Why: the memory a recording keeps is the cost that grows with the run. On the 4-layer GPT-2 of
+``benchmarks/bench_hf.py`` a step keeps 9.6 MB (θ_{t+1}, ``.grad``, v_t); by its gradient it keeps 3.2 MB.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .recording_copies import FlatCopy
+from .trajectory import StepRecord, Trajectory
+
+__all__ = ["RESTART_INTERVAL", "OptimizerRerun", "RecordedRerun", "RerunTrajectory"]
+
+#: a step kept in full at least every this many steps: the reruns needed for any θ_t, and the steps cached
+RESTART_INTERVAL = 32
+#: reruns that missed in a row before the recorder stops trying (keeps every step in full from then on)
+MISSES_BEFORE_GIVING_UP = 3
+
+
+def _copied(value: Any) -> Any:
+    """A value of an optimizer's state or param group, as a CPU copy when it is a tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone() if value.device.type == "cpu" else value.detach().cpu()
+    return value
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings (everything but ``params``), tensors copied: what the step read."""
+    return [{k: _copied(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return torch.equal(a if a.device.type == "cpu" else a.detach().cpu(),
+                           b if b.device.type == "cpu" else b.detach().cpu())
+    return type(a) is type(b) and a == b
+
+
+class OptimizerRerun:
+    """A second instance of the user's optimizer class on CPU tensors laid out as ``params`` (name, tensor, group):
+    :meth:`load` sets θ and the state, :meth:`step` runs ``optimizer.step()`` on them with given gradients and
+    param-group settings. Raises (TypeError, ValueError, …) when the class cannot be built from param groups."""
+
+    def __init__(self, optimizer_type: type, settings: Sequence[dict], layout: Sequence[tuple[tuple, torch.dtype, int]]):
+        """``layout``: per parameter (shape, dtype, param group)."""
+        self.theta = [torch.empty(shape, dtype=dtype) for shape, dtype, _ in layout]
+        groups = [{**values, "params": [self.theta[i] for i, (_, _, gi) in enumerate(layout) if gi == k]}
+                  for k, values in enumerate(settings)]
+        self._optimizer = optimizer_type(groups)
+
+    def load(self, theta: Sequence[torch.Tensor], state: Sequence[dict]) -> None:
+        """Set θ (copied in) and the optimizer state (per parameter, copied)."""
+        with torch.no_grad():
+            for mine, value in zip(self.theta, theta):
+                mine.copy_(value)
+        self._optimizer.state.clear()
+        for mine, entries in zip(self.theta, state):
+            if entries:
+                self._optimizer.state[mine] = {k: _copied(v) for k, v in entries.items()}
+
+    def step(self, gradients: Sequence[torch.Tensor | None], settings: Sequence[dict]) -> None:
+        """One ``optimizer.step()`` with ``.grad`` = ``gradients`` (None: the parameter had none) and the groups'
+        settings (the recorded learning rate of the step, …)."""
+        for group, values in zip(self._optimizer.param_groups, settings):
+            group.update(values)
+        for mine, g in zip(self.theta, gradients):
+            mine.grad = g
+        try:
+            with torch.no_grad():
+                self._optimizer.step()
+        finally:
+            for mine in self.theta:
+                mine.grad = None
+
+    def state(self, i: int) -> dict:
+        """The state of parameter i (the rerun's own tensors: copy them to keep them)."""
+        return self._optimizer.state.get(self.theta[i], {})
+
+    def state_copy(self) -> list[dict]:
+        return [{k: _copied(v) for k, v in self.state(i).items()} for i in range(len(self.theta))]
+
+    def matches(self, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> bool:
+        """Whether θ and every state entry equal those of the live ``params`` and ``optimizer``, bit for bit."""
+        for i, p in enumerate(params):
+            if not _same_value(self.theta[i], p.detach()):
+                return False
+            live, mine = optimizer.state.get(p, {}), self.state(i)
+            if live.keys() != mine.keys() or not all(_same_value(mine[k], v) for k, v in live.items()):
+                return False
+        return True
+
+
+class RecordedRerun:
+    """The recorder's rerun: which steps are kept by their gradient, the param-group settings of each step, and
+    the restart points (θ_t and the whole optimizer state at t) the rebuilt trajectory starts from."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[tuple[str, torch.Tensor, int]],
+                 theta_0: Sequence[torch.Tensor]):
+        """Before step 0: θ_0 (``theta_0``: the recorder's copies) and the optimizer's state are the first restart."""
+        self._params = params
+        self._type, self._layout = type(optimizer), [(tuple(p.shape), p.dtype, gi) for _, p, gi in params]
+        self._settings_0 = group_settings(optimizer)
+        self.settings: list[list[dict]] = []
+        self.restarts: dict[int, tuple[list[torch.Tensor], list[dict]]] = {}
+        self.rerun_steps = 0
+        self.given_up: str | None = None
+        self._since_restart = 0
+        self._misses = 0
+        try:
+            self.rerun: OptimizerRerun | None = self.new_rerun()
+        except Exception as error:  # noqa: BLE001 - a class that needs more than param groups: keep every step
+            self.rerun = None
+            self.given_up = f"{type(optimizer).__name__}(param_groups) cannot be built ({type(error).__name__}: {error})"
+        self.restart(0, theta_0, optimizer)
+
+    def new_rerun(self) -> OptimizerRerun:
+        """An :class:`OptimizerRerun` of this optimizer's class and layout (the rebuilt trajectory's own)."""
+        return OptimizerRerun(self._type, self._settings_0, self._layout)
+
+    def restart(self, t: int, theta: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        """A restart point at θ_t (``theta``: copies the recorder keeps) with the live optimizer's state (copied)."""
+        if self.given_up is not None:
+            return
+        state = [{k: _copied(v) for k, v in optimizer.state.get(p, {}).items()} for _, p, _ in self._params]
+        self.restarts[t] = (list(theta), state)
+        self.rerun.load(theta, state)
+        self._since_restart = 0
+
+    def after_step(self, optimizer: torch.optim.Optimizer, current: dict, extra_arguments: bool) -> bool:
+        """After the live step t (``current``: the recorder's record of it, whose ``gradient`` is the ``.grad`` the
+        step saw): rerun it; True when θ_{t+1} and the state came out bit for bit and no full step is due (the step
+        is then kept by its gradient). False: the recorder keeps the step in full and calls :meth:`restart` at
+        t + 1."""
+        settings = group_settings(optimizer)
+        self.settings.append(settings)
+        if self.given_up is not None:
+            return False
+        reproduced = False
+        if not extra_arguments and current["gradient"] is not None:
+            views = dict(zip(current["updated"], current["gradient"].views()))
+            gradients = [views.get(n) for n, _, _ in self._params]
+            try:
+                self.rerun.step(gradients, settings)
+                reproduced = self.rerun.matches([p for _, p, _ in self._params], optimizer)
+            except Exception:  # noqa: BLE001 - an optimizer the rerun cannot run: keep the step in full
+                reproduced = False
+        self._misses = 0 if reproduced else self._misses + 1
+        if self._misses >= MISSES_BEFORE_GIVING_UP:
+            self.given_up = (f"{MISSES_BEFORE_GIVING_UP} steps in a row were not reproduced bit for bit by a "
+                             f"rerun of {type(optimizer).__name__} on the CPU (an optimizer on an accelerator, or "
+                             "extra arguments to optimizer.step())")
+            return False
+        if reproduced and self._since_restart + 1 < RESTART_INTERVAL:
+            self._since_restart += 1
+            self.rerun_steps += 1
+            return True
+        return False
+
+    def state_reference(self, optimizer: torch.optim.Optimizer) -> tuple[list[tuple[int, str]], FlatCopy]:
+        """The slots (parameter index, key) of the live optimizer's CPU state tensors and the rerun's tensors at them,
+        equal bit for bit after a step it reproduced: what the state watch compares with before the next step, in
+        place of copies of its own."""
+        slots = [(i, k) for i, (_, p, _) in enumerate(self._params) for k, v in optimizer.state.get(p, {}).items()
+                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.device.type == "cpu"]
+        return slots, FlatCopy.over([self.rerun.state(i)[k] for i, k in slots])
+
+    def metadata(self, num_steps: int) -> dict:
+        return {"steps_kept_by_gradient": self.rerun_steps, "steps_kept_in_full": num_steps - self.rerun_steps,
+                "restart_interval": RESTART_INTERVAL, **({"given_up": self.given_up} if self.given_up else {})}
+
+
+class _Parameters(Sequence):
+    def __init__(self, owner: "RerunTrajectory"):
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return len(self._owner._thetas)
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        t = _index(t, len(self), "θ")
+        return self._owner._theta(t)
+
+
+class _Steps(Sequence):
+    def __init__(self, owner: "RerunTrajectory"):
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return len(self._owner._records)
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        t = _index(t, len(self), "step")
+        return self._owner._step(t)
+
+
+def _index(t, length: int, what: str) -> int:
+    t = int(t)
+    if t < 0:
+        t += length
+    if not 0 <= t < length:
+        raise IndexError(f"{what} index {t} out of range (length {length})")
+    return t
+
+
+class RerunTrajectory(Trajectory):
+    """A recorded :class:`~explaind_math.Trajectory` whose steps kept by their gradient are rebuilt on demand (see
+    the module docstring). ``thetas[t]`` is θ_t when it was kept (θ_0 and after each step kept in full), else
+    None; ``records[t]`` is step t's record, its ``state`` holding only the step counts when it was kept by its
+    gradient. ``reruns`` counts the optimizer steps rerun so far."""
+
+    def __init__(self, *, optimizer: str, parameter_names: Sequence[str], group_of: dict, thetas: list,
+                 records: list[StepRecord], rerun: RecordedRerun, rule: Any, initial_state: dict,
+                 buffers: dict, metadata: dict):
+        self.optimizer = optimizer
+        self.parameter_names = list(parameter_names)
+        self.group_of = dict(group_of)
+        self.initial_state = {k: dict(v) for k, v in initial_state.items()}
+        self.buffers = dict(buffers)
+        self.metadata = dict(metadata)
+        self._thetas, self._records = thetas, records
+        self._restarts = {t: r for t, r in rerun.restarts.items() if t < len(thetas)}
+        self._settings = rerun.settings[:len(records)]
+        self._optimizer_rerun = rerun.new_rerun()  # its own: the recorder's goes on with the run
+        self._rule = rule  # its state_keys(hyper-parameters): the state entries a step record holds
+        self._groups = [group_of[n] for n in self.parameter_names]
+        self._cache: OrderedDict[int, tuple[list[torch.Tensor], list[dict]]] = OrderedDict()
+        self._position: int | None = None  # where the rerun's own θ and state stand
+        self.reruns = 0
+        self.parameters = _Parameters(self)
+        self.steps = _Steps(self)
+
+    def _theta(self, t: int) -> dict[str, torch.Tensor]:
+        kept = self._thetas[t]
+        if kept is not None:
+            return dict(kept)
+        return dict(zip(self.parameter_names, self._rebuilt(t)[0]))
+
+    def _step(self, t: int) -> StepRecord:
+        record = self._records[t]
+        if self._thetas[t + 1] is not None:
+            return record
+        state = self._rebuilt(t + 1)[1]
+        index = {n: i for i, n in enumerate(self.parameter_names)}
+        full = {}
+        for n in record.updated:
+            i = index[n]
+            keys = self._rule.state_keys(record.hyperparameters[self._groups[i]])
+            full[n] = {**record.state.get(n, {}), **{k: state[i][k] for k in keys if k in state[i]}}
+        return StepRecord(record.sample_ids, record.weights, record.hyperparameters, record.updated, full,
+                          record.gradient, record.batch_calls)
+
+    def _rebuilt(self, t: int) -> tuple[list[torch.Tensor], list[dict]]:
+        """θ_t and the optimizer state after step t − 1, rerun from the last restart point at or before t."""
+        if t in self._cache:
+            self._cache.move_to_end(t)
+            return self._cache[t]
+        start = max(r for r in self._restarts if r <= t)
+        rerun = self._optimizer_rerun
+        if self._position is None or not start <= self._position <= t:
+            theta, state = self._restarts[start]
+            rerun.load(theta, state)
+            self._position = start
+        names = self.parameter_names
+        while self._position < t:
+            s = self._position
+            gradient = self._records[s].gradient or {}
+            rerun.step([gradient.get(n) for n in names], self._settings[s])
+            self.reruns += 1
+            self._position = s + 1
+            self._cache[s + 1] = ([v.clone() for v in rerun.theta], rerun.state_copy())
+            while len(self._cache) > RESTART_INTERVAL:
+                self._cache.popitem(last=False)
+        return self._cache[t]
