@@ -49,7 +49,7 @@ from .recording_checks import (
     probe_forward,
 )
 from .recording_copies import FlatCopy, step_counts
-from .rerun import RecordedRerun, RerunTrajectory
+from .rerun import RecordedRerun, RerunTrajectory, rerun_pays_off
 from .trajectory import StepRecord, Trajectory, first_non_finite
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
@@ -80,12 +80,14 @@ def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: boo
             )
 
 
-def check_recording_options(gradient_rescaling: bool, record_gradients: bool, rerun_optimizer: bool,
+def check_recording_options(gradient_rescaling: bool, record_gradients: bool, rerun_optimizer: bool | str,
                             directory: Any) -> None:
     """Refuse recorder options that need one another, naming the one missing."""
     if gradient_rescaling and not record_gradients:
         raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
-    if rerun_optimizer and (directory is not None or not record_gradients):
+    if rerun_optimizer not in (True, False, "auto"):
+        raise RecordingError(f"rerun_optimizer must be True, False or 'auto', got {rerun_optimizer!r}")
+    if rerun_optimizer is True and (directory is not None or not record_gradients):
         raise RecordingError("rerun_optimizer=True keeps a step by its recorded .grad, in memory: it needs "
                              "record_gradients=True and no directory (a directory is written step by step)")
 
@@ -131,8 +133,9 @@ class TrajectoryRecorder:
         dropout_seed: the seed of those masks (default: drawn from the OS, recorded).
         rerun_optimizer: keep a step by its ``.grad`` alone when a rerun of the optimizer on CPU copies
             reproduces θ_{t+1} and the state bit for bit, checked at the step (:mod:`explaind_math.rerun`):
-            a third of the memory; ``trajectory()`` rebuilds them on demand. In memory only; needs
-            ``record_gradients=True``.
+            a third of the memory (AdamW); ``trajectory()`` rebuilds them on demand. In memory only; needs
+            ``record_gradients=True``. ``"auto"``: where those hold and the trained parameters on the CPU
+            exceed :data:`~explaind_math.rerun.RERUN_ABOVE` elements (below it copies cost less than a rerun).
     """
 
     def __init__(
@@ -149,11 +152,11 @@ class TrajectoryRecorder:
         write_in_background: bool = False,
         dropout: bool | str = "auto",
         dropout_seed: int | None = None,
-        rerun_optimizer: bool = False,
+        rerun_optimizer: bool | str = "auto",
     ):
         model = unwrap_model(model)  # torch.compile / DDP: parameters named as the model itself names them
         check_recording_options(gradient_rescaling, record_gradients, rerun_optimizer, directory)
-        self._rerun_wanted, self._rerun = rerun_optimizer, None
+        self._rerun_wanted, self._rerun = rerun_optimizer, None  # resolved once the parameters are known
         self.gradient_rescaling = gradient_rescaling
         self.grad_scaler = grad_scaler
         self._scale_at_batch: float | None = None
@@ -178,6 +181,8 @@ class TrajectoryRecorder:
                     raise RecordingError(f"parameter {name_of[id(p)]!r} appears in two param groups")
                 seen.add(id(p))
                 self._params.append((name_of[id(p)], p, gi))
+        if self._rerun_wanted == "auto":
+            self._rerun_wanted = directory is None and record_gradients and rerun_pays_off(self._params)
         # buffers and frozen parameters: recorded once (as the trajectory's buffers), checked every step
         self._forward_state = ForwardState(model, [p for _, p, _ in self._params], attributes=check_modules)
         self._buffers = dict(self._forward_state.tensors)

@@ -28,15 +28,30 @@ from typing import Any
 
 import torch
 
-from .recording_copies import FlatCopy
+from .recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy
 from .trajectory import StepRecord, Trajectory
 
-__all__ = ["RESTART_INTERVAL", "OptimizerRerun", "RecordedRerun", "RerunTrajectory"]
+__all__ = ["RESTART_INTERVAL", "RERUN_ABOVE", "OptimizerRerun", "RecordedRerun", "RerunTrajectory", "rerun_pays_off"]
 
 #: a step kept in full at least every this many steps: the reruns needed for any θ_t, and the steps cached
 RESTART_INTERVAL = 32
+#: ``rerun_optimizer="auto"`` reruns above this many trained elements: where the recorder's copies are made tensor by
+#: tensor (:data:`~explaind_math.recording_copies.GATHERED_COMPARISON_LIMIT`) and the memory they keep costs more
+#: than a rerun. Below it one gathered copy is cheaper: the 2-layer GPT-2 of ``benchmarks/bench_hf.py`` (28k
+#: elements) records at 1.26x its Trainer step with copies, 1.50x with the rerun; the 4-layer one (0.8M) at 1.38x
+#: with copies, 1.19x with the rerun (medians of 5 interleaved runs).
+RERUN_ABOVE = GATHERED_COMPARISON_LIMIT
+#: the rebuilt trajectory caches at most this many bytes of rebuilt steps (and at least two steps)
+CACHE_BYTES = 1 << 29
 #: reruns that missed in a row before the recorder stops trying (keeps every step in full from then on)
 MISSES_BEFORE_GIVING_UP = 3
+
+
+def rerun_pays_off(params: Sequence[tuple[str, torch.Tensor, int]]) -> bool:
+    """``rerun_optimizer="auto"``: the trained parameters are on the CPU and hold more than :data:`RERUN_ABOVE`
+    elements."""
+    return (all(p.device.type == "cpu" for _, p, _ in params)
+            and sum(p.numel() for _, p, _ in params) > RERUN_ABOVE)
 
 
 def _copied(value: Any) -> Any:
@@ -52,6 +67,8 @@ def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
 
 
 def _same_value(a: Any, b: Any) -> bool:
+    """Whether two state values are equal bit for bit (tensors: dtype, shape and every element; a NaN is never
+    equal, so a match also proves there is none)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -102,13 +119,10 @@ class OptimizerRerun:
         """The state of parameter i (the rerun's own tensors: copy them to keep them)."""
         return self._optimizer.state.get(self.theta[i], {})
 
-    def state_copy(self) -> list[dict]:
-        return [{k: _copied(v) for k, v in self.state(i).items()} for i in range(len(self.theta))]
-
     def matches(self, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> bool:
         """Whether θ and every state entry equal those of the live ``params`` and ``optimizer``, bit for bit."""
         for i, p in enumerate(params):
-            if not _same_value(self.theta[i], p.detach()):
+            if not _same_value(self.theta[i], p):
                 return False
             live, mine = optimizer.state.get(p, {}), self.state(i)
             if live.keys() != mine.keys() or not all(_same_value(mine[k], v) for k, v in live.items()):
@@ -236,7 +250,8 @@ class RerunTrajectory(Trajectory):
     """A recorded :class:`~explaind_math.Trajectory` whose steps kept by their gradient are rebuilt on demand (see
     the module docstring). ``thetas[t]`` is θ_t when it was kept (θ_0 and after each step kept in full), else
     None; ``records[t]`` is step t's record, its ``state`` holding only the step counts when it was kept by its
-    gradient. ``reruns`` counts the optimizer steps rerun so far."""
+    gradient. ``reruns`` counts the optimizer steps rerun so far; the cache holds at most :data:`CACHE_BYTES` of
+    rebuilt θ_t and state (at least two steps, at most :data:`RESTART_INTERVAL`)."""
 
     def __init__(self, *, optimizer: str, parameter_names: Sequence[str], group_of: dict, thetas: list,
                  records: list[StepRecord], rerun: RecordedRerun, rule: Any, initial_state: dict,
@@ -271,11 +286,7 @@ class RerunTrajectory(Trajectory):
             return record
         state = self._rebuilt(t + 1)[1]
         index = {n: i for i, n in enumerate(self.parameter_names)}
-        full = {}
-        for n in record.updated:
-            i = index[n]
-            keys = self._rule.state_keys(record.hyperparameters[self._groups[i]])
-            full[n] = {**record.state.get(n, {}), **{k: state[i][k] for k in keys if k in state[i]}}
+        full = {n: {**record.state.get(n, {}), **state[index[n]]} for n in record.updated}
         return StepRecord(record.sample_ids, record.weights, record.hyperparameters, record.updated, full,
                           record.gradient, record.batch_calls)
 
@@ -293,11 +304,16 @@ class RerunTrajectory(Trajectory):
         names = self.parameter_names
         while self._position < t:
             s = self._position
-            gradient = self._records[s].gradient or {}
+            record = self._records[s]
+            gradient = record.gradient or {}
             rerun.step([gradient.get(n) for n in names], self._settings[s])
             self.reruns += 1
             self._position = s + 1
-            self._cache[s + 1] = ([v.clone() for v in rerun.theta], rerun.state_copy())
-            while len(self._cache) > RESTART_INTERVAL:
+            keys = [self._rule.state_keys(h) for h in record.hyperparameters]  # what step s's record holds
+            state = [{k: v.clone() for k, v in rerun.state(i).items() if k in keys[g]}
+                     for i, g in enumerate(self._groups)]
+            self._cache[s + 1] = ([v.clone() for v in rerun.theta], state)
+            size = sum(v.nbytes for v in self._cache[s + 1][0]) + sum(v.nbytes for e in state for v in e.values())
+            while len(self._cache) > max(2, min(RESTART_INTERVAL, CACHE_BYTES // max(size, 1))):
                 self._cache.popitem(last=False)
         return self._cache[t]

@@ -14,37 +14,10 @@ import explaind_math as em
 from explaind_math import rerun as rerun_module
 from explaind_math.errors import RecordingError
 from explaind_math.testing import strategies as es
+from explaind_math.testing.comparisons import assert_same_trajectory, backward, forward
 from explaind_math.testing.residuals import REPLAY_RTOL, SMOOTH_RTOL, check_certificate
 
 VERIFIES = "recording"
-
-
-def assert_same_trajectory(full: em.Trajectory, kept: em.Trajectory, order) -> None:
-    """Every θ_t and every step's state and gradient equal bit for bit, read in ``order``."""
-    assert len(kept.parameters) == len(full.parameters) and len(kept.steps) == len(full.steps)
-    for t in order(len(full.parameters)):
-        for n in full.parameter_names:
-            assert torch.equal(full.parameters[t][n], kept.parameters[t][n]), (t, n)
-    for t in order(len(full.steps)):
-        a, b = full.steps[t], kept.steps[t]
-        assert (a.sample_ids, a.updated, a.hyperparameters) == (b.sample_ids, b.updated, b.hyperparameters)
-        assert torch.equal(a.weights, b.weights)
-        assert a.state.keys() == b.state.keys(), t
-        for n, entries in a.state.items():
-            assert entries.keys() == b.state[n].keys(), (t, n)
-            for k, v in entries.items():
-                w = b.state[n][k]
-                assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (t, n, k)
-        for n, g in (a.gradient or {}).items():
-            assert torch.equal(g, b.gradient[n]), (t, n)
-
-
-def forward(n):
-    return range(n)
-
-
-def backward(n):
-    return reversed(range(n))
 
 
 def shuffled(n):

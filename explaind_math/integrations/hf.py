@@ -127,8 +127,6 @@ class TrainerRecording:
     that produced the gradient (they travel in it). Gradient clipping (``max_grad_norm``) is recorded
     as the per-step factor c_t, gradient accumulation as micro-batches, the scheduler through the
     optimizer's learning rate at each step. Settings it cannot reproduce raise before training.
-    In memory (no ``directory`` in ``recorder_options``) steps are kept by their ``.grad`` where a rerun
-    of the optimizer reproduces them bit for bit (``rerun_optimizer``, :mod:`explaind_math.rerun`).
     """
 
     def __init__(self, *args, per_sample_loss: Callable | None = None, sample_weights: Callable | None = None,
@@ -170,9 +168,7 @@ class TrainerRecording:
                 optim = getattr(self.args.optim, "value", self.args.optim)
                 raise RecordingError(f"optim={optim!r} gives a {type(optimizer).__name__}, which has no "
                                      f"exact rule ({error}); use optim='adamw_torch' or 'sgd'") from None
-            given = self.recorder_options  # in memory, a step is kept by its .grad when a rerun reproduces it
-            rerun = given.get("directory") is None and given.get("record_gradients", True)
-            options = {"gradient_rescaling": self.args.max_grad_norm > 0, "rerun_optimizer": rerun, **given}
+            options = {"gradient_rescaling": self.args.max_grad_norm > 0, **self.recorder_options}
             self.recorder = _recorder_class()(self.model, optimizer, **options)
         return optimizer
 

@@ -5,6 +5,7 @@
   which runs a real training loop with an unmodified torch optimizer and the trajectory recorder.
 * :mod:`explaind_math.testing.residuals` — named tolerances, the checks every exact theorem must pass,
   and a log of the residuals achieved per model family.
+* :mod:`explaind_math.testing.comparisons` — two recordings of one run compared bit for bit.
 * :mod:`explaind_math.testing.rule_checks` — the shared checks every optimizer rule must pass
   (``python -m explaind_math verify-rule``); not imported here.
 * :mod:`explaind_math.testing.sharded_runs` — a small recorded run that can crash at a chosen moment
