@@ -156,7 +156,7 @@ class TrajectoryRecorder:
     ):
         model = unwrap_model(model)  # torch.compile / DDP: parameters named as the model itself names them
         check_recording_options(gradient_rescaling, record_gradients, rerun_optimizer, directory)
-        self._rerun_wanted, self._rerun = rerun_optimizer, None  # resolved once the parameters are known
+        self._rerun_wanted, self._rerun = rerun_optimizer, None  # "auto": resolved at step 0 (_wants_rerun)
         self.gradient_rescaling = gradient_rescaling
         self.grad_scaler = grad_scaler
         self._scale_at_batch: float | None = None
@@ -181,8 +181,6 @@ class TrajectoryRecorder:
                     raise RecordingError(f"parameter {name_of[id(p)]!r} appears in two param groups")
                 seen.add(id(p))
                 self._params.append((name_of[id(p)], p, gi))
-        if self._rerun_wanted == "auto":
-            self._rerun_wanted = directory is None and record_gradients and rerun_pays_off(self._params)
         # buffers and frozen parameters: recorded once (as the trajectory's buffers), checked every step
         self._forward_state = ForwardState(model, [p for _, p, _ in self._params], attributes=check_modules)
         self._buffers = dict(self._forward_state.tensors)
@@ -459,7 +457,7 @@ class TrajectoryRecorder:
             self._snapshots = [theta]  # (re)set: a refused first step must not leave a second θ_0 behind
             self._initial_state = self._carried_state()
             self._last_theta = theta
-            self._rerun = RecordedRerun(optimizer, self._params, theta.views()) if self._rerun_wanted else None
+            self._rerun = RecordedRerun(optimizer, self._params, theta.views()) if self._wants_rerun() else None
         else:
             previous = self._last_theta  # θ_t, recorded after the last step: compare, no copy
             bad = previous.first_difference([p for _, p, _ in self._params])
@@ -552,6 +550,11 @@ class TrajectoryRecorder:
             )
             self._snapshots = []
         self._writer.append(record.record(), self._named(theta))  # a shard (then the manifest) every steps_per_shard steps
+
+    def _wants_rerun(self) -> bool:
+        if self._rerun_wanted == "auto":
+            return self._writer is None and self.record_gradients and rerun_pays_off(self._params)
+        return bool(self._rerun_wanted)
 
     def _capture_input(self, module, args, kwargs) -> None:
         if self._probe_pending:

@@ -144,3 +144,28 @@ def test_a_saved_rerun_trajectory_reads_back_as_the_full_one(tmp_path):
     full, kept = small_run(False), small_run(True)
     assert_same_trajectory(full, em.Trajectory.load(kept.save(tmp_path / "run.safetensors")), forward)
     assert_same_trajectory(full, kept.save_directory(tmp_path / "dir", steps_per_shard=3), backward)
+
+
+def test_auto_reruns_above_the_size_where_copies_cost_less():
+    """rerun_optimizer="auto" (the default): a model above RERUN_ABOVE trained elements on the CPU keeps its steps
+    by their gradients; a smaller one (one gathered copy per step) and a directory recording keep them in full."""
+    def record(width, **options):
+        torch.manual_seed(0)
+        model = nn.Linear(width, width)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        recorder = em.TrajectoryRecorder(model, opt, **options)
+        for t in range(3):
+            opt.zero_grad()
+            model(torch.randn(2, width)).pow(2).sum().backward()
+            recorder.record_batch([2 * t, 2 * t + 1])
+            opt.step()
+        return recorder.trajectory()
+
+    assert 200 * 201 > rerun_module.RERUN_ABOVE > 20 * 21
+    large = record(200)
+    assert isinstance(large, rerun_module.RerunTrajectory)
+    assert large.metadata["optimizer_rerun"]["steps_kept_by_gradient"] == 3
+    assert "optimizer_rerun" not in record(20).metadata
+    assert "optimizer_rerun" not in record(200, record_gradients=False).metadata
+    with pytest.raises(RecordingError, match="rerun_optimizer must be True, False or 'auto'"):
+        record(20, rerun_optimizer="yes")
