@@ -8,8 +8,10 @@
      ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
      one on sequences up to 64 tokens, and the small one with dropout off (the checks and copies alone): best of
      the repeats, the median and range of the interleaved (plain, recording) pairs, the process CPU time per
-     step, the minor page faults per step; and the whole ``trainer.train()`` call. Each Trainer run is a fresh
-     process (``--in-process``: all in this one, where a run reuses memory an earlier one freed);
+     step, the minor page faults per step; and the whole ``trainer.train()`` call. Where the recording keeps
+     steps by their ``.grad`` (``rerun_optimizer="auto"``, :mod:`explaind_math.rerun`: the 4-layer model), the
+     same recording with every step kept in full is interleaved too. Each Trainer run is a fresh process
+     (``--in-process``: all in this one, where a run reuses memory an earlier one freed);
   3. the memory of the dropout record: bytes in the trajectory against bit-packed masks.
 
     python benchmarks/bench_hf.py [--layers 2] [--steps 8]
@@ -34,6 +36,7 @@ from explaind_math.integrations import collate_padded, padded_collate
 from explaind_math import features
 from explaind_math.integrations import hf
 from explaind_math.integrations.forward import ReplayMode
+from explaind_math.rerun import RERUN_ABOVE
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from hf_gpt2_trainer import synthetic_sequences  # noqa: E402
@@ -59,16 +62,18 @@ def args_for(out_dir: str, steps: int, batch: int):
 
 
 def trainer_seconds(recording: bool, steps: int, layers: int, batch: int, data, width: int = 32,
-                    positions: int = 32, dropout: float = 0.1) -> tuple[float, float, object, float]:
+                    positions: int = 32, dropout: float = 0.1,
+                    options: dict | None = None) -> tuple[float, float, object, float]:
     """(wall time of trainer.train(), its train_runtime per step, the recorder, the process CPU time of train()
-    per step) for a plain or recording Trainer."""
+    per step) for a plain or recording Trainer (``options``: its ``recorder_options``)."""
     from transformers import Trainer
 
     model = gpt2("eager", layers, width, positions, dropout)
     with tempfile.TemporaryDirectory() as out:
         if recording:
             trainer = hf.RecordingTrainer(model=model, args=args_for(out, steps, batch),
-                                          train_dataset=hf.with_sample_ids(data), data_collator=padded_collate)
+                                          train_dataset=hf.with_sample_ids(data), data_collator=padded_collate,
+                                          recorder_options=options)
         else:
             trainer = Trainer(model=model, args=args_for(out, steps, batch), train_dataset=data,
                               data_collator=padded_collate)
@@ -157,22 +162,23 @@ def one_isolated_run(spec: str) -> None:
     """A warm-up run and a timed run of one Trainer, in this (fresh) process; prints their readings as JSON."""
     import resource
 
-    recording, steps, layers, width, max_len, dropout = json.loads(spec)
+    recording, steps, layers, width, max_len, dropout, options = json.loads(spec)
     sequences = synthetic_sequences(64, seed=1, max_len=max_len)
     positions = max(32, max_len)
-    trainer_seconds(recording, 2, layers, 8, sequences, width, positions, dropout)  # first-call costs
+    trainer_seconds(recording, 2, layers, 8, sequences, width, positions, dropout, options)  # first-call costs
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    wall, step, _, cpu = trainer_seconds(recording, steps, layers, 8, sequences, width, positions, dropout)
+    wall, step, _, cpu = trainer_seconds(recording, steps, layers, 8, sequences, width, positions, dropout, options)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     print(json.dumps([wall, step, None, cpu, faults]))
 
 
-def isolated_trainer_seconds(recording: bool, steps: int, layers: int, width: int, max_len: int, dropout: float):
+def isolated_trainer_seconds(recording: bool, steps: int, layers: int, width: int, max_len: int, dropout: float,
+                             options: dict | None = None):
     """:func:`trainer_seconds` (and the minor page faults per step) of a run in a fresh process: a user's run, whose
     record needs memory no earlier run of this benchmark freed."""
     import subprocess
 
-    spec = json.dumps([recording, steps, layers, width, max_len, dropout])
+    spec = json.dumps([recording, steps, layers, width, max_len, dropout, options])
     out = subprocess.run([sys.executable, __file__, "--one-run", spec], capture_output=True, text=True, check=True)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -187,15 +193,19 @@ def trainer_part(a, data):
         if a.in_process:
             trainer_seconds(False, 2, layers, 8, sequences, width, positions, dropout)  # warm-up (first-call costs)
             trainer_seconds(True, 2, layers, 8, sequences, width, positions, dropout)
-            run = lambda recording: (*trainer_seconds(recording, a.trainer_steps, layers, 8, sequences,  # noqa: E731
-                                                      width, positions, dropout), float("nan"))
+            run = lambda recording, options=None: (*trainer_seconds(  # noqa: E731
+                recording, a.trainer_steps, layers, 8, sequences, width, positions, dropout, options), float("nan"))
         else:
-            run = lambda recording: isolated_trainer_seconds(recording, a.trainer_steps, layers,  # noqa: E731
-                                                             width, max_len, dropout)
-        plain, runs = [], []
+            run = lambda recording, options=None: isolated_trainer_seconds(  # noqa: E731
+                recording, a.trainer_steps, layers, width, max_len, dropout, options)
+        # where rerun_optimizer="auto" keeps steps by their .grad, the same recording with every step kept in full
+        reruns = sum(p.numel() for p in gpt2("eager", layers, width, positions, dropout).parameters()) > RERUN_ABOVE
+        plain, runs, full = [], [], []
         for _ in range(a.trainer_repeats):  # interleaved, best kept
             plain.append(run(False))
             runs.append(run(True))
+            if reruns:
+                full.append(run(True, {"rerun_optimizer": False}))
         step_plain, step_rec = min(r[1] for r in plain), min(r[1] for r in runs)
         wall_plain, wall_rec = min(r[0] for r in plain), min(r[0] for r in runs)
         cpu_plain, cpu_rec = min(r[3] for r in plain), min(r[3] for r in runs)
@@ -211,6 +221,15 @@ def trainer_part(a, data):
               f"{pairs[0]:.2f}-{pairs[-1]:.2f}); process CPU time per step {cpu_plain * 1e3:.1f} vs {cpu_rec * 1e3:.1f} ms, "
               f"ratio {cpu_rec / cpu_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
               f"{wall_rec / wall_plain:.2f}{faults}")
+        if full:
+            step_full = min(r[1] for r in full)
+            pairs_full = sorted(r[1] / p[1] for p, r in zip(plain, full))
+            print(f"   steps kept by their .grad (rerun_optimizer='auto' here): against the same recording with every "
+                  f"step kept in full, {step_full * 1e3:.2f} ms a step, ratio {step_full / step_plain:.2f} to the plain "
+                  f"Trainer (median of pairs {pairs_full[len(pairs_full) // 2]:.2f}); the rerun's step over the full "
+                  f"one {step_rec / step_full:.2f} (best), "
+                  f"{sorted(r[1] / f[1] for r, f in zip(runs, full))[len(full) // 2]:.2f} (median of pairs)"
+                  + (f"; minor page faults per step {full[0][4]:.0f} kept in full" if not a.in_process else ""))
     return recorder
 
 

@@ -267,15 +267,15 @@ class TrajectoryRecorder:
             return ShardedTrajectory(self._writer.directory)
         common = dict(optimizer=self.rule.name, parameter_names=[n for n, _, _ in self._params],
                       group_of={n: gi for n, _, gi in self._params}, initial_state=self._initial_state,
-                      buffers=self._buffers,
+                      buffers=self._buffers, steps=[step.record() for step in self._steps],
                       metadata={**(metadata or {}), **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling})
-        steps = [step.record() for step in self._steps]
+        by_gradient = sum(theta is None for theta in self._snapshots)  # steps rebuilt on demand (RerunTrajectory)
         if self._rerun is not None:
-            common["metadata"]["optimizer_rerun"] = self._rerun.metadata(len(steps))
-            if None in self._snapshots:  # some steps kept by their gradient: rebuilt on demand
-                thetas = [None if theta is None else self._named(theta) for theta in self._snapshots]
-                return RerunTrajectory(thetas=thetas, records=steps, rerun=self._rerun, rule=self.rule, **common)
-        return Trajectory(parameters=[self._named(theta) for theta in self._snapshots], steps=steps, **common)
+            common["metadata"]["optimizer_rerun"] = self._rerun.metadata(self._count, by_gradient)
+        if by_gradient:
+            thetas = [None if theta is None else self._named(theta) for theta in self._snapshots]
+            return RerunTrajectory(thetas=thetas, rerun=self._rerun, rule=self.rule, **common)
+        return Trajectory(parameters=[self._named(theta) for theta in self._snapshots], **common)
 
     @property
     def num_steps(self) -> int:

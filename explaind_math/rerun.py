@@ -142,7 +142,6 @@ class RecordedRerun:
         self._settings_0 = group_settings(optimizer)
         self.settings: list[list[dict]] = []
         self.restarts: dict[int, tuple[list[torch.Tensor], list[dict]]] = {}
-        self.rerun_steps = 0
         self.given_up: str | None = None
         self._since_restart = 0
         self._misses = 0
@@ -192,7 +191,6 @@ class RecordedRerun:
             return False
         if reproduced and self._since_restart + 1 < RESTART_INTERVAL:
             self._since_restart += 1
-            self.rerun_steps += 1
             return True
         return False
 
@@ -204,8 +202,9 @@ class RecordedRerun:
                  if isinstance(v, torch.Tensor) and v.dim() > 0 and v.device.type == "cpu"]
         return slots, FlatCopy.over([self.rerun.state(i)[k] for i, k in slots])
 
-    def metadata(self, num_steps: int) -> dict:
-        return {"steps_kept_by_gradient": self.rerun_steps, "steps_kept_in_full": num_steps - self.rerun_steps,
+    def metadata(self, num_steps: int, by_gradient: int) -> dict:
+        """What the trajectory's ``metadata["optimizer_rerun"]`` says: ``by_gradient`` of ``num_steps`` kept so."""
+        return {"steps_kept_by_gradient": by_gradient, "steps_kept_in_full": num_steps - by_gradient,
                 "restart_interval": RESTART_INTERVAL, **({"given_up": self.given_up} if self.given_up else {})}
 
 
@@ -249,12 +248,12 @@ def _index(t, length: int, what: str) -> int:
 class RerunTrajectory(Trajectory):
     """A recorded :class:`~explaind_math.Trajectory` whose steps kept by their gradient are rebuilt on demand (see
     the module docstring). ``thetas[t]`` is θ_t when it was kept (θ_0 and after each step kept in full), else
-    None; ``records[t]`` is step t's record, its ``state`` holding only the step counts when it was kept by its
+    None; ``steps[t]`` is step t's record, its ``state`` holding only the step counts when it was kept by its
     gradient. ``reruns`` counts the optimizer steps rerun so far; the cache holds at most :data:`CACHE_BYTES` of
     rebuilt θ_t and state (at least two steps, at most :data:`RESTART_INTERVAL`)."""
 
     def __init__(self, *, optimizer: str, parameter_names: Sequence[str], group_of: dict, thetas: list,
-                 records: list[StepRecord], rerun: RecordedRerun, rule: Any, initial_state: dict,
+                 steps: list[StepRecord], rerun: RecordedRerun, rule: Any, initial_state: dict,
                  buffers: dict, metadata: dict):
         self.optimizer = optimizer
         self.parameter_names = list(parameter_names)
@@ -262,9 +261,9 @@ class RerunTrajectory(Trajectory):
         self.initial_state = {k: dict(v) for k, v in initial_state.items()}
         self.buffers = dict(buffers)
         self.metadata = dict(metadata)
-        self._thetas, self._records = thetas, records
+        self._thetas, self._records = thetas, list(steps)
         self._restarts = {t: r for t, r in rerun.restarts.items() if t < len(thetas)}
-        self._settings = rerun.settings[:len(records)]
+        self._settings = rerun.settings[:len(self._records)]
         self._optimizer_rerun = rerun.new_rerun()  # its own: the recorder's goes on with the run
         self._rule = rule  # its state_keys(hyper-parameters): the state entries a step record holds
         self._groups = [group_of[n] for n in self.parameter_names]
