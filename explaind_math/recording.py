@@ -44,6 +44,7 @@ from .recording_checks import (
     batch_weights,
     check_batch_coupled_modules,
     check_param_groups,
+    check_recording_options,
     cpu_copy,
     on_cpu,
     probe_forward,
@@ -78,18 +79,6 @@ def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: boo
             raise StochasticTrainingError(
                 f"{where}: attention module {label!r} has active dropout={module.dropout}; set it to 0 or eval()"
             )
-
-
-def check_recording_options(gradient_rescaling: bool, record_gradients: bool, rerun_optimizer: bool | str,
-                            directory: Any) -> None:
-    """Refuse recorder options that need one another, naming the one missing."""
-    if gradient_rescaling and not record_gradients:
-        raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
-    if rerun_optimizer not in (True, False, "auto"):
-        raise RecordingError(f"rerun_optimizer must be True, False or 'auto', got {rerun_optimizer!r}")
-    if rerun_optimizer is True and (directory is not None or not record_gradients):
-        raise RecordingError("rerun_optimizer=True keeps a step by its recorded .grad, in memory: it needs "
-                             "record_gradients=True and no directory (a directory is written step by step)")
 
 
 class TrajectoryRecorder:
@@ -495,10 +484,9 @@ class TrajectoryRecorder:
         current, self._current = self._current, None
         self._forget_pending()
         rerun = self._rerun
-        extra = any(v is not None for v in (*args[1:], *kwargs.values()))  # args[0] is the optimizer
-        by_gradient = rerun is not None and rerun.after_step(optimizer, current, extra)
-        theta = FlatCopy.over(rerun.rerun.theta) if by_gradient else self._snapshot()
-        bad = theta.first_non_finite()
+        rerunning = rerun is not None and rerun.given_up is None  # the live tensors are checked, copies maybe not made
+        theta = None if rerunning else self._snapshot()
+        bad = first_non_finite([p.detach() for _, p, _ in self._params]) if rerunning else theta.first_non_finite()
         if bad is not None:
             raise NonFiniteError(
                 f"step {t}: parameter {self._params[bad][0]!r} became NaN or Inf; the {t} steps before it are kept "
@@ -518,7 +506,7 @@ class TrajectoryRecorder:
                 slots.append((index, key))
                 tensors.append(st[key])
         last = self._last_step
-        state = None if by_gradient else FlatCopy(tensors, like=last._state if last is not None else None)
+        state = None if rerunning else FlatCopy(tensors, like=last._state if last is not None else None)
         bad = first_non_finite(tensors) if state is None else state.first_non_finite()  # refuse the step, not the run
         if bad is not None:
             index, key = slots[bad]
@@ -526,6 +514,14 @@ class TrajectoryRecorder:
                 f"step {t}: the optimizer state {key!r} of parameter {self._params[index][0]!r} became NaN or Inf; "
                 f"the {t} steps before it are kept (recorder.trajectory())"
             )
+        # the rerun only once the step can no longer be refused: a refused step leaves it, and what the next step
+        # compares θ and the state with, at the last step kept
+        extra = any(v is not None for v in (*args[1:], *kwargs.values()))  # args[0] is the optimizer
+        by_gradient = rerun is not None and rerun.after_step(optimizer, current, extra)
+        if rerunning and not by_gradient:
+            theta, state = self._snapshot(), FlatCopy(tensors, like=last._state if last is not None else None)
+        elif by_gradient:
+            theta = FlatCopy.over(rerun.rerun.theta)
         names = [(self._params[index][0], key) for index, key in slots]
         if last is not None and last._slots == names:
             names = last._slots

@@ -34,6 +34,7 @@ __all__ = [
     "batch_weights",
     "check_batch_coupled_modules",
     "check_param_groups",
+    "check_recording_options",
     "cpu_copy",
     "on_cpu",
     "probe_forward",
@@ -82,6 +83,18 @@ def batch_weights(ids: Sequence[int], weights: Any, reduction: str) -> torch.Ten
 
 
 # ---------------------------------------------------------------------- param groups
+def check_recording_options(gradient_rescaling: bool, record_gradients: bool, rerun_optimizer: bool | str,
+                            directory: Any) -> None:
+    """Refuse recorder options that need one another, naming the one missing."""
+    if gradient_rescaling and not record_gradients:
+        raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
+    if rerun_optimizer not in (True, False, "auto"):
+        raise RecordingError(f"rerun_optimizer must be True, False or 'auto', got {rerun_optimizer!r}")
+    if rerun_optimizer is True and (directory is not None or not record_gradients):
+        raise RecordingError("rerun_optimizer=True keeps a step by its recorded .grad, in memory: it needs "
+                             "record_gradients=True and no directory (a directory is written step by step)")
+
+
 def check_param_groups(optimizer: torch.optim.Optimizer, recorded: Sequence[tuple[str, torch.Tensor, int]],
                        where: str) -> None:
     """The optimizer's param groups must hold exactly the parameters recorded, in the recorded groups:

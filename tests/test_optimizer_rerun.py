@@ -169,3 +169,36 @@ def test_auto_reruns_above_the_size_where_copies_cost_less():
     assert "optimizer_rerun" not in record(200, record_gradients=False).metadata
     with pytest.raises(RecordingError, match="rerun_optimizer must be True, False or 'auto'"):
         record(20, rerun_optimizer="yes")
+
+
+def test_a_step_refused_after_it_ran_leaves_the_rerun_at_the_last_step_kept():
+    """A step whose θ_{t+1} comes out Inf is refused after it ran (the earlier steps kept); the rerun has not moved,
+    so the next step, from the θ and state the refused step left, is refused as a change between steps, with the
+    message a recording without the option gives."""
+    def record(rerun_optimizer):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        recorder = em.TrajectoryRecorder(model, opt, rerun_optimizer=rerun_optimizer)
+        x = torch.randn(6, 3, dtype=torch.float64)
+
+        def step(t):
+            opt.zero_grad()
+            model(x[[t % 6]]).pow(2).sum().backward()
+            recorder.record_batch([t % 6])
+            opt.step()
+
+        for t in range(3):
+            step(t)
+        opt.param_groups[0]["lr"] = float("inf")
+        with pytest.raises(em.errors.NonFiniteError, match="step 3: parameter .* became NaN or Inf"):
+            step(3)
+        opt.param_groups[0]["lr"] = 0.1
+        with pytest.raises(RecordingError, match="step 3: .* changed") as refused:
+            step(4)
+        return recorder.trajectory(), str(refused.value)
+
+    (full, message), (kept, rerun_message) = record(False), record(True)
+    assert rerun_message == message
+    assert kept.num_steps == 3 and kept.metadata["optimizer_rerun"]["steps_kept_by_gradient"] == 3
+    assert_same_trajectory(full, kept, backward)
