@@ -9,6 +9,8 @@
         scheduler.step()
     trajectory = recorder.trajectory()
 
+In memory, a step of a model above 32k trained elements is kept by its ``.grad`` alone where a rerun of the
+optimizer reproduces θ_{t+1} and the state bit for bit (``rerun_optimizer``, :mod:`explaind_math.rerun`).
 Given ``directory=``, the recorder writes the trajectory to disk as training runs, one safetensors
 shard per ``steps_per_shard`` steps (:mod:`explaind_math.storage`), and keeps only the pending steps
 and the last θ in memory; ``recorder.trajectory()`` then returns a
