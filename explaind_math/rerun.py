@@ -23,13 +23,13 @@ Why: the memory a recording keeps is the cost that grows with the run. On the 4-
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy
-from .trajectory import StepRecord, Trajectory
+from .trajectory import StepRecord, Trajectory, sequence_position
 
 __all__ = ["RESTART_INTERVAL", "RERUN_ABOVE", "OptimizerRerun", "RecordedRerun", "RerunTrajectory", "rerun_pays_off"]
 
@@ -208,41 +208,19 @@ class RecordedRerun:
                 "restart_interval": RESTART_INTERVAL, **({"given_up": self.given_up} if self.given_up else {})}
 
 
-class _Parameters(Sequence):
-    def __init__(self, owner: "RerunTrajectory"):
-        self._owner = owner
+class _OnDemand(Sequence):
+    """``length`` items, item t made by ``item(t)`` when asked for (θ_t, or step t's record)."""
+
+    def __init__(self, length: int, item: Callable[[int], Any], what: str):
+        self._length, self._item, self._what = length, item, what
 
     def __len__(self) -> int:
-        return len(self._owner._thetas)
+        return self._length
 
     def __getitem__(self, t):
         if isinstance(t, slice):
             return [self[i] for i in range(*t.indices(len(self)))]
-        t = _index(t, len(self), "θ")
-        return self._owner._theta(t)
-
-
-class _Steps(Sequence):
-    def __init__(self, owner: "RerunTrajectory"):
-        self._owner = owner
-
-    def __len__(self) -> int:
-        return len(self._owner._records)
-
-    def __getitem__(self, t):
-        if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(len(self)))]
-        t = _index(t, len(self), "step")
-        return self._owner._step(t)
-
-
-def _index(t, length: int, what: str) -> int:
-    t = int(t)
-    if t < 0:
-        t += length
-    if not 0 <= t < length:
-        raise IndexError(f"{what} index {t} out of range (length {length})")
-    return t
+        return self._item(sequence_position(t, self._length, self._what))
 
 
 class RerunTrajectory(Trajectory):
@@ -270,8 +248,8 @@ class RerunTrajectory(Trajectory):
         self._cache: OrderedDict[int, tuple[list[torch.Tensor], list[dict]]] = OrderedDict()
         self._position: int | None = None  # where the rerun's own θ and state stand
         self.reruns = 0
-        self.parameters = _Parameters(self)
-        self.steps = _Steps(self)
+        self.parameters = _OnDemand(len(thetas), self._theta, "θ")
+        self.steps = _OnDemand(len(self._records), self._step, "step")
 
     def _theta(self, t: int) -> dict[str, torch.Tensor]:
         kept = self._thetas[t]

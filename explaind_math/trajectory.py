@@ -286,6 +286,16 @@ def _files_function(name: str) -> Callable:
 
 
 # ---------------------------------------------------------------------- validation of one θ_t / one step
+def sequence_position(t, length: int, what: str) -> int:
+    """Index ``t`` of a sequence of ``length`` items (negative from the end), or IndexError naming ``what``."""
+    t = int(t)
+    if t < 0:
+        t += length
+    if not 0 <= t < length:
+        raise IndexError(f"{what} index {t} out of range (length {length})")
+    return t
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """Whether every entry of ``x`` is finite. A NaN or ±Inf entry makes the sum NaN or ±Inf, so a finite
     sum settles it in one reduction (about 14× faster than ``isfinite(x).all()`` on a CPU); only a

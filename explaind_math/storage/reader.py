@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ExplaindError, TrajectoryFileError
-from ..trajectory import StepRecord, Trajectory, check_model_matches, check_snapshot
+from ..trajectory import StepRecord, Trajectory, check_model_matches, check_snapshot, sequence_position
 from .format import dtype_from_name
 from .manifest import MANIFEST_NAME, read_initial, read_manifest, shard_name
 from .records import decode_state
@@ -36,7 +36,7 @@ class _LazyParameters(Sequence):
     def __getitem__(self, t):
         if isinstance(t, slice):
             return [self[i] for i in range(*t.indices(len(self)))]
-        t = _index(t, len(self), "θ")
+        t = sequence_position(t, len(self), "θ")
         if t == 0:
             return dict(self._owner._theta_0)
         shard = self._owner._shard_of(t - 1)
@@ -55,18 +55,9 @@ class _LazySteps(Sequence):
     def __getitem__(self, t):
         if isinstance(t, slice):
             return [self[i] for i in range(*t.indices(len(self)))]
-        t = _index(t, len(self), "step")
+        t = sequence_position(t, len(self), "step")
         shard = self._owner._shard_of(t)
         return shard.steps[t - shard.first]
-
-
-def _index(t, length: int, what: str) -> int:
-    t = int(t)
-    if t < 0:
-        t += length
-    if not 0 <= t < length:
-        raise IndexError(f"{what} index {t} out of range (length {length})")
-    return t
 
 
 class ShardedTrajectory(Trajectory):
