@@ -88,7 +88,7 @@ def check_recording_options(gradient_rescaling: bool, record_gradients: bool, re
     """Refuse recorder options that need one another, naming the one missing."""
     if gradient_rescaling and not record_gradients:
         raise RecordingError("gradient_rescaling=True needs record_gradients=True (c_t is read off the gradients)")
-    if rerun_optimizer not in (True, False, "auto"):
+    if not (isinstance(rerun_optimizer, bool) or rerun_optimizer == "auto"):
         raise RecordingError(f"rerun_optimizer must be True, False or 'auto', got {rerun_optimizer!r}")
     if rerun_optimizer is True and (directory is not None or not record_gradients):
         raise RecordingError("rerun_optimizer=True keeps a step by its recorded .grad, in memory: it needs "

@@ -14,7 +14,9 @@ option, and the rerun restarts from it; after three such steps in a row the reru
 :class:`RerunTrajectory` is the :class:`~explaind_math.Trajectory` of such a recording: ``parameters[t]`` and
 ``steps[t].state`` of a step kept by its gradient are rebuilt on demand by the same rerun, from the last step
 kept in full, and the last :data:`RESTART_INTERVAL` rebuilt are cached (a pass in either direction reruns each
-step about once). The numbers are those the optimizer computed, bit for bit, checked when they were recorded.
+step about once; where a segment of that many steps exceeds :data:`CACHE_BYTES`, a backward pass reruns a
+segment's steps up to :data:`RESTART_INTERVAL`/2 times each). Reruns run on the CPU, under the default dtype of the
+recording, outside inference mode, whatever the reader's settings. The numbers are those the optimizer computed, bit for bit, checked when they were recorded.
 
 Why: the memory a recording keeps is the cost that grows with the run. On the 4-layer GPT-2 of
 ``benchmarks/bench_hf.py`` a step keeps 9.6 MB (θ_{t+1}, ``.grad``, v_t); by its gradient it keeps 3.2 MB.
@@ -22,6 +24,7 @@ Why: the memory a recording keeps is the cost that grows with the run. On the 4-
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,10 +58,25 @@ def rerun_pays_off(params: Sequence[tuple[str, torch.Tensor, int]]) -> bool:
 
 
 def _copied(value: Any) -> Any:
-    """A value of an optimizer's state or param group, as a CPU copy when it is a tensor."""
+    """A value of an optimizer's state or param group, tensors (also inside tuples and lists: betas) as CPU copies."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone() if value.device.type == "cpu" else value.detach().cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
     return value
+
+
+@contextlib.contextmanager
+def _as_recorded(dtype: torch.dtype):
+    """The torch settings a rerun runs under, whatever the caller's: the default dtype of the recording (NAdam makes
+    its μ-product in it), factories on the CPU, outside inference mode and autograd."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cpu"), torch.inference_mode(False), torch.no_grad():
+            yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -84,22 +102,25 @@ class OptimizerRerun:
     :meth:`load` sets θ and the state, :meth:`step` runs ``optimizer.step()`` on them with given gradients and
     param-group settings. Raises (TypeError, ValueError, …) when the class cannot be built from param groups."""
 
-    def __init__(self, optimizer_type: type, settings: Sequence[dict], layout: Sequence[tuple[tuple, torch.dtype, int]]):
-        """``layout``: per parameter (shape, dtype, param group)."""
-        self.theta = [torch.empty(shape, dtype=dtype) for shape, dtype, _ in layout]
-        groups = [{**values, "params": [self.theta[i] for i, (_, _, gi) in enumerate(layout) if gi == k]}
-                  for k, values in enumerate(settings)]
-        self._optimizer = optimizer_type(groups)
+    def __init__(self, optimizer_type: type, settings: Sequence[dict], layout: Sequence[tuple[tuple, torch.dtype, int]],
+                 default_dtype: torch.dtype):
+        """``layout``: per parameter (shape, dtype, param group); ``default_dtype``: torch's when it was recorded."""
+        self.default_dtype = default_dtype
+        with _as_recorded(default_dtype):
+            self.theta = [torch.empty(shape, dtype=dtype, device="cpu") for shape, dtype, _ in layout]
+            groups = [{**values, "params": [self.theta[i] for i, (_, _, gi) in enumerate(layout) if gi == k]}
+                      for k, values in enumerate(settings)]
+            self._optimizer = optimizer_type(groups)
 
     def load(self, theta: Sequence[torch.Tensor], state: Sequence[dict]) -> None:
         """Set θ (copied in) and the optimizer state (per parameter, copied)."""
-        with torch.no_grad():
+        with _as_recorded(self.default_dtype):
             for mine, value in zip(self.theta, theta):
                 mine.copy_(value)
-        self._optimizer.state.clear()
-        for mine, entries in zip(self.theta, state):
-            if entries:
-                self._optimizer.state[mine] = {k: _copied(v) for k, v in entries.items()}
+            self._optimizer.state.clear()
+            for mine, entries in zip(self.theta, state):
+                if entries:
+                    self._optimizer.state[mine] = {k: _copied(v) for k, v in entries.items()}
 
     def step(self, gradients: Sequence[torch.Tensor | None], settings: Sequence[dict]) -> None:
         """One ``optimizer.step()`` with ``.grad`` = ``gradients`` (None: the parameter had none) and the groups'
@@ -109,7 +130,7 @@ class OptimizerRerun:
         for mine, g in zip(self.theta, gradients):
             mine.grad = g
         try:
-            with torch.no_grad():
+            with _as_recorded(self.default_dtype):
                 self._optimizer.step()
         finally:
             for mine in self.theta:
@@ -140,6 +161,7 @@ class RecordedRerun:
         self._params = params
         self._type, self._layout = type(optimizer), [(tuple(p.shape), p.dtype, gi) for _, p, gi in params]
         self._settings_0 = group_settings(optimizer)
+        self._default_dtype = torch.get_default_dtype()
         self.settings: list[list[dict]] = []
         self.restarts: dict[int, tuple[list[torch.Tensor], list[dict]]] = {}
         self.given_up: str | None = None
@@ -154,7 +176,7 @@ class RecordedRerun:
 
     def new_rerun(self) -> OptimizerRerun:
         """An :class:`OptimizerRerun` of this optimizer's class and layout (the rebuilt trajectory's own)."""
-        return OptimizerRerun(self._type, self._settings_0, self._layout)
+        return OptimizerRerun(self._type, self._settings_0, self._layout, self._default_dtype)
 
     def restart(self, t: int, theta: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
         """A restart point at θ_t (``theta``: copies the recorder keeps) with the live optimizer's state (copied)."""
@@ -251,6 +273,12 @@ class RerunTrajectory(Trajectory):
         self.parameters = _OnDemand(len(thetas), self._theta, "θ")
         self.steps = _OnDemand(len(self._records), self._step, "step")
 
+    def sample_ids(self) -> list[int]:
+        return sorted({i for record in self._records for i in record.sample_ids})  # no rerun needed
+
+    def largest_batch(self) -> int:
+        return max((len(record.sample_ids) for record in self._records), default=1)
+
     def _theta(self, t: int) -> dict[str, torch.Tensor]:
         kept = self._thetas[t]
         if kept is not None:
@@ -278,19 +306,23 @@ class RerunTrajectory(Trajectory):
             theta, state = self._restarts[start]
             rerun.load(theta, state)
             self._position = start
-        names = self.parameter_names
         while self._position < t:
-            s = self._position
-            record = self._records[s]
-            gradient = record.gradient or {}
-            rerun.step([gradient.get(n) for n in names], self._settings[s])
-            self.reruns += 1
-            self._position = s + 1
-            keys = [self._rule.state_keys(h) for h in record.hyperparameters]  # what step s's record holds
+            self._rerun_one()
+        return self._cache[t]
+
+    def _rerun_one(self) -> None:
+        """Rerun step s = the rerun's position; cache θ_{s+1} and the state step s's record holds."""
+        s, rerun = self._position, self._optimizer_rerun
+        record = self._records[s]
+        gradient = record.gradient or {}
+        rerun.step([gradient.get(n) for n in self.parameter_names], self._settings[s])
+        self.reruns += 1
+        self._position = s + 1
+        keys = [self._rule.state_keys(h) for h in record.hyperparameters]
+        with _as_recorded(rerun.default_dtype):  # plain CPU tensors, whatever mode the caller reads in
             state = [{k: v.clone() for k, v in rerun.state(i).items() if k in keys[g]}
                      for i, g in enumerate(self._groups)]
             self._cache[s + 1] = ([v.clone() for v in rerun.theta], state)
-            size = sum(v.nbytes for v in self._cache[s + 1][0]) + sum(v.nbytes for e in state for v in e.values())
-            while len(self._cache) > max(2, min(RESTART_INTERVAL, CACHE_BYTES // max(size, 1))):
-                self._cache.popitem(last=False)
-        return self._cache[t]
+        size = sum(v.nbytes for v in self._cache[s + 1][0]) + sum(v.nbytes for e in state for v in e.values())
+        while len(self._cache) > max(2, min(RESTART_INTERVAL, CACHE_BYTES // max(size, 1))):
+            self._cache.popitem(last=False)

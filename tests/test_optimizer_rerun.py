@@ -202,3 +202,50 @@ def test_a_step_refused_after_it_ran_leaves_the_rerun_at_the_last_step_kept():
     assert rerun_message == message
     assert kept.num_steps == 3 and kept.metadata["optimizer_rerun"]["steps_kept_by_gradient"] == 3
     assert_same_trajectory(full, kept, backward)
+
+
+def test_the_rebuild_does_not_depend_on_the_readers_torch_settings():
+    """Rebuilt θ equal the full recording's when read under another default dtype (NAdam makes its μ-product in the
+    default dtype), inside inference mode and then outside it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        nadam = lambda m: torch.optim.NAdam(m.parameters(), lr=1e-2)  # noqa: E731
+        full, kept = small_run(False, optimizer=nadam), small_run(True, optimizer=nadam)
+    finally:
+        torch.set_default_dtype(before)
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.inference_mode():
+            kept.parameters[5]
+        assert_same_trajectory(full, kept, shuffled)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_tensor_settings_are_copied_per_step():
+    """Betas given as tensors and changed in place between steps (a schedule of β2): each step reruns with its own."""
+    def run(rerun_optimizer):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2).double()
+        betas = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=betas)
+        recorder = em.TrajectoryRecorder(model, opt, rerun_optimizer=rerun_optimizer)
+        for t in range(4):
+            opt.zero_grad()
+            model(torch.ones(1, 3, dtype=torch.float64) * t).pow(2).sum().backward()
+            recorder.record_batch([t])
+            opt.step()
+            betas[1].fill_(0.99 - 0.1 * (t + 1))
+        return recorder.trajectory()
+
+    kept = run(True)
+    assert kept.metadata["optimizer_rerun"]["steps_kept_by_gradient"] == 4
+    assert_same_trajectory(run(False), kept, backward)
+
+
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_an_option_value_other_than_true_false_or_auto_is_refused(value):
+    with pytest.raises(RecordingError, match="rerun_optimizer must be True, False or 'auto'"):
+        em.TrajectoryRecorder(nn.Linear(2, 1), torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
+                              rerun_optimizer=value)
