@@ -72,8 +72,9 @@ def _as_recorded(dtype: torch.dtype):
     its μ-product in it), factories on the CPU, outside inference mode and autograd."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
-    try:
-        with torch.device("cpu"), torch.inference_mode(False), torch.no_grad():
+    try:  # torch.device as a context is a function mode that sees every op: entered only when it changes something
+        with (torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()), \
+                torch.inference_mode(False), torch.no_grad():
             yield
     finally:
         torch.set_default_dtype(before)
