@@ -508,7 +508,8 @@ class TrajectoryRecorder:
                 slots.append((index, key))
                 tensors.append(st[key])
         last = self._last_step
-        state = None if rerunning else FlatCopy(tensors, like=last._state if last is not None else None)
+        like = last._state if last is not None else None  # the last step's layout, shared (FlatCopy)
+        state = None if rerunning else FlatCopy(tensors, like=like)
         bad = first_non_finite(tensors) if state is None else state.first_non_finite()  # refuse the step, not the run
         if bad is not None:
             index, key = slots[bad]
@@ -521,7 +522,7 @@ class TrajectoryRecorder:
         extra = any(v is not None for v in (*args[1:], *kwargs.values()))  # args[0] is the optimizer
         by_gradient = rerun is not None and rerun.after_step(optimizer, current, extra)
         if rerunning and not by_gradient:
-            theta, state = self._snapshot(), FlatCopy(tensors, like=last._state if last is not None else None)
+            theta, state = self._snapshot(), FlatCopy(tensors, like=like)
         elif by_gradient:
             theta = FlatCopy.over(rerun.rerun.theta)
         names = [(self._params[index][0], key) for index, key in slots]
@@ -552,7 +553,7 @@ class TrajectoryRecorder:
     def _wants_rerun(self) -> bool:
         if self._rerun_wanted == "auto":
             return self._writer is None and self.record_gradients and rerun_pays_off(self._params)
-        return bool(self._rerun_wanted)
+        return self._rerun_wanted  # a bool (check_recording_options)
 
     def _capture_input(self, module, args, kwargs) -> None:
         if self._probe_pending:

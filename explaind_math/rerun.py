@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy
-from .trajectory import StepRecord, Trajectory, sequence_position
+from .recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy, cpu_copy, on_cpu
+from .trajectory import OnDemandSequence, StepRecord, Trajectory
 
 __all__ = ["RESTART_INTERVAL", "RERUN_ABOVE", "OptimizerRerun", "RecordedRerun", "RerunTrajectory", "rerun_pays_off"]
 
@@ -60,7 +60,7 @@ def rerun_pays_off(params: Sequence[tuple[str, torch.Tensor, int]]) -> bool:
 def _copied(value: Any) -> Any:
     """A value of an optimizer's state or param group, tensors (also inside tuples and lists: betas) as CPU copies."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone() if value.device.type == "cpu" else value.detach().cpu()
+        return cpu_copy(value)
     if isinstance(value, (tuple, list)):
         return type(value)(_copied(v) for v in value)
     return value
@@ -93,8 +93,7 @@ def _same_value(a: Any, b: Any) -> bool:
             return False
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
-        return torch.equal(a if a.device.type == "cpu" else a.detach().cpu(),
-                           b if b.device.type == "cpu" else b.detach().cpu())
+        return torch.equal(on_cpu(a), on_cpu(b))
     return type(a) is type(b) and a == b
 
 
@@ -231,21 +230,6 @@ class RecordedRerun:
                 "restart_interval": RESTART_INTERVAL, **({"given_up": self.given_up} if self.given_up else {})}
 
 
-class _OnDemand(Sequence):
-    """``length`` items, item t made by ``item(t)`` when asked for (θ_t, or step t's record)."""
-
-    def __init__(self, length: int, item: Callable[[int], Any], what: str):
-        self._length, self._item, self._what = length, item, what
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, t):
-        if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(len(self)))]
-        return self._item(sequence_position(t, self._length, self._what))
-
-
 class RerunTrajectory(Trajectory):
     """A recorded :class:`~explaind_math.Trajectory` whose steps kept by their gradient are rebuilt on demand (see
     the module docstring). ``thetas[t]`` is θ_t when it was kept (θ_0 and after each step kept in full), else
@@ -271,8 +255,9 @@ class RerunTrajectory(Trajectory):
         self._cache: OrderedDict[int, tuple[list[torch.Tensor], list[dict]]] = OrderedDict()
         self._position: int | None = None  # where the rerun's own θ and state stand
         self.reruns = 0
-        self.parameters = _OnDemand(len(thetas), self._theta, "θ")
-        self.steps = _OnDemand(len(self._records), self._step, "step")
+        self._index = {n: i for i, n in enumerate(self.parameter_names)}
+        self.parameters = OnDemandSequence(len(thetas), self._theta, "θ")
+        self.steps = OnDemandSequence(len(self._records), self._step, "step")
 
     def sample_ids(self) -> list[int]:
         return sorted({i for record in self._records for i in record.sample_ids})  # no rerun needed
@@ -291,8 +276,7 @@ class RerunTrajectory(Trajectory):
         if self._thetas[t + 1] is not None:
             return record
         state = self._rebuilt(t + 1)[1]
-        index = {n: i for i, n in enumerate(self.parameter_names)}
-        full = {n: {**record.state.get(n, {}), **state[index[n]]} for n in record.updated}
+        full = {n: {**record.state.get(n, {}), **state[self._index[n]]} for n in record.updated}
         return StepRecord(record.sample_ids, record.weights, record.hyperparameters, record.updated, full,
                           record.gradient, record.batch_calls)
 

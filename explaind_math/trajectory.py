@@ -286,6 +286,22 @@ def _files_function(name: str) -> Callable:
 
 
 # ---------------------------------------------------------------------- validation of one θ_t / one step
+class OnDemandSequence(Sequence):
+    """``length`` items, item t made by ``item(t)`` when asked for (θ_t or step t of a trajectory read lazily or
+    rebuilt); negative indices count from the end, slices give lists."""
+
+    def __init__(self, length: int, item: Callable[[int], Any], what: str):
+        self._length, self._item, self._what = length, item, what
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, t):
+        if isinstance(t, slice):
+            return [self[i] for i in range(*t.indices(len(self)))]
+        return self._item(sequence_position(t, self._length, self._what))
+
+
 def sequence_position(t, length: int, what: str) -> int:
     """Index ``t`` of a sequence of ``length`` items (negative from the end), or IndexError naming ``what``."""
     t = int(t)

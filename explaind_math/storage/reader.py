@@ -8,13 +8,12 @@ from __future__ import annotations
 import bisect
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import ExplaindError, TrajectoryFileError
-from ..trajectory import StepRecord, Trajectory, check_model_matches, check_snapshot, sequence_position
+from ..trajectory import OnDemandSequence, StepRecord, Trajectory, check_model_matches, check_snapshot
 from .format import dtype_from_name
 from .manifest import MANIFEST_NAME, read_initial, read_manifest, shard_name
 from .records import decode_state
@@ -22,42 +21,6 @@ from .recovery import warn_unlisted_continuation
 from .shard import Shard, read_shard_header
 
 __all__ = ["ShardedTrajectory"]
-
-
-class _LazyParameters(Sequence):
-    """θ_0 … θ_N, each read on demand from its shard (a dict name → memory-mapped tensor)."""
-
-    def __init__(self, owner: "ShardedTrajectory"):
-        self._owner = owner
-
-    def __len__(self) -> int:
-        return self._owner.num_steps + 1
-
-    def __getitem__(self, t):
-        if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(len(self)))]
-        t = sequence_position(t, len(self), "θ")
-        if t == 0:
-            return dict(self._owner._theta_0)
-        shard = self._owner._shard_of(t - 1)
-        return dict(shard.thetas[t - 1 - shard.first])
-
-
-class _LazySteps(Sequence):
-    """The N step records, each read on demand from its shard."""
-
-    def __init__(self, owner: "ShardedTrajectory"):
-        self._owner = owner
-
-    def __len__(self) -> int:
-        return self._owner.num_steps
-
-    def __getitem__(self, t):
-        if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(len(self)))]
-        t = sequence_position(t, len(self), "step")
-        shard = self._owner._shard_of(t)
-        return shard.steps[t - shard.first]
 
 
 class ShardedTrajectory(Trajectory):
@@ -99,8 +62,19 @@ class ShardedTrajectory(Trajectory):
         self._units: list[int] | None = None
         self.shards_read = 0
         self._read_initial()
-        self.parameters = _LazyParameters(self)
-        self.steps = _LazySteps(self)
+        self.parameters = OnDemandSequence(self.num_steps + 1, self._theta_at, "θ")
+        self.steps = OnDemandSequence(self.num_steps, self._step_at, "step")
+
+    def _theta_at(self, t: int) -> dict[str, torch.Tensor]:
+        """θ_t, from θ_0 or from the shard holding step t − 1."""
+        if t == 0:
+            return dict(self._theta_0)
+        shard = self._shard_of(t - 1)
+        return dict(shard.thetas[t - 1 - shard.first])
+
+    def _step_at(self, t: int) -> StepRecord:
+        shard = self._shard_of(t)
+        return shard.steps[t - shard.first]
 
     def _read_initial(self) -> None:
         f = read_initial(self.directory, self._manifest["initial"] if self.verify_checksums else
