@@ -138,3 +138,17 @@ def test_a_predicted_row_shape_maps_each_length_one_to_one():
     assert forward._predicted_row((20, 32), (20, 32), (4, 20, 20)) == (4, 20, 20)
     assert forward._predicted_row((32, 32), (23, 32), (4, 32, 32)) is None  # 32 -> 23 and 32 -> 32: ambiguous
     assert forward._predicted_row((20, 32), (23,), (4, 20, 20)) is None
+
+
+def test_the_row_halves_table_is_the_row_halves_of_every_call():
+    """The recorder forms the row halves of all calls of a mask computation in one numpy table; every row of it
+    must be _row_halves (the Python formula) of its call, for keys across [0, 2³²) and calls far apart."""
+    import random
+
+    rng = random.Random(1)
+    keys = [0, M32, 1 << 31, (1 << 31) - 1] + [rng.getrandbits(32) for _ in range(12)]
+    calls = [0, 1, 2, 7, 40, 999, 123456]
+    table = forward._row_halves_table(keys, calls)
+    assert table.dtype == torch.int32 and table.shape == (len(calls), len(keys))
+    for row, call in zip(table.tolist(), calls):
+        assert row == forward._row_halves(keys, call)

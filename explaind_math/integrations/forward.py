@@ -32,6 +32,7 @@ import math
 import threading
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -132,17 +133,30 @@ def _row_halves(keys: Sequence[int], call: int) -> list[int]:
     return [_int32_bits(_half_round(hash32((int(k) + offset) & _M32))) for k in keys]
 
 
+def _row_halves_table(keys: Sequence[int], calls: Sequence[int]) -> torch.Tensor:
+    """:func:`_row_halves` of every call of ``calls`` (rows) and key (columns), as an int32 tensor: the same
+    formula on numpy uint64 arrays (every intermediate below 2⁶⁰, so no wrap-around), a few array operations for
+    all of them instead of a Python hash per row and call."""
+    x = (np.asarray(keys, dtype=np.uint64)[None, :]
+         + (np.asarray(calls, dtype=np.uint64)[:, None] + np.uint64(1)) * np.uint64(_GOLDEN)) & np.uint64(_M32)
+    return torch.from_numpy(_half_round(hash32(x)).astype(np.uint32).view(np.int32))
+
+
 def _coordinate_halves(shape: tuple[int, ...], device) -> torch.Tensor:
     """_half_round of :func:`_coordinates` as int32 bits (shape ``shape``)."""
     return _int32_bits(_half_round(_coordinates(shape, torch.device(device))))
 
 
 _FAST_MASKS: dict[str, bool] = {}
+_FAST_MASKS_OF_DEVICE: dict = {}  # the answer per device as given (a dropout call asks with its tensor's device)
 
 
 def _fast_masks_agree(device) -> bool:
     """Whether :func:`_mask_int32` gives :func:`_mask`'s bits on this device type (checked once per type, on
     shapes whose sizes are not multiples of a vector width, so that the scalar tails are covered too)."""
+    known = _FAST_MASKS_OF_DEVICE.get(device)
+    if known is not None:
+        return known
     kind = torch.device(device).type
     if kind not in _FAST_MASKS:
         keys = [row_key(12345, 6, 1, r) for r in range(3)] + [0, _M32]
@@ -154,6 +168,7 @@ def _fast_masks_agree(device) -> bool:
                               torch.float32)
             agree = agree and torch.equal(got, expected)
         _FAST_MASKS[kind] = agree
+    _FAST_MASKS_OF_DEVICE[device] = _FAST_MASKS[kind]
     return _FAST_MASKS[kind]
 
 
@@ -265,17 +280,16 @@ class RecordMode(TorchFunctionMode):
             raise RecordingError(
                 f"dropout call {call} has a leading axis of {x.shape[0]}, earlier ones {self.batch_size}: "
                 "recorded dropout needs the batch axis first in every dropout input")
-        keys = self._keys_of_rows(x.shape[0])
-        signature = (int(x.shape[0]), tuple(int(v) for v in x.shape[1:]), p, x.dtype, x.device)
+        size, device = x.shape[0], x.device
+        signature = (size, x.shape[1:], p, x.dtype, device)  # a torch.Size is a tuple of ints
         self._signature.append(signature)
-        if not _fast_masks_agree(x.device):
-            return x * _mask(keys, call, x.shape[1:], p, x.dtype, x.device)
+        if not _fast_masks_agree(device):
+            return x * _mask(self._keys_of_rows(size), call, x.shape[1:], p, x.dtype, device)
         ready = self._ready.pop(call, None)
         if ready is not None and ready[0] == signature:
             return x * ready[1]
-        size = x.shape[0]
         if size not in self._keys:
-            self._keys[size] = [int(k) for k in keys.tolist()]
+            self._keys[size] = self._keys_of_rows(size).tolist()
         return x * self._masks_from(call, signature)
 
     def _masks_from(self, call: int, signature: tuple) -> torch.Tensor:
@@ -300,7 +314,7 @@ class RecordMode(TorchFunctionMode):
         flat = torch.empty(sum(counts), dtype=torch.int32, device=device)
         blocks, offset = [], 0
         for (row, calls), count in zip(by_shape.items(), counts):
-            halves = torch.tensor([_row_halves(self._keys[size], j) for j in calls], dtype=torch.int32, device=device)
+            halves = _row_halves_table(self._keys[size], calls).to(device)
             block = flat[offset:offset + count].view(len(calls), size, *row)
             torch.bitwise_xor(halves.view(len(calls), size, *([1] * len(row))), self._coordinates.get(row, device),
                               out=block)

@@ -56,7 +56,10 @@ def is_left_padded(mask) -> bool:
     """Whether some row of a 2-D attention mask starts with padding (and is not padding only)."""
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1):
         return False
-    return bool(((mask[:, 0] == 0) & (mask.sum(-1) > 0)).any())
+    first = mask[:, 0]
+    if bool(first.all()):  # no row starts with padding (right padding, or none): one reduction
+        return False
+    return bool(((first == 0) & (mask.sum(-1) > 0)).any())
 
 
 def left_padding_refusal(where: str) -> RecordingError:
