@@ -427,7 +427,7 @@ class TrajectoryRecorder:
             raise RecordingError(f"{where}: no batch recorded; call recorder.record_batch(ids) before optimizer.step()")
         self._watch.before_step(t)  # every training forward of the step has its ids (dropout)
         check_param_groups(optimizer, self._params, where)
-        modules = list(self.model.named_modules())  # one walk of the module tree for every check of the step
+        modules = self._forward_state.tree.named_modules()  # one list of the modules for every check of the step
         if self.check_modules:
             check_deterministic_modules(self.model, where, allow_dropout=self._watch.records_dropout, modules=modules)
             check_batch_coupled_modules(self.model, where, modules)

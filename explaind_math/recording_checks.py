@@ -29,6 +29,7 @@ from .trajectory import all_finite, weights_for
 
 __all__ = [
     "ForwardState",
+    "ModuleTree",
     "OptimizerStateWatch",
     "batch_ids",
     "batch_weights",
@@ -148,13 +149,34 @@ def _named_buffers(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, torch.
     return out
 
 
+class ModuleTree:
+    """``list(model.named_modules())``, walked again only when the tree changed: each module's children (names and
+    objects) are compared with those the last walk saw, a dict per module, instead of the recursive walk, whose
+    generators and prefix strings cost more than a small model's checks themselves. Read only: callers iterate."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._walk()
+
+    def _walk(self) -> None:
+        self._named = list(self.model.named_modules())
+        self._children = [(module, tuple(module._modules.items())) for _, module in self._named]
+
+    def named_modules(self) -> list[tuple[str, nn.Module]]:
+        """The model's ``named_modules()`` now."""
+        if not all(tuple(module._modules.items()) == children for module, children in self._children):
+            self._walk()
+        return self._named
+
+
 class ForwardState:
     """What the forward reads besides the trained parameters, recorded once: buffers (persistent or
     not), frozen parameters (not in the optimizer) and plain scalar module attributes."""
 
     def __init__(self, model: nn.Module, trained: Iterable[torch.Tensor], *, attributes: bool = True):
         trained_ids = {id(p) for p in trained}
-        modules = list(model.named_modules())
+        self.tree = ModuleTree(model)  # the module list of every step's checks
+        modules = self.tree.named_modules()
         self.tensors = {n: cpu_copy(b) for n, b in _named_buffers(modules).items()}  # named as check() names them
         self.frozen = [n for n, p in model.named_parameters() if id(p) not in trained_ids]
         for n, p in model.named_parameters():

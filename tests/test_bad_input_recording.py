@@ -669,3 +669,23 @@ def test_the_coupling_probe_ignores_batch_level_outputs_such_as_a_mean_loss():
 
     with pytest.raises(em.StochasticTrainingError, match="samples interact"):
         probe_forward(Coupled(), (X,), {}, "step 0", batch_rows=5)
+
+
+def test_a_module_put_deep_in_the_tree_between_steps_is_checked_at_the_next_step():
+    """The recorder keeps the module list of the last walk while no module's children changed (ModuleTree): a
+    BatchNorm swapped in two levels down between steps, or a Dropout appended to a nested Sequential, is in the
+    next step's checks, named by its path."""
+    X, Y = _data()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.Tanh(), nn.Sequential(nn.Identity())),
+                          nn.Linear(5, 3)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = em.TrajectoryRecorder(model, opt)
+    _step(model, opt, rec, X, Y, 0)
+    model[1][1][0] = nn.BatchNorm1d(5, dtype=DT)  # in training mode; its running statistics change with every batch
+    _refused(model, opt, rec, X, Y, 1, StochasticTrainingError, r"step 1: BatchNorm module '1\.1\.0' is in training")
+    model[1][1][0] = nn.Identity()
+    _step(model, opt, rec, X, Y, 1)
+    model[1].append(nn.Dropout(0.5))
+    _refused(model, opt, rec, X, Y, 2, StochasticTrainingError, r"step 2: dropout module '1\.2' is active")
+    assert rec.num_steps == 2
