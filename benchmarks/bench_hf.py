@@ -8,7 +8,8 @@
      ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
      one on sequences up to 64 tokens, and the small one with dropout off (the checks and copies alone): best of
      the repeats, the median and range of the interleaved (plain, recording) pairs, the process CPU time per
-     step, the minor page faults per step; and the whole ``trainer.train()`` call. Where the recording keeps
+     step, the minor page faults per step, the time in the recorder's optimizer-step hooks (its checks and copies);
+     and the whole ``trainer.train()`` call. Where the recording keeps
      steps by their ``.grad`` (``rerun_optimizer="auto"``, :mod:`explaind_math.rerun`: the 4-layer model), the
      same recording with every step kept in full is interleaved too. Each Trainer run is a fresh process
      (``--in-process``: all in this one, where a run reuses memory an earlier one freed);
@@ -165,11 +166,33 @@ def one_isolated_run(spec: str) -> None:
     recording, steps, layers, width, max_len, dropout, options = json.loads(spec)
     sequences = synthetic_sequences(64, seed=1, max_len=max_len)
     positions = max(32, max_len)
+    hooks = timed_recorder_hooks()
     trainer_seconds(recording, 2, layers, 8, sequences, width, positions, dropout, options)  # first-call costs
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults, hooks[0] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, 0.0
     wall, step, _, cpu = trainer_seconds(recording, steps, layers, 8, sequences, width, positions, dropout, options)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
-    print(json.dumps([wall, step, None, cpu, faults]))
+    print(json.dumps([wall, step, None, cpu, faults, hooks[0] / steps]))
+
+
+def timed_recorder_hooks() -> list[float]:
+    """The recorder's two optimizer-step hooks (the checks before the step, the copies and checks after it) timed
+    in this process: the returned list's one entry adds up their seconds."""
+    from explaind_math.recording import TrajectoryRecorder
+
+    total = [0.0]
+
+    def timed(method):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - start
+        return run
+
+    TrajectoryRecorder._check_and_prepare = timed(TrajectoryRecorder._check_and_prepare)
+    TrajectoryRecorder._after_step = timed(TrajectoryRecorder._after_step)
+    return total
 
 
 def isolated_trainer_seconds(recording: bool, steps: int, layers: int, width: int, max_len: int, dropout: float,
@@ -214,6 +237,10 @@ def trainer_part(a, data):
             recorder = runs[0][2] if a.in_process else trainer_seconds(True, a.trainer_steps, layers, 8, sequences,
                                                                         width, positions, dropout)[2]
         faults = f"; minor page faults per step {plain[0][4]:.0f} plain, {runs[0][4]:.0f} recording" if not a.in_process else ""
+        if not a.in_process:
+            hooks = sorted(r[5] for r in runs)
+            faults += (f"; the recorder's step hooks {hooks[len(hooks) // 2] * 1e3:.2f} ms a step (median), "
+                       f"{hooks[len(hooks) // 2] / step_plain:.2f} of the plain step")
         print(f"2. Trainer, GPT-2 {layers} layers width {width}, dropout {dropout}, sequences <= {max_len}, "
               f"{a.trainer_steps} steps "
               f"(best of {a.trainer_repeats}): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
