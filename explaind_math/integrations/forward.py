@@ -136,7 +136,10 @@ def _row_halves(keys: Sequence[int], call: int) -> list[int]:
 def _row_halves_table(keys: Sequence[int], calls: Sequence[int]) -> torch.Tensor:
     """:func:`_row_halves` of every call of ``calls`` (rows) and key (columns), as an int32 tensor: the same
     formula on numpy uint64 arrays (every intermediate below 2⁶⁰, so no wrap-around), a few array operations for
-    all of them instead of a Python hash per row and call."""
+    all of them instead of a Python hash per row and call (the Python formula while torch.compile traces: it would
+    trace numpy into tensor operations that uint64 lacks)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([_row_halves(keys, call) for call in calls], dtype=torch.int32)
     x = (np.asarray(keys, dtype=np.uint64)[None, :]
          + (np.asarray(calls, dtype=np.uint64)[:, None] + np.uint64(1)) * np.uint64(_GOLDEN)) & np.uint64(_M32)
     return torch.from_numpy(_half_round(hash32(x)).astype(np.uint32).view(np.int32))
