@@ -150,9 +150,11 @@ def _named_buffers(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, torch.
 
 
 class ModuleTree:
-    """``list(model.named_modules())``, walked again only when the tree changed: each module's children (names and
-    objects) are compared with those the last walk saw, a dict per module, instead of the recursive walk, whose
-    generators and prefix strings cost more than a small model's checks themselves. Read only: callers iterate."""
+    """``list(model.named_modules())``, walked again only when the tree changed: each module's class and children
+    (names, and the objects by identity) are compared with those the last walk saw, a dict per module, instead of the
+    recursive walk, whose generators and prefix strings cost more than a small model's checks themselves. A tree with
+    a module whose class overrides ``named_modules`` (it may list modules outside ``_modules``) is walked every time.
+    Read only: callers iterate."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -160,11 +162,22 @@ class ModuleTree:
 
     def _walk(self) -> None:
         self._named = list(self.model.named_modules())
-        self._children = [(module, tuple(module._modules.items())) for _, module in self._named]
+        self._children = [(module, type(module), tuple(module._modules), tuple(module._modules.values()))
+                          for _, module in self._named]
+        self._walk_always = any(kind.named_modules is not nn.Module.named_modules for _, kind, _, _ in self._children)
+
+    def _unchanged(self) -> bool:
+        for module, kind, names, children in self._children:
+            now = module._modules
+            if type(module) is not kind or len(now) != len(names):
+                return False
+            if names and (tuple(now) != names or any(a is not b for a, b in zip(now.values(), children))):
+                return False
+        return True
 
     def named_modules(self) -> list[tuple[str, nn.Module]]:
         """The model's ``named_modules()`` now."""
-        if not all(tuple(module._modules.items()) == children for module, children in self._children):
+        if self._walk_always or not self._unchanged():
             self._walk()
         return self._named
 

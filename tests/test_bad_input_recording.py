@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import explaind_math as em
+from explaind_math.recording_checks import ModuleTree
 from explaind_math.errors import NonFiniteError, RecordingError, StochasticTrainingError, TrajectoryMismatchError, \
     UnsupportedOptimizerError
 
@@ -689,3 +690,47 @@ def test_a_module_put_deep_in_the_tree_between_steps_is_checked_at_the_next_step
     model[1].append(nn.Dropout(0.5))
     _refused(model, opt, rec, X, Y, 2, StochasticTrainingError, r"step 2: dropout module '1\.2' is active")
     assert rec.num_steps == 2
+
+
+def test_module_lists_outside_the_module_dicts_and_look_alike_children_are_seen():
+    """ModuleTree walks every step a tree with a module whose named_modules lists modules kept outside _modules, and
+    compares children by identity (a child swapped for one that compares equal is walked anew)."""
+    X, Y = _data()
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.extra = nn.Linear(4, 5, dtype=DT), []
+
+        def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+            yield from super().named_modules(memo, prefix, remove_duplicate)
+            for i, extra in enumerate(self.extra):
+                yield from extra.named_modules(memo, f"{prefix}.extra{i}", remove_duplicate)
+
+        def forward(self, x):
+            x = self.lin(x)
+            for extra in self.extra:
+                x = extra(x)
+            return x
+
+    class LooksAlike(nn.Identity):
+        __hash__ = nn.Module.__hash__
+
+        def __eq__(self, other):
+            return isinstance(other, nn.Identity)
+
+    torch.manual_seed(1)
+    model = nn.Sequential(Holder(), nn.Tanh(), nn.Linear(5, 3, dtype=DT))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = em.TrajectoryRecorder(model, opt)
+    _step(model, opt, rec, X, Y, 0)
+    model[0].extra.append(nn.BatchNorm1d(5, dtype=DT))
+    _refused(model, opt, rec, X, Y, 1, StochasticTrainingError, r"step 1: BatchNorm module '0\.extra0' is in training")
+    model[0].extra.clear()
+    _step(model, opt, rec, X, Y, 1)
+
+    plain = nn.Sequential(nn.Sequential(LooksAlike()), nn.Linear(2, 2))
+    tree = ModuleTree(plain)
+    plain[0][0] = LooksAlike()
+    assert [name for name, _ in tree.named_modules()] == ["", "0", "0.0", "1"]
+    assert tree.named_modules()[2][1] is plain[0][0]
