@@ -16,7 +16,8 @@ option, and the rerun restarts from it; after three such steps in a row the reru
 kept in full, and the last :data:`RESTART_INTERVAL` rebuilt are cached (a pass in either direction reruns each
 step about once; where a segment of that many steps exceeds :data:`CACHE_BYTES`, a backward pass reruns a
 segment's steps up to :data:`RESTART_INTERVAL`/2 times each). Reruns run on the CPU, under the default dtype of the
-recording, outside inference mode, whatever the reader's settings. The numbers are those the optimizer computed, bit for bit, checked when they were recorded.
+recording, outside inference mode, whatever the reader's settings. The numbers are those the optimizer computed,
+bit for bit, checked when they were recorded.
 
 Why: the memory a recording keeps is the cost that grows with the run. On the 4-layer GPT-2 of
 ``benchmarks/bench_hf.py`` a step keeps 9.6 MB (θ_{t+1}, ``.grad``, v_t); by its gradient it keeps 3.2 MB.

@@ -285,10 +285,11 @@ def _files_function(name: str) -> Callable:
     return _files[name]
 
 
-# ---------------------------------------------------------------------- validation of one θ_t / one step
+# ---------------------------------------------------------------------- sequences made on demand
 class OnDemandSequence(Sequence):
     """``length`` items, item t made by ``item(t)`` when asked for (θ_t or step t of a trajectory read lazily or
-    rebuilt); negative indices count from the end, slices give lists."""
+    rebuilt); negative indices count from the end, slices give lists, an index out of range is an IndexError
+    naming ``what``."""
 
     def __init__(self, length: int, item: Callable[[int], Any], what: str):
         self._length, self._item, self._what = length, item, what
@@ -298,20 +299,15 @@ class OnDemandSequence(Sequence):
 
     def __getitem__(self, t):
         if isinstance(t, slice):
-            return [self[i] for i in range(*t.indices(len(self)))]
-        return self._item(sequence_position(t, self._length, self._what))
+            return [self[i] for i in range(*t.indices(self._length))]
+        t = int(t)
+        position = t + self._length if t < 0 else t
+        if not 0 <= position < self._length:
+            raise IndexError(f"{self._what} index {position} out of range (length {self._length})")
+        return self._item(position)
 
 
-def sequence_position(t, length: int, what: str) -> int:
-    """Index ``t`` of a sequence of ``length`` items (negative from the end), or IndexError naming ``what``."""
-    t = int(t)
-    if t < 0:
-        t += length
-    if not 0 <= t < length:
-        raise IndexError(f"{what} index {t} out of range (length {length})")
-    return t
-
-
+# ---------------------------------------------------------------------- validation of one θ_t / one step
 def all_finite(x: torch.Tensor) -> bool:
     """Whether every entry of ``x`` is finite. A NaN or ±Inf entry makes the sum NaN or ±Inf, so a finite
     sum settles it in one reduction (about 14× faster than ``isfinite(x).all()`` on a CPU); only a
