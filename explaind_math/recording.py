@@ -45,7 +45,6 @@ from .recording_checks import (
     batch_ids,
     batch_weights,
     check_batch_coupled_modules,
-    check_param_groups,
     check_recording_options,
     cpu_copy,
     on_cpu,
@@ -402,7 +401,7 @@ class TrajectoryRecorder:
 
     # ------------------------------------------------------------------ hooks
     def _snapshot(self) -> FlatCopy:
-        return FlatCopy([p for _, p, _ in self._params], like=self._last_theta)
+        return FlatCopy([p for _, p, _ in self._params], like=self._last_theta, live_views=True)
 
     def _named(self, theta: FlatCopy) -> dict[str, torch.Tensor]:
         return {n: v for (n, _, _), v in zip(self._params, theta.views())}
@@ -426,11 +425,12 @@ class TrajectoryRecorder:
         if not self._pending:
             raise RecordingError(f"{where}: no batch recorded; call recorder.record_batch(ids) before optimizer.step()")
         self._watch.before_step(t)  # every training forward of the step has its ids (dropout)
-        check_param_groups(optimizer, self._params, where)
-        modules = self._forward_state.tree.named_modules()  # one list of the modules for every check of the step
-        if self.check_modules:
-            check_deterministic_modules(self.model, where, allow_dropout=self._watch.records_dropout, modules=modules)
-            check_batch_coupled_modules(self.model, where, modules)
+        self._state_watch.check_param_groups(optimizer, self._params, where)
+        tree = self._forward_state.tree
+        modules = tree.named_modules()  # one list of the modules for every check of the step
+        if self.check_modules:  # (of those, the kinds these two refuse)
+            check_deterministic_modules(self.model, where, self._watch.records_dropout, tree.named_batch_or_random())
+            check_batch_coupled_modules(self.model, where, tree.named_batch_or_random())
         self._forward_state.check(self.model, where, modules)
         self._state_watch.check(optimizer, self._params, where)
         if self._probe_pending and self._probe_input is not None:
@@ -462,11 +462,11 @@ class TrajectoryRecorder:
         hyper = [self.rule.hyperparameters(g) for g in optimizer.param_groups]
         grads = {}
         for n, p, _ in self._params:
-            if p.grad is None:
+            if (grad := p.grad) is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RecordingError(f"{where}: parameter {n!r} has a sparse gradient, which is not supported")
-            grads[n] = p.grad
+            grads[n] = grad
         last = self._last_step._current if self._last_step is not None else None
         updated = list(grads)
         if last is not None and last["updated"] == updated:
@@ -497,10 +497,10 @@ class TrajectoryRecorder:
         keys_of_group = [self.rule.state_keys(h) for h in current["hyper"]]
         updated = set(current["updated"])
         counted, counts, slots, tensors = [], [], [], []  # step counts; recorded state tensors at (index, key)
-        for index, (n, p, gi) in enumerate(self._params):
+        states = [optimizer.state.get(p, {}) for _, p, _ in self._params]  # (read once: the watch takes them too)
+        for index, ((n, p, gi), st) in enumerate(zip(self._params, states)):
             if n not in updated:
                 continue
-            st = optimizer.state.get(p, {})
             if "step" in st:
                 counted.append(n)
                 counts.append(st["step"])
@@ -509,7 +509,7 @@ class TrajectoryRecorder:
                 tensors.append(st[key])
         last = self._last_step
         like = last._state if last is not None else None  # the last step's layout, shared (FlatCopy)
-        state = None if rerunning else FlatCopy(tensors, like=like)
+        state = None if rerunning else FlatCopy(tensors, like=like, live_views=True)
         bad = first_non_finite(tensors) if state is None else state.first_non_finite()  # refuse the step, not the run
         if bad is not None:
             index, key = slots[bad]
@@ -522,7 +522,7 @@ class TrajectoryRecorder:
         extra = any(v is not None for v in (*args[1:], *kwargs.values()))  # args[0] is the optimizer
         by_gradient = rerun is not None and rerun.after_step(optimizer, current, extra)
         if rerunning and not by_gradient:
-            theta, state = self._snapshot(), FlatCopy(tensors, like=like)
+            theta, state = self._snapshot(), FlatCopy(tensors, like=like, live_views=True)
         elif by_gradient:
             theta = FlatCopy.over(rerun.rerun.theta)
         names = [(self._params[index][0], key) for index, key in slots]
@@ -533,7 +533,7 @@ class TrajectoryRecorder:
         self._count += 1
         self._last_theta, self._last_step = theta, record
         self._state_watch.record(optimizer, self._params, *(rerun.state_reference(optimizer) if by_gradient
-                                                            else (slots, state)))
+                                                            else (slots, state)), states=states)
         if self._writer is None:
             self._steps.append(record)
             self._snapshots.append(None if by_gradient else theta)

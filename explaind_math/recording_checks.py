@@ -149,6 +149,9 @@ def _named_buffers(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, torch.
     return out
 
 
+_CHECKED_KINDS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.MultiheadAttention)
+
+
 class ModuleTree:
     """``list(model.named_modules())``, walked again only when the tree changed: each module's class and children
     (names, and the objects by identity) are compared with those the last walk saw, a dict per module, instead of the
@@ -165,6 +168,7 @@ class ModuleTree:
         self._children = [(module, type(module), tuple(module._modules), tuple(module._modules.values()))
                           for _, module in self._named]
         self._walk_always = any(kind.named_modules is not nn.Module.named_modules for _, kind, _, _ in self._children)
+        self._batch_or_random = [(name, module) for name, module in self._named if isinstance(module, _CHECKED_KINDS)]
 
     def _unchanged(self) -> bool:
         for module, kind, names, children in self._children:
@@ -180,6 +184,12 @@ class ModuleTree:
         if self._walk_always or not self._unchanged():
             self._walk()
         return self._named
+
+    def named_batch_or_random(self) -> list[tuple[str, nn.Module]]:
+        """Of the modules of the last :meth:`named_modules`, the BatchNorm, dropout and ``MultiheadAttention``
+        ones: all that :func:`~explaind_math.recording.check_deterministic_modules` and
+        :func:`check_batch_coupled_modules` refuse."""
+        return self._batch_or_random
 
 
 class ForwardState:
@@ -258,13 +268,14 @@ def _is_scalar(value: Any) -> bool:
     return type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str))
 
 
-def _attribute_signature(modules: Sequence[tuple[str, nn.Module]]) -> tuple[list, list, list]:
-    """What a quick check of the modules' scalar attributes compares: the modules, the keys of each one's
-    ``__dict__`` in order, and each public attribute with its type, value and whether it is a scalar."""
+def _attribute_signature(modules: Sequence[tuple[str, nn.Module]]) -> tuple[Sequence, list, list, list]:
+    """What a quick check of the modules' scalar attributes compares: the list of modules given, the modules, the
+    keys of each one's ``__dict__`` in order, and each public attribute with its type, value and whether it is a
+    scalar."""
     mods = [module for _, module in modules]
     items = [(module, key, type(value), value, _is_scalar(value)) for module in mods
              for key, value in vars(module).items() if key[:1] != "_" and key != "training"]
-    return mods, [tuple(vars(module)) for module in mods], items
+    return modules, mods, [tuple(vars(module)) for module in mods], items
 
 
 def _same_signature(modules: Sequence[tuple[str, nn.Module]], signature) -> bool:
@@ -273,9 +284,10 @@ def _same_signature(modules: Sequence[tuple[str, nn.Module]], signature) -> bool
     the one recorded (False says nothing: the full comparison decides)."""
     if signature is None:
         return False
-    mods, keys, items = signature
-    if len(modules) != len(mods) or any(module is not recorded for (_, module), recorded in zip(modules, mods)):
-        return False
+    named, mods, keys, items = signature
+    if modules is not named and (len(modules) != len(mods)
+                                 or any(module is not recorded for (_, module), recorded in zip(modules, mods))):
+        return False  # (the very list the signature was made from: a ModuleTree's, unchanged)
     if [tuple(vars(module)) for module in mods] != keys:
         return False
     return all(type(now := vars(module)[key]) is kind and (now is value or (scalar and now == value))
@@ -296,7 +308,7 @@ def _device_fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, f
     return [tuple(x.tolist()) for x in torch.stack(sums)]
 
 
-_NO_STATE: Mapping[str, Any] = {}
+_NO_STATE: Mapping[str, Any] = {}  # (read only)
 
 
 class OptimizerStateWatch:
@@ -316,13 +328,17 @@ class OptimizerStateWatch:
         self._fingerprinted: list[tuple[int, str, tuple]] = []  # accelerator tensors: (parameter, key, (Σv, Σv²))
         self._layout: tuple[list, list, list] | None = None  # the last step's slots: copied, scalar, on a device
         self._plan: tuple | None = None  # (copied slots, recorded slots, a record given, own slots, split)
+        self._group_ids: list | None = None  # the ids in each param group when check_param_groups last passed
+        self._grouped: Sequence | None = None  # the recorded parameters it passed with
 
     def record(self, optimizer, params, recorded_slots: Sequence[tuple[int, str]] = (),
-               recorded: FlatCopy | None = None) -> None:
+               recorded: FlatCopy | None = None, states: Sequence[Mapping] | None = None) -> None:
         """Take the state after a step; ``recorded``: the step's copies of the state tensors at ``recorded_slots``
         (parameter index, key), compared with them before the next step; the other CPU state tensors are copied
-        by the watch. With the keys of the last step, their slots are taken as they were then."""
-        states = [optimizer.state.get(p, _NO_STATE) for _, p, _ in params]
+        by the watch. With the keys of the last step, their slots are taken as they were then. ``states``: each
+        parameter's ``optimizer.state`` entry, when the caller has read them after the step."""
+        if states is None:
+            states = [optimizer.state.get(p, _NO_STATE) for _, p, _ in params]
         keys = [tuple(st) for st in states]
         if not (keys == self._keys and self._layout is not None and self._take(states, *self._layout, recorded_slots,
                                                                                  recorded)):
@@ -345,7 +361,7 @@ class OptimizerStateWatch:
             kept_recorded = (kept_slots, recorded) if split else None
             old = self._own[1] if self._own is not None else None  # compared before this step: written again
             tensors = [states[i][k] for i, k in mine]
-            own = (mine, FlatCopy(tensors) if old is None else old.refill(tensors)) if mine else None
+            own = (mine, FlatCopy(tensors, live_views=True) if old is None else old.refill(tensors)) if mine else None
             values = _scalar_values([states[i][k] for i, k in scalars], strict)
             device_tensors = [states[i][k] for i, k in on_device]
             if not strict and not all(isinstance(v, torch.Tensor) and v.dim() > 0 and not compared_by_copy(v)
@@ -365,14 +381,23 @@ class OptimizerStateWatch:
     def forget(self) -> None:
         self._params = None
 
+    def check_param_groups(self, optimizer, recorded: Sequence[tuple[str, torch.Tensor, int]], where: str) -> None:
+        """:func:`check_param_groups`, skipped while every group holds the very tensors (by ``id``: the recorded
+        parameters are alive, so an ``id`` seen is theirs) it held when the check last passed."""
+        ids = [list(map(id, group["params"])) for group in optimizer.param_groups]
+        if ids != self._group_ids or recorded is not self._grouped:
+            check_param_groups(optimizer, recorded, where)
+            self._group_ids, self._grouped = ids, recorded
+
     def check(self, optimizer, params, where: str) -> None:
         """Raise naming the first state entry (by parameter, then key) that differs from the one taken after the
         last step."""
         if self._params is None:
             return
         now = [optimizer.state.get(p, _NO_STATE) for _, p in self._params]
-        changed = [(index, key) for index, (st, keys) in enumerate(zip(now, self._keys)) if tuple(st) != keys
-                   for key in set(st) ^ set(keys)]  # keys added or removed (a new order alone is no change)
+        changed = [] if list(map(tuple, now)) == self._keys else [  # keys added or removed (a new order: no change)
+            (index, key) for index, (st, keys) in enumerate(zip(now, self._keys)) if tuple(st) != keys
+            for key in set(st) ^ set(keys)]
         if not changed:
             for kept in (self._recorded, self._own):
                 if kept is not None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from explaind_math import recording_copies
-from explaind_math.recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy, step_counts
+from explaind_math.recording_copies import GATHERED_COMPARISON_LIMIT, FlatCopy, LiveViews, step_counts
 
 SMALL = [(3, 4), (4,), (), (2, 1, 3)]
 LARGE = [(GATHERED_COMPARISON_LIMIT // 2 + 1,), (5, 7), (GATHERED_COMPARISON_LIMIT // 2,)]
@@ -140,6 +140,76 @@ def test_a_memory_mode_recorder_keeps_few_python_objects_per_step():
     assert recorder.trajectory().num_steps == 23
 
 
+def _ulp_up(t: torch.Tensor) -> None:
+    flat = t.data.view(-1)
+    flat[-1] = torch.nextafter(flat[-1], torch.tensor(float("inf"), dtype=t.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_live_views_copy_and_compare_exactly_and_follow_the_tensors(dtype):
+    """Copies made with ``live_views`` gather and compare through numpy views of the live tensors; the views are
+    remade whenever a tensor's storage or layout changed (``p.data = …``), so they never read stale memory."""
+    tensors = [t.requires_grad_() for t in _tensors(SMALL + [(3, 3)], dtype=dtype)]
+    copy = FlatCopy(tensors, live_views=True)
+    assert (copy._live.arrays is not None) == (dtype != torch.bfloat16)  # numpy has no bfloat16: torch's path
+    for v, t in zip(copy.views(), tensors):
+        assert v.dtype == t.dtype and torch.equal(v, t.detach())
+    assert copy.first_difference(tensors) is None
+    _ulp_up(tensors[3])
+    assert copy.first_difference(tensors) == 3
+    tensors[3].data = copy.views()[3].clone()  # new storage, the copied values: no change
+    assert copy.first_difference(tensors) is None
+    _ulp_up(tensors[3])  # an edit of the new storage is seen
+    assert copy.first_difference(tensors) == 3
+    after = FlatCopy(tensors, like=copy, live_views=True)  # a copy of the new storage
+    assert after._live is copy._live and torch.equal(after.views()[3], tensors[3].detach())
+    square = tensors[4]
+    storage = square.data
+    square.data = storage.as_strided((3, 3), (1, 3))  # transposed: the same memory and address, another layout
+    assert after.first_difference(tensors) == 4
+    square.data = storage
+    assert after.first_difference(tensors) is None
+    tensors[0].data = tensors[0].data.to(torch.float32 if dtype == torch.float64 else torch.float64)  # same values
+    assert after.first_difference(tensors) == 0
+
+
+def test_live_views_refill_reads_the_tensors_storage_now():
+    tensors = _tensors(SMALL)
+    own = FlatCopy(tensors, live_views=True)
+    tensors[1].data = tensors[1].data + 1.0  # a new storage
+    assert own.refill(tensors) is own and own.first_difference(tensors) is None
+    assert torch.equal(own.views()[1], tensors[1])
+    views = LiveViews()
+    assert views.of([torch.zeros(3), torch.zeros(3, dtype=torch.float64)]) is None  # two dtypes: none
+    assert views.of([torch.zeros(4)[::2]]) is None  # strided: none
+    assert views.of([1.0]) is None
+
+
+def test_a_recording_follows_parameters_given_new_storage_between_steps():
+    """``p.data = p.data.clone()`` between steps changes no value: recording goes on, and θ_{t+1} is read from the
+    new storage, which the optimizer updates."""
+    import explaind_math as em
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    recorder = em.TrajectoryRecorder(model, opt)
+    x = torch.randn(6, 3)
+    live = []
+    for step in range(4):
+        if step == 2:
+            for p in model.parameters():
+                p.data = p.data.clone()
+        opt.zero_grad()
+        recorder.record_batch(list(range(6)))
+        model(x).pow(2).mean().backward()
+        opt.step()
+        live.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    trajectory = recorder.trajectory()
+    for t, theta in enumerate(live, start=1):
+        assert all(torch.equal(trajectory.parameters[t][n], v) for n, v in theta.items()), t
+
+
 def test_step_counts_read_tensors_and_numbers():
     assert step_counts([torch.tensor(3.0), torch.tensor(4.0)]) == [3, 4]
     assert step_counts([3, torch.tensor(5.0)]) == [3, 5]
@@ -147,5 +217,5 @@ def test_step_counts_read_tensors_and_numbers():
 
 
 def test_the_module_names_its_public_parts():
-    assert set(recording_copies.__all__) == {"FlatCopy", "cpu_copy", "cpu_scalars", "on_cpu", "stacked_scalars",
+    assert set(recording_copies.__all__) == {"FlatCopy", "LiveViews", "cpu_copy", "cpu_scalars", "on_cpu", "stacked_scalars",
                                              "step_counts"}
