@@ -44,13 +44,12 @@ from .recording_checks import (
     OptimizerStateWatch,
     batch_ids,
     batch_weights,
-    check_batch_coupled_modules,
     check_recording_options,
     cpu_copy,
     on_cpu,
-    probe_forward,
 )
 from .recording_copies import FlatCopy, step_counts
+from .recording_probe import check_batch_coupled_modules, probe_forward
 from .rerun import RecordedRerun, RerunTrajectory, rerun_pays_off
 from .trajectory import StepRecord, Trajectory, first_non_finite
 
@@ -495,18 +494,8 @@ class TrajectoryRecorder:
                 "(recorder.trajectory())"
             )
         keys_of_group = [self.rule.state_keys(h) for h in current["hyper"]]
-        updated = set(current["updated"])
-        counted, counts, slots, tensors = [], [], [], []  # step counts; recorded state tensors at (index, key)
-        states = [optimizer.state.get(p, {}) for _, p, _ in self._params]  # (read once: the watch takes them too)
-        for index, ((n, p, gi), st) in enumerate(zip(self._params, states)):
-            if n not in updated:
-                continue
-            if "step" in st:
-                counted.append(n)
-                counts.append(st["step"])
-            for key in keys_of_group[gi]:
-                slots.append((index, key))
-                tensors.append(st[key])
+        states, counted, counts, slots, names, tensors = self._state_watch.entries_after_step(
+            optimizer, self._params, current["updated"], keys_of_group)  # step counts; recorded state at slots
         last = self._last_step
         like = last._state if last is not None else None  # the last step's layout, shared (FlatCopy)
         state = None if rerunning else FlatCopy(tensors, like=like, live_views=True)
@@ -525,9 +514,6 @@ class TrajectoryRecorder:
             theta, state = self._snapshot(), FlatCopy(tensors, like=like, live_views=True)
         elif by_gradient:
             theta = FlatCopy.over(rerun.rerun.theta)
-        names = [(self._params[index][0], key) for index, key in slots]
-        if last is not None and last._slots == names:
-            names = last._slots
         record = _RecordedStep(current, dict(zip(counted, step_counts(counts))), names, state)
         self._watch.after_step(t)
         self._count += 1

@@ -10,14 +10,13 @@ recorded step unreadable, or its decomposition silently wrong, is refused at the
   temperature), recorded once and compared at every step;
 * the optimizer state between steps (:class:`OptimizerStateWatch`): a ``load_state_dict`` or a zeroed
   moment between two steps is refused, naming the parameter and the state;
-* modules whose samples interact or that draw random numbers (:func:`check_batch_coupled_modules`,
-  :func:`probe_forward`: two forwards of the first recorded batch, and its first sample alone).
+* modules whose samples interact or that draw random numbers: :mod:`explaind_math.recording_probe`.
 """
 
 from __future__ import annotations
 
 import numbers
-import random
+import operator
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -33,12 +32,10 @@ __all__ = [
     "OptimizerStateWatch",
     "batch_ids",
     "batch_weights",
-    "check_batch_coupled_modules",
     "check_param_groups",
     "check_recording_options",
     "cpu_copy",
     "on_cpu",
-    "probe_forward",
 ]
 
 
@@ -188,7 +185,7 @@ class ModuleTree:
     def named_batch_or_random(self) -> list[tuple[str, nn.Module]]:
         """Of the modules of the last :meth:`named_modules`, the BatchNorm, dropout and ``MultiheadAttention``
         ones: all that :func:`~explaind_math.recording.check_deterministic_modules` and
-        :func:`check_batch_coupled_modules` refuse."""
+        :func:`~explaind_math.recording_probe.check_batch_coupled_modules` refuse."""
         return self._batch_or_random
 
 
@@ -268,30 +265,31 @@ def _is_scalar(value: Any) -> bool:
     return type(value) in _SCALAR_TYPES or isinstance(value, (numbers.Number, str))
 
 
-def _attribute_signature(modules: Sequence[tuple[str, nn.Module]]) -> tuple[Sequence, list, list, list]:
-    """What a quick check of the modules' scalar attributes compares: the list of modules given, the modules, the
-    keys of each one's ``__dict__`` in order, and each public attribute with its type, value and whether it is a
+def _attribute_signature(modules: Sequence[tuple[str, nn.Module]]) -> tuple:
+    """What a quick check of the modules' scalar attributes compares: the list of modules given, the modules, their
+    ``__dict__``\ s, the keys of each in order, and each public attribute with its type, value and whether it is a
     scalar."""
     mods = [module for _, module in modules]
-    items = [(module, key, type(value), value, _is_scalar(value)) for module in mods
-             for key, value in vars(module).items() if key[:1] != "_" and key != "training"]
-    return modules, mods, [tuple(vars(module)) for module in mods], items
+    dicts = list(map(vars, mods))
+    items = [(d, key, type(value), value, _is_scalar(value)) for d in dicts
+             for key, value in d.items() if key[:1] != "_" and key != "training"]
+    return modules, mods, dicts, list(map(tuple, dicts)), items
 
 
 def _same_signature(modules: Sequence[tuple[str, nn.Module]], signature) -> bool:
-    """Whether the modules are those of ``signature`` with the same ``__dict__`` keys, every public attribute of the
-    same type, the scalars equal and the others the same objects: then every module's :func:`_module_scalars` is
-    the one recorded (False says nothing: the full comparison decides)."""
+    """Whether the modules are those of ``signature`` with the same ``__dict__`` (the object, and its keys), every
+    public attribute of the same type, the scalars equal and the others the same objects: then every module's
+    :func:`_module_scalars` is the one recorded (False says nothing: the full comparison decides)."""
     if signature is None:
         return False
-    named, mods, keys, items = signature
+    named, mods, dicts, keys, items = signature
     if modules is not named and (len(modules) != len(mods)
                                  or any(module is not recorded for (_, module), recorded in zip(modules, mods))):
         return False  # (the very list the signature was made from: a ModuleTree's, unchanged)
-    if [tuple(vars(module)) for module in mods] != keys:
+    if not all(map(operator.is_, map(vars, mods), dicts)) or list(map(tuple, dicts)) != keys:
         return False
-    return all(type(now := vars(module)[key]) is kind and (now is value or (scalar and now == value))
-               for module, key, kind, value, scalar in items)
+    return all(type(now := d[key]) is kind and (now is value or (scalar and now == value))
+               for d, key, kind, value, scalar in items)
 
 
 # ---------------------------------------------------------------------- optimizer state between steps
@@ -329,6 +327,7 @@ class OptimizerStateWatch:
         self._layout: tuple[list, list, list] | None = None  # the last step's slots: copied, scalar, on a device
         self._plan: tuple | None = None  # (copied slots, recorded slots, a record given, own slots, split)
         self._group_ids: list | None = None  # the ids in each param group when check_param_groups last passed
+        self._entries: tuple | None = None  # the layout of entries_after_step, kept while it stays the same
         self._grouped: Sequence | None = None  # the recorded parameters it passed with
 
     def record(self, optimizer, params, recorded_slots: Sequence[tuple[int, str]] = (),
@@ -380,6 +379,26 @@ class OptimizerStateWatch:
 
     def forget(self) -> None:
         self._params = None
+
+    def entries_after_step(self, optimizer, params, updated: Sequence[str], keys_of_group: Sequence[tuple]):
+        """After a step: each parameter's ``optimizer.state`` entry (``params``: the recorder's (name, tensor, group)),
+        and of the ``updated`` parameters the names with a step count, those counts, the slots (parameter index,
+        key) of the state the step records with their (name, key) and their tensors. The layout is made again only
+        when ``updated`` (the list object), the keys recorded or any state's keys differ from the last step's."""
+        states = [optimizer.state.get(p, _NO_STATE) for _, p, _ in params]
+        keys, layout = list(map(tuple, states)), self._entries
+        if layout is None or layout[0] is not updated or layout[1] != keys_of_group or layout[2] != keys:
+            chosen, counted, slots = set(updated), [], []
+            for index, ((name, _, group), st) in enumerate(zip(params, states)):
+                if name in chosen:
+                    counted += [(name, index)] if "step" in st else []
+                    slots += [(index, key) for key in keys_of_group[group]]
+            names = [(params[index][0], key) for index, key in slots]
+            layout = self._entries = (updated, list(keys_of_group), keys, [n for n, _ in counted],
+                                      [i for _, i in counted], slots, names)
+        _, _, _, counted, counted_at, slots, names = layout
+        return (states, counted, [states[i]["step"] for i in counted_at], slots, names,
+                [states[i][k] for i, k in slots])
 
     def check_param_groups(self, optimizer, recorded: Sequence[tuple[str, torch.Tensor, int]], where: str) -> None:
         """:func:`check_param_groups`, skipped while every group holds the very tensors (by ``id``: the recorded
@@ -488,119 +507,3 @@ def _scalar_list(values: Any) -> list:
 
 def _scalar(v: Any) -> Any:
     return float(v) if isinstance(v, (torch.Tensor, numbers.Number)) else repr(v)
-
-
-# ---------------------------------------------------------------------- forwards that are not per-sample
-def check_batch_coupled_modules(model: nn.Module, where: str,
-                                modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
-    """BatchNorm without running statistics normalizes by the batch in eval mode too (``modules``:
-    ``list(model.named_modules())``, when the caller has it)."""
-    for name, module in (model.named_modules() if modules is None else modules):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-            raise StochasticTrainingError(
-                f"{where}: BatchNorm module {name or type(module).__name__!r} has track_running_stats=False, so it "
-                "normalizes by the statistics of the batch even in eval mode and samples interact; use "
-                "LayerNorm/GroupNorm, or BatchNorm with running statistics in eval mode"
-            )
-
-
-def _tensors_of(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, Mapping):
-        return [t for v in output.values() for t in _tensors_of(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in _tensors_of(v)]
-    return []
-
-
-def _rows(value: Any, size: int, sl: slice) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[sl] if value.dim() > 0 and value.shape[0] == size else value
-    if isinstance(value, Mapping):
-        return {k: _rows(v, size, sl) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rows(v, size, sl) for v in value)
-    return value
-
-
-def _tolerance(t: torch.Tensor) -> float:
-    rel = 1e-9 if t.dtype == torch.float64 else 1e-3
-    return rel * (1.0 + float(t.detach().abs().max())) if t.numel() else 0.0
-
-
-def _differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    if len(a) != len(b):
-        return True
-    return any(x.shape != y.shape or (x.numel() > 0 and float((x.double() - y.double()).abs().max()) > _tolerance(x))
-               for x, y in zip(a, b))
-
-
-def probe_forward(model: nn.Module, args: tuple, kwargs: dict, where: str, exempt: Sequence[nn.Module] = (), *,
-                  batch_rows: int | None = None) -> None:
-    """Two forwards of the captured batch must agree (no randomness besides the ``exempt`` modules, whose
-    randomness is recorded), and the first sample's output must not depend on the rest of the batch (probed
-    when the inputs' leading dimension is the ``batch_rows`` ids recorded for them: samples along dim 0).
-    The RNG states, buffers and modes are restored afterwards: training is not perturbed."""
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    modes = [(m, m.training) for m in exempt]
-    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda" and b.device.index is not None})
-    python_state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for m in exempt:
-                m.eval()
-            first = _tensors_of(model(*args, **kwargs))
-            second = _tensors_of(model(*args, **kwargs))
-            if _differs(first, second):
-                raise StochasticTrainingError(
-                    f"{where}: two forwards of the same batch at the same θ differ, so the forward is random "
-                    f"({_random_sources(model)}); the recorded gradients cannot be reproduced. Make the forward "
-                    "deterministic (use nn.Dropout modules, which are recorded or refused by name; move noise and "
-                    "augmentation into the data pipeline, where each sample's transformed input is its own sample)"
-                )
-            size = _batch_size(args, kwargs)
-            if size is not None and size >= 2 and size == batch_rows:
-                alone = _tensors_of(model(*_rows(args, size, slice(0, 1)), **_rows(kwargs, size, slice(0, 1))))
-                # per-sample outputs only: a batch-level value (a ModelOutput's mean loss) depends on the batch
-                per_sample = [k for k, t in enumerate(first) if t.dim() > 0 and t.shape[0] == size]
-                together = [first[k][:1] for k in per_sample]
-                alone = [alone[k] for k in per_sample if k < len(alone)]
-                if _differs(together, alone):
-                    raise StochasticTrainingError(
-                        f"{where}: the output of the batch's first sample changes when the rest of the batch is "
-                        "removed, so samples interact in the forward (batch statistics, x - x.mean(0), …) and no "
-                        "per-sample decomposition exists; make each sample's output depend on that sample alone"
-                    )
-    finally:
-        random.setstate(python_state)
-        for m, mode in modes:
-            m.train(mode)
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return None
-
-
-def _random_sources(model: nn.Module) -> str:
-    """Modules whose source mentions a random operation (a hint; the probe is the proof)."""
-    import inspect
-
-    words = ("dropout", "randn", "rand(", "rand_like", "randint", "bernoulli", "normal_", "multinomial", "random.")
-    found = []
-    for name, module in model.named_modules():
-        try:
-            source = inspect.getsource(type(module).forward)
-        except (OSError, TypeError):
-            continue
-        hits = [w.rstrip("(.") for w in words if w in source]
-        if hits and not isinstance(module, nn.modules.dropout._DropoutNd):
-            found.append(f"{name or type(module).__name__!r} calls {', '.join(hits)}")
-    return "; ".join(found[:4]) if found else "no module's forward names a random operation: look for one it calls"

@@ -99,7 +99,7 @@ class FlatCopy:
     buffer per (device, dtype) group, gathered in one call per group (``flatten_dense_tensors``: the concatenation
     of the flattened tensors, formed in C++); above it, a copy per tensor."""
 
-    __slots__ = ("shapes", "dtypes", "_groups", "_buffers", "_views", "_live")
+    __slots__ = ("shapes", "dtypes", "_groups", "_buffers", "_views", "_live", "_host")
 
     def __init__(self, tensors: Sequence[torch.Tensor], like: "FlatCopy | None" = None, live_views: bool = False):
         """``like``: an earlier copy (the last step's); when it has the same layout, this one shares its shapes, dtypes
@@ -121,6 +121,7 @@ class FlatCopy:
         self.shapes, self.dtypes = shapes, dtypes
         self._buffers: tuple[torch.Tensor, ...] = ()
         self._views: list[torch.Tensor] | None = None
+        self._host: np.ndarray | None = None  # the one buffer as numpy has it, when numpy gathered it
         if (live.scratch.size if arrays is not None else sum(s.numel() for s in shapes)) > GATHERED_COMPARISON_LIMIT:
             # large: a copy per tensor (a gathered one is slower to form there, and calls cost little)
             self._groups = ()
@@ -130,7 +131,8 @@ class FlatCopy:
             key = (_CPU, dtypes[0])
             same = like is not None and len(like._groups) == 1 and like._groups[0][0] == key
             self._groups = like._groups if same else ((key, range(len(tensors))),)
-            self._buffers = (torch.from_numpy(np.concatenate(arrays)),)
+            self._host = np.concatenate(arrays)
+            self._buffers = (torch.from_numpy(self._host),)
         elif dtypes and dtypes.count(dtypes[0]) == len(dtypes):
             try:  # one dtype, and (unless this raises) one device: one group
                 flat = _gathered(tensors, copy=True)
@@ -151,7 +153,7 @@ class FlatCopy:
         the rerun's θ_{t+1}, equal to the live one bit for bit, against which the next step compares."""
         copy = cls.__new__(cls)
         copy.shapes, copy.dtypes = tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors)
-        copy._groups, copy._buffers, copy._views, copy._live = (), (), list(tensors), None
+        copy._groups, copy._buffers, copy._views, copy._live, copy._host = (), (), list(tensors), None, None
         return copy
 
     def refill(self, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
@@ -159,7 +161,7 @@ class FlatCopy:
         memory; only for a copy whose views were handed to nobody), else a new copy."""
         arrays = self._live.of(tensors) if self._live is not None and len(self._groups) == 1 else None
         if arrays is not None and (self._live.dtypes, self._live.shapes) == (self.dtypes, self.shapes):
-            np.concatenate(arrays, out=self._buffers[0].numpy())
+            np.concatenate(arrays, out=self._host if self._host is not None else self._buffers[0].numpy())
             return self
         if len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
             try:
@@ -198,7 +200,8 @@ class FlatCopy:
         live = self._live
         if live is not None and len(self._groups) == 1 and live.of(tensors) is not None \
                 and (live.dtypes, live.shapes) == (self.dtypes, self.shapes):
-            if np.array_equal(np.concatenate(live.arrays, out=live.scratch), self._buffers[0].numpy()):
+            host = self._host if self._host is not None else self._buffers[0].numpy()
+            if np.array_equal(np.concatenate(live.arrays, out=live.scratch), host):
                 return None
         elif len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
             try:  # a tensor on another device than the rest raises: then one by one

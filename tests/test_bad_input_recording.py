@@ -648,7 +648,7 @@ def test_snapshots_of_mixed_dtypes_are_refused_by_validation():
 def test_the_coupling_probe_ignores_batch_level_outputs_such_as_a_mean_loss():
     """A model that returns its batch's mean loss beside per-sample logits (as an HF model called with
     labels does) is not coupled: only outputs with one row per sample are compared."""
-    from explaind_math.recording_checks import probe_forward
+    from explaind_math.recording_probe import probe_forward
 
     model = nn.Linear(4, 3).to(DT)
 
