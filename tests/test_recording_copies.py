@@ -210,6 +210,37 @@ def test_a_recording_follows_parameters_given_new_storage_between_steps():
         assert all(torch.equal(trajectory.parameters[t][n], v) for n, v in theta.items()), t
 
 
+def test_a_recording_leaves_the_storages_resizable_and_refuses_a_lazily_negated_parameter():
+    """The views read the tensors' memory by address: the parameters' and the state's storages stay resizable (as
+    code that frees parameter memory, ``untyped_storage().resize_(0)``, needs; ``Tensor.numpy()`` would have made
+    them unresizable for good), and a parameter swapped for a lazy negation of its own memory (same address and
+    layout, other values) is seen as changed."""
+    import explaind_math as em
+    from explaind_math.errors import RecordingError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    recorder = em.TrajectoryRecorder(model, opt)
+    x = torch.randn(6, 3)
+
+    def step():
+        opt.zero_grad()
+        recorder.record_batch(list(range(6)))
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    step()
+    step()
+    for p in model.parameters():
+        for t in [p, *opt.state[p].values()]:
+            t.untyped_storage().resize_(t.untyped_storage().nbytes())  # raises for a storage marked unresizable
+    weight = model[0].weight
+    weight.data = weight.data._neg_view()
+    with pytest.raises(RecordingError, match=r"parameter '0.weight' changed between optimizer steps 1 and 2"):
+        step()
+
+
 def test_step_counts_read_tensors_and_numbers():
     assert step_counts([torch.tensor(3.0), torch.tensor(4.0)]) == [3, 4]
     assert step_counts([3, torch.tensor(5.0)]) == [3, 5]
