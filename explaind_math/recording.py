@@ -427,9 +427,10 @@ class TrajectoryRecorder:
         self._state_watch.check_param_groups(optimizer, self._params, where)
         tree = self._forward_state.tree
         modules = tree.named_modules()  # one list of the modules for every check of the step
-        if self.check_modules:  # (of those, the kinds these two refuse)
-            check_deterministic_modules(self.model, where, self._watch.records_dropout, tree.named_batch_or_random())
-            check_batch_coupled_modules(self.model, where, tree.named_batch_or_random())
+        if self.check_modules:
+            checked = tree.named_batch_or_random()  # of those modules, the kinds these two refuse
+            check_deterministic_modules(self.model, where, self._watch.records_dropout, checked)
+            check_batch_coupled_modules(self.model, where, checked)
         self._forward_state.check(self.model, where, modules)
         self._state_watch.check(optimizer, self._params, where)
         if self._probe_pending and self._probe_input is not None:

@@ -327,8 +327,8 @@ class OptimizerStateWatch:
         self._layout: tuple[list, list, list] | None = None  # the last step's slots: copied, scalar, on a device
         self._plan: tuple | None = None  # (copied slots, recorded slots, a record given, own slots, split)
         self._group_ids: list | None = None  # the ids in each param group when check_param_groups last passed
-        self._entries: tuple | None = None  # the layout of entries_after_step, kept while it stays the same
         self._grouped: Sequence | None = None  # the recorded parameters it passed with
+        self._entries: tuple | None = None  # the layout of entries_after_step, kept while it stays the same
 
     def record(self, optimizer, params, recorded_slots: Sequence[tuple[int, str]] = (),
                recorded: FlatCopy | None = None, states: Sequence[Mapping] | None = None) -> None:

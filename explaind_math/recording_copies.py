@@ -143,8 +143,8 @@ class FlatCopy:
         self.shapes, self.dtypes = shapes, dtypes
         self._buffers: tuple[torch.Tensor, ...] = ()
         self._views: list[torch.Tensor] | None = None
-        self._host: np.ndarray | None = None  # the one buffer as numpy has it, when numpy gathered it
-        if (live.scratch.size if arrays is not None else sum(s.numel() for s in shapes)) > GATHERED_COMPARISON_LIMIT:
+        self._host: np.ndarray | None = None  # the one buffer as numpy has it (_host_buffer)
+        if arrays is None and sum(s.numel() for s in shapes) > GATHERED_COMPARISON_LIMIT:  # (views: within it)
             # large: a copy per tensor (a gathered one is slower to form there, and calls cost little)
             self._groups = ()
             self._views = [cpu_copy(t) for t in tensors]
@@ -181,9 +181,9 @@ class FlatCopy:
     def refill(self, tensors: Sequence[torch.Tensor]) -> "FlatCopy":
         """This copy written again with ``tensors`` when they have its dtypes and shapes (its buffers reused: no new
         memory; only for a copy whose views were handed to nobody), else a new copy."""
-        arrays = self._live.of(tensors) if self._live is not None and len(self._groups) == 1 else None
-        if arrays is not None and (self._live.dtypes, self._live.shapes) == (self.dtypes, self.shapes):
-            np.concatenate(arrays, out=self._host if self._host is not None else self._buffers[0].numpy())
+        arrays = self._live_arrays(tensors)
+        if arrays is not None:
+            np.concatenate(arrays, out=self._host_buffer())
             return self
         if len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
             try:
@@ -193,6 +193,20 @@ class FlatCopy:
             except RuntimeError:
                 pass
         return FlatCopy(tensors, like=self, live_views=self._live is not None)
+
+    def _live_arrays(self, tensors: Sequence[Any]) -> list[np.ndarray] | None:
+        """The live views of ``tensors`` when this copy has them and they have its layout, in one buffer (None: the
+        torch path)."""
+        live = self._live
+        if live is None or len(self._groups) != 1 or live.of(tensors) is None:
+            return None
+        return live.arrays if (live.dtypes, live.shapes) == (self.dtypes, self.shapes) else None
+
+    def _host_buffer(self) -> np.ndarray:
+        """The one buffer as a numpy array (kept once made)."""
+        if self._host is None:
+            self._host = self._buffers[0].numpy()
+        return self._host
 
     def views(self) -> list[torch.Tensor]:
         """The copy of each tensor (views of the buffers; made once, when first asked for)."""
@@ -219,11 +233,9 @@ class FlatCopy:
     def first_difference(self, tensors: Sequence[Any]) -> int | None:
         """The position of the first of ``tensors`` that is not a tensor of its copy's shape and dtype holding its
         values exactly (None: all hold them)."""
-        live = self._live
-        if live is not None and len(self._groups) == 1 and live.of(tensors) is not None \
-                and (live.dtypes, live.shapes) == (self.dtypes, self.shapes):
-            host = self._host if self._host is not None else self._buffers[0].numpy()
-            if np.array_equal(np.concatenate(live.arrays, out=live.scratch), host):
+        arrays = self._live_arrays(tensors)
+        if arrays is not None:
+            if np.array_equal(np.concatenate(arrays, out=self._live.scratch), self._host_buffer()):
                 return None
         elif len(tensors) == len(self.shapes) and len(self._groups) <= 1 and _same_layout(tensors, self):
             try:  # a tensor on another device than the rest raises: then one by one
