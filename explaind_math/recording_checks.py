@@ -266,8 +266,8 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _attribute_signature(modules: Sequence[tuple[str, nn.Module]]) -> tuple:
-    """What a quick check of the modules' scalar attributes compares: the list of modules given, the modules, their
-    ``__dict__``\ s, the keys of each in order, and each public attribute with its type, value and whether it is a
+    """What a quick check of the modules' scalar attributes compares: the list of modules given, the modules, the
+    ``__dict__`` of each, the keys of each in order, and each public attribute with its type, value and whether it is a
     scalar."""
     mods = [module for _, module in modules]
     dicts = list(map(vars, mods))
