@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import NonFiniteError, RecordingError, StochasticTrainingError
+from .errors import NonFiniteError, RecordingError
 from .integrations.names import unwrap_model
 from .integrations.watch import ForwardWatch
 from .optimizers import rule_for_optimizer
@@ -49,36 +49,11 @@ from .recording_checks import (
     on_cpu,
 )
 from .recording_copies import FlatCopy, step_counts
-from .recording_probe import check_batch_coupled_modules, probe_forward
+from .recording_probe import check_batch_coupled_modules, check_deterministic_modules, probe_forward
 from .rerun import RecordedRerun, RerunTrajectory, rerun_pays_off
 from .trajectory import StepRecord, Trajectory, first_non_finite
 
 __all__ = ["TrajectoryRecorder", "check_deterministic_modules"]
-
-
-def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: bool = False,
-                                modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
-    """Refuse BatchNorm in training mode and active dropout: both break "loss = Σ_i w_i ℓ_i" (``allow_dropout``:
-    ``nn.Dropout`` modules are recorded for replay, :mod:`explaind_math.integrations.forward`; ``modules``:
-    ``list(model.named_modules())``, when the caller has it)."""
-    for name, module in (model.named_modules() if modules is None else modules):
-        label = name or type(module).__name__
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise StochasticTrainingError(
-                f"{where}: BatchNorm module {label!r} is in training mode, so each sample's output depends "
-                "on the whole batch and no per-sample decomposition exists; put it in eval mode "
-                "(module.eval()) or use LayerNorm/GroupNorm"
-            )
-        recorded = allow_dropout and type(module) is nn.Dropout
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0 and not recorded:
-            raise StochasticTrainingError(
-                f"{where}: dropout module {label!r} is active (p={module.p}), so the recorded gradients "
-                "cannot be reproduced; call module.eval() or set p=0"
-            )
-        if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
-            raise StochasticTrainingError(
-                f"{where}: attention module {label!r} has active dropout={module.dropout}; set it to 0 or eval()"
-            )
 
 
 class TrajectoryRecorder:
@@ -188,18 +163,10 @@ class TrajectoryRecorder:
         self._last_step: _RecordedStep | None = None  # the last step kept: its layout is shared by the next
         self._writer = None
         self.resumed_from: int | None = None
-        if directory is not None:
-            from .storage import TrajectoryShardWriter
-
-            self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard,
-                                                 background=write_in_background)
-            try:
-                if self._writer.has_trajectory:
-                    self._resume()
-            except BaseException:
-                self._writer.abandon()
-                raise
+        self._metadata: dict = {}  # the user's (trajectory(metadata=...), flush(metadata=...)), merged
         self._watch = ForwardWatch(model, dropout, dropout_seed)  # dropout recorded for replay; autocast refused
+        if directory is not None:
+            self._open_directory(directory, steps_per_shard, write_in_background)
         self._watch.step = self._count
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -244,8 +211,9 @@ class TrajectoryRecorder:
         """The steps recorded so far (θ_0 … θ_N and N step records).
 
         With ``directory``: writes the pending steps (a shard, possibly shorter than
-        ``steps_per_shard``), stores ``metadata`` in the manifest when given, and returns the directory
-        opened as a :class:`~explaind_math.storage.ShardedTrajectory`.
+        ``steps_per_shard``) and returns the directory opened as a
+        :class:`~explaind_math.storage.ShardedTrajectory`. ``metadata`` is added to the trajectory's metadata and
+        kept for later calls and manifests (a key given again takes its new value).
         """
         if self._count == 0:
             raise RecordingError("no optimizer step was recorded yet")
@@ -254,10 +222,11 @@ class TrajectoryRecorder:
 
             self.flush(metadata)
             return ShardedTrajectory(self._writer.directory)
+        self._metadata.update(metadata or {})
         common = dict(optimizer=self.rule.name, parameter_names=[n for n, _, _ in self._params],
                       group_of={n: gi for n, _, gi in self._params}, initial_state=self._initial_state,
                       buffers=self._buffers, steps=[step.record() for step in self._steps],
-                      metadata={**(metadata or {}), **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling})
+                      metadata=self._manifest_metadata())
         by_gradient = sum(theta is None for theta in self._snapshots)  # steps rebuilt on demand (RerunTrajectory)
         if self._rerun is not None:
             common["metadata"]["optimizer_rerun"] = self._rerun.metadata(self._count, by_gradient)
@@ -277,14 +246,17 @@ class TrajectoryRecorder:
         return None if self._writer is None else self._writer.directory
 
     def flush(self, metadata: dict | None = None) -> None:
-        """With ``directory``: write the steps not yet on disk now (a shorter shard), the dropout record of the steps
-        so far and ``metadata`` (when given) into the manifest, and wait until they are committed."""
+        """With ``directory``: write the steps not yet on disk now (a shorter shard) and the manifest, and wait until
+        they are committed. Every manifest holds the metadata so far: ``metadata`` (when given, added to that of
+        earlier calls) and the dropout record of the steps it lists."""
+        self._metadata.update(metadata or {})
         if self._writer is not None:
-            if metadata is not None or self._watch.records_dropout:
-                self._writer.set_metadata({**(metadata or {}), **self._watch.metadata(),
-                                           "gradient_rescaling": self.gradient_rescaling})
             self._writer.flush()
             self._writer.wait()
+
+    def _manifest_metadata(self) -> dict:
+        """The trajectory's metadata now: the user's, the dropout record of the steps so far, gradient_rescaling."""
+        return {**self._metadata, **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling}
 
     def close(self) -> None:
         """Remove the hooks (the optimizer is left exactly as the user made it); with ``directory``,
@@ -303,6 +275,25 @@ class TrajectoryRecorder:
         self.close()
 
     # ------------------------------------------------------------------ resuming a directory
+    def _open_directory(self, directory, steps_per_shard: int, background: bool) -> None:
+        """The writer of ``directory``; a trajectory found there is resumed (:meth:`_resume`). Every manifest it
+        writes holds :meth:`_manifest_metadata` (the dropout record of the steps it lists)."""
+        from .storage import TrajectoryShardWriter
+
+        try:
+            self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard, background=background)
+        except BaseException:
+            self._watch.close()
+            raise
+        try:
+            if self._writer.has_trajectory:
+                self._resume()
+        except BaseException:
+            self._watch.close()
+            self._writer.abandon()
+            raise
+        self._writer.metadata_source = self._manifest_metadata
+
     def _resume(self) -> None:
         """Continue the trajectory found in the directory after its last finished step N, once the model
         (parameters = θ_N, buffers) and the optimizer (state after step N − 1) are checked against it."""
@@ -355,6 +346,8 @@ class TrajectoryRecorder:
                 "trajectory, give an empty or new directory"
             )
         self._check_resumed_optimizer_state(existing, where)
+        self._metadata = {k: v for k, v in existing.metadata.items() if k not in ("dropout", "gradient_rescaling")}
+        self._watch.continue_record(existing.metadata.get("dropout"), n, where)
         self._count = n
         self._last_theta = theta
         self.resumed_from = n

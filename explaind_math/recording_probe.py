@@ -1,4 +1,5 @@
 """The record-time checks of :class:`~explaind_math.TrajectoryRecorder` for forwards that are not per-sample:
+BatchNorm in training mode and active dropout not recorded (:func:`check_deterministic_modules`, every step),
 BatchNorm that normalizes by the batch (:func:`check_batch_coupled_modules`, every step), and at the first step
 :func:`probe_forward`: two forwards of the first recorded batch must agree (no randomness but the recorded dropout)
 and its first sample alone must give its row of the batch's output (no coupling between samples)."""
@@ -13,10 +14,35 @@ from torch import nn
 
 from .errors import StochasticTrainingError
 
-__all__ = ["check_batch_coupled_modules", "probe_forward"]
+__all__ = ["check_batch_coupled_modules", "check_deterministic_modules", "probe_forward"]
 
 
 # ---------------------------------------------------------------------- forwards that are not per-sample
+def check_deterministic_modules(model: nn.Module, where: str, allow_dropout: bool = False,
+                                modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
+    """Refuse BatchNorm in training mode and active dropout: both break "loss = Σ_i w_i ℓ_i" (``allow_dropout``:
+    ``nn.Dropout`` modules are recorded for replay, :mod:`explaind_math.integrations.forward`; ``modules``:
+    ``list(model.named_modules())``, when the caller has it)."""
+    for name, module in (model.named_modules() if modules is None else modules):
+        label = name or type(module).__name__
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise StochasticTrainingError(
+                f"{where}: BatchNorm module {label!r} is in training mode, so each sample's output depends "
+                "on the whole batch and no per-sample decomposition exists; put it in eval mode "
+                "(module.eval()) or use LayerNorm/GroupNorm"
+            )
+        recorded = allow_dropout and type(module) is nn.Dropout
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0 and not recorded:
+            raise StochasticTrainingError(
+                f"{where}: dropout module {label!r} is active (p={module.p}), so the recorded gradients "
+                "cannot be reproduced; call module.eval() or set p=0"
+            )
+        if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
+            raise StochasticTrainingError(
+                f"{where}: attention module {label!r} has active dropout={module.dropout}; set it to 0 or eval()"
+            )
+
+
 def check_batch_coupled_modules(model: nn.Module, where: str,
                                 modules: Sequence[tuple[str, nn.Module]] | None = None) -> None:
     """BatchNorm without running statistics normalizes by the batch in eval mode too (``modules``:

@@ -108,3 +108,90 @@ def test_randomness_the_route_does_not_see_is_refused_at_its_step_and_earlier_st
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the step did not happen
     assert recorder.trajectory().num_steps == 2
     assert not recorder._watch.route_alone  # the next forwards are watched by the mode again
+
+
+# ---------------------------------------------------------------------- dropout in a trajectory directory
+def _steps(recorder, model, optimizer, batches, steps: int) -> None:
+    for _ in range(steps):
+        ids, (x, y) = next(batches)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        recorder.record_batch(ids)
+        optimizer.step()
+
+
+def _manifest_metadata(directory) -> dict:
+    import json
+
+    return json.loads((directory / "manifest.json").read_text())["metadata"]
+
+
+def _assert_directory_exact(model, directory, dataset, X, steps: int):
+    model.eval()
+    trajectory = em.ShardedTrajectory(directory)
+    assert trajectory.num_steps == steps
+    result = em.decompose_adamw_training(model, trajectory, loss_fn=F.cross_entropy, train_data=dataset,
+                                         test_inputs=X[:3], dtype=DT)
+    assert result.relative_residual <= 1e-9, result.summary()
+
+
+def test_every_manifest_of_a_directory_recording_holds_the_dropout_record_of_its_steps(tmp_path):
+    """The dropout record (seed and row orders: the masks cannot be drawn again without it) goes into each manifest
+    with the steps it lists, so a run that dies mid-way, or a recorder closed without flush(), leaves steps that
+    decompose exactly."""
+    model, (X, dataset) = _Net("module"), _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    directory = tmp_path / "run"
+    batches = iter(DataLoaderWithIds(dataset, batch_size=6))
+    with em.TrajectoryRecorder(model, optimizer, directory=directory, steps_per_shard=2) as recorder:
+        _steps(recorder, model, optimizer, batches, 3)  # one shard of 2 steps written, the third pending
+        record = _manifest_metadata(directory)["dropout"]
+        assert sorted(record["steps"]) == ["0", "1"] and record["seed"] == recorder._watch.seed
+        _steps(recorder, model, optimizer, batches, 1)
+    assert sorted(_manifest_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2", "3"]  # closed, no flush
+    _assert_directory_exact(model, directory, dataset, X, 4)
+
+
+def test_a_resumed_directory_recording_continues_the_dropout_record(tmp_path):
+    model, (X, dataset) = _Net("module"), _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    directory = tmp_path / "run"
+    batches = iter(DataLoaderWithIds(dataset, batch_size=6))
+    with em.TrajectoryRecorder(model, optimizer, directory=directory) as recorder:
+        _steps(recorder, model, optimizer, batches, 2)
+        recorder.flush(metadata={"run": "first"})
+        seed = recorder._watch.seed
+    with em.TrajectoryRecorder(model, optimizer, directory=directory) as resumed:
+        assert resumed.resumed_from == 2 and resumed._watch.seed == seed
+        _steps(resumed, model, optimizer, batches, 2)
+    metadata = _manifest_metadata(directory)
+    assert metadata["run"] == "first" and metadata["dropout"]["seed"] == seed  # kept across the resume
+    assert sorted(metadata["dropout"]["steps"]) == ["0", "1", "2", "3"]
+    _assert_directory_exact(model, directory, dataset, X, 4)
+
+
+@pytest.mark.parametrize("change", ["another seed", "dropout off", "dropout on"])
+def test_resuming_with_other_dropout_is_refused_and_the_directory_is_kept(change, tmp_path):
+    model, (X, dataset) = _Net("module"), _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    directory = tmp_path / "run"
+    batches = iter(DataLoaderWithIds(dataset, batch_size=6))
+    with em.TrajectoryRecorder(model, optimizer, directory=directory, dropout=change != "dropout on",
+                               **({"check_modules": False} if change == "dropout on" else {})) as recorder:
+        if change == "dropout on":
+            model.drop.p = 0.0  # recorded without dropout
+        _steps(recorder, model, optimizer, batches, 2)
+        seed = recorder._watch.seed
+    options, message = {
+        "another seed": ({"dropout_seed": seed + 1}, r"dropout_seed=\d+ differs from the recorded run's seed"),
+        "dropout off": ({"dropout": False}, r"recorded with dropout \(p = \[0\.3\]\), and this recorder records none"),
+        "dropout on": ({}, r"recorded without dropout, and this model has active dropout"),
+    }[change]
+    model.drop.p = 0.3
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(RecordingError, match=rf"cannot resume recording in .*{message}"):
+        em.TrajectoryRecorder(model, optimizer, directory=directory, **options)
+    assert sorted(p.name for p in directory.iterdir()) == before
+    with em.TrajectoryRecorder(model, optimizer, directory=directory, dropout=change != "dropout on",
+                               **({"check_modules": False} if change == "dropout on" else {})) as again:
+        assert again.resumed_from == 2  # the directory was released and is still resumable

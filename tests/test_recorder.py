@@ -353,3 +353,23 @@ def test_resumed_from_a_state_dict(device):
     result = _decompose(model, rec.trajectory(), X, Y)
     assert result.carried_state is not None
     _assert_exact(result)
+
+
+@pytest.mark.parametrize("in_directory", [False, True])
+def test_metadata_given_to_trajectory_or_flush_is_kept_by_later_calls(in_directory, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = em.TrajectoryRecorder(model, optimizer, directory=tmp_path / "run" if in_directory else None)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    for _ in range(2):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).sum(1).mean().backward()
+        recorder.record_batch(range(4))
+        optimizer.step()
+    assert recorder.trajectory(metadata={"a": 1}).metadata["a"] == 1
+    recorder.flush(metadata={"b": 2})
+    metadata = recorder.trajectory().metadata
+    assert (metadata["a"], metadata["b"], metadata["gradient_rescaling"]) == (1, 2, False)
+    assert recorder.trajectory(metadata={"a": 3}).metadata["a"] == 3  # a key given again: its new value
+    recorder.close()

@@ -94,6 +94,7 @@ class ForwardWatch:
             raise RecordingError(f"dropout must be True, False or 'auto', got {dropout!r}")
         self.records_dropout = has_active_dropout(model) if dropout == "auto" else bool(dropout)
         self.seed = secrets.randbits(31) if seed is None else int(seed)
+        self._seed_given = seed is not None
         self.step = 0
         self.rank, self.world_size = 0, 1  # a DDP run: this rank's micro-batches get keys m·W + rank
         self.calls: list[float] | None = None
@@ -245,6 +246,29 @@ class ForwardWatch:
             self._steps[str(step)] = self._staged
         self._staged = None
         self.step = step + 1
+
+    def continue_record(self, record: dict | None, steps: int, where: str) -> None:
+        """Resuming a trajectory of ``steps`` steps whose dropout record is ``record`` (None: recorded without
+        dropout): go on with its seed, dropout calls and steps, so that the record keeps every step's masks.
+        Refused when this run would record dropout and that one did not, or the other way round (the steps of
+        one of the two would have no masks to replay), and when a ``dropout_seed`` given differs from its seed."""
+        if record is None:
+            if self.records_dropout and steps:
+                raise RecordingError(
+                    f"{where}: its {steps} steps were recorded without dropout, and this model has active dropout "
+                    "(recorded from here on, the record would miss the earlier steps); resume with the dropout "
+                    "of the recorded run (model.eval() of the dropout modules, or p=0)")
+            return
+        if not self.records_dropout:
+            raise RecordingError(
+                f"{where}: its steps were recorded with dropout (p = {record.get('calls')}), and this recorder "
+                "records none (no active dropout in the model, or dropout=False): resume with the same dropout")
+        if self._seed_given and int(record["seed"]) != self.seed:
+            raise RecordingError(f"{where}: dropout_seed={self.seed} differs from the recorded run's seed "
+                                 f"{record['seed']}; leave dropout_seed unset to continue with it")
+        self.seed = int(record["seed"])
+        self.calls = [float(p) for p in record["calls"]] if record.get("steps") else None
+        self._steps = {str(t): [list(map(int, ids)) for ids in micro] for t, micro in record["steps"].items()}
 
     def metadata(self) -> dict:
         """What goes into ``trajectory.metadata`` (``{}`` without dropout)."""

@@ -8,7 +8,7 @@ import json
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -39,6 +39,10 @@ class TrajectoryShardWriter:
     bounded), and a crash loses, besides the pending steps, the shards not yet committed. A failed
     write is raised by the next call, and the writer then refuses to go on (the directory holds the
     steps committed before the failure).
+
+    ``metadata_source``: when set, a callable whose mapping is written as the trajectory's metadata with every
+    manifest (read when a shard is handed over, in the caller's thread), so that each manifest on disk describes
+    the steps it lists: the recorder's dropout record grows with the steps.
     """
 
     def __init__(self, directory: str | os.PathLike, *, steps_per_shard: int = 1, background: bool = False):
@@ -59,6 +63,8 @@ class TrajectoryShardWriter:
         self._pending: list[tuple[StepRecord, dict]] = []
         self._failure: BaseException | None = None
         self.closed = False
+        self.metadata_source: Callable[[], Mapping[str, Any]] | None = None
+        self._submitted_metadata = self.manifest["metadata"] if self.manifest is not None else None
         self._queue = None
         if background:
             import queue
@@ -130,14 +136,23 @@ class TrajectoryShardWriter:
             self.manifest = {**self.manifest, "metadata": metadata}
             if not self._pending:
                 write_manifest(self.directory, self.manifest)
+        self._submitted_metadata = metadata
 
     def flush(self) -> None:
         """Write the pending steps as one shard, then the manifest that lists it (with ``background``:
         hand them to the writer thread, waiting while it still has a shard queued)."""
         self._check_usable()
-        if self._initial is None and not self._pending:
+        metadata = None
+        if self.metadata_source is not None and self._started:
+            metadata = json.loads(json.dumps(dict(self.metadata_source())))  # JSON-able, and a copy
+            if metadata == self._submitted_metadata:
+                metadata = None  # (unchanged: the manifest keeps it)
+        if self._initial is None and not self._pending and metadata is None:
             return
-        job = (self._initial, self._submitted, [s for s, _ in self._pending], [th for _, th in self._pending])
+        job = (self._initial, self._submitted, [s for s, _ in self._pending], [th for _, th in self._pending],
+               metadata)
+        if metadata is not None:
+            self._submitted_metadata = metadata
         self._initial = None
         self._submitted += len(self._pending)
         self._pending = []
@@ -185,10 +200,12 @@ class TrajectoryShardWriter:
 
     def _commit(self, job) -> None:
         """Write one job: initial.safetensors (the first time), the shard, then the manifest."""
-        initial, first, steps, thetas = job
+        initial, first, steps, thetas, metadata = job
         manifest = self.manifest
         if initial is not None:
             tensors, description = initial
+            if metadata is not None:
+                description = {**description, "metadata": metadata}
             size, crc = write_file(self.directory / INITIAL_NAME, tensors,
                                    {"format": INITIAL_FORMAT, "version": DIRECTORY_VERSION, **description,
                                     "generation": 0})
@@ -202,6 +219,8 @@ class TrajectoryShardWriter:
             size, crc = write_shard(self.directory, first, steps, thetas, manifest["generation"])
             stop = first + len(steps)
             manifest = {**manifest, "shards": [*manifest["shards"], [first, stop, size, crc]], "num_steps": stop}
+        if metadata is not None:
+            manifest = {**manifest, "metadata": metadata}
         write_manifest(self.directory, manifest)
         self.manifest = manifest
 
