@@ -7,7 +7,8 @@
   2. the Trainer's step time (its own ``train_runtime`` per step) with ``RecordingTrainer`` against the plain
      ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
      one on sequences up to 64 tokens, and the small one with dropout off (the checks and copies alone): best of
-     the repeats, the median and range of the interleaved (plain, recording) pairs, the process CPU time per
+     the repeats, the median (with its 95% bootstrap interval) and range of the interleaved (plain,
+     recording) pairs, the process CPU time per
      step, the minor page faults per step, the time in the recorder's optimizer-step hooks (its checks and copies);
      and the whole ``trainer.train()`` call. Where the recording keeps
      steps by their ``.grad`` (``rerun_optimizer="auto"``, :mod:`explaind_math.rerun`: the 4-layer model), the
@@ -16,6 +17,7 @@
   3. the memory of the dropout record: bytes in the trajectory against bit-packed masks.
 
     python benchmarks/bench_hf.py [--layers 2] [--steps 8]
+    python benchmarks/bench_hf.py --only-trainer --sizes small --trainer-repeats 30   # the 1.3x target, 30 pairs
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def main() -> None:
                              "probe and the Trainer's own, are spread over them, as over a run)")
     parser.add_argument("--trainer-repeats", type=int, default=5, help="interleaved Trainer runs per size (best kept)")
     parser.add_argument("--only-trainer", action="store_true", help="part 2 only")
+    parser.add_argument("--sizes", default=",".join(TRAINER_SIZES),
+                        help=f"part 2: the Trainer runs to time, of {', '.join(TRAINER_SIZES)} (comma-separated)")
     parser.add_argument("--in-process", action="store_true",
                         help="part 2: every Trainer run in this process (default: each in a fresh one)")
     parser.add_argument("--one-run", help=argparse.SUPPRESS)  # the child of an isolated part-2 run
@@ -206,12 +210,32 @@ def isolated_trainer_seconds(recording: bool, steps: int, layers: int, width: in
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+#: part 2's Trainer runs; the last, the small model without dropout: what the checks and copies cost without the
+#: dropout record
+TRAINER_SIZES = ("small", "large", "small-no-dropout")
+
+
+def median_with_interval(values, resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """The median of ``values`` and its 95% percentile-bootstrap interval (``resamples`` resamplings with
+    replacement, seeded: the same values give the same interval)."""
+    import random
+    import statistics
+
+    draw = random.Random(seed)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def trainer_part(a, data):
     recorder = None
     longer = synthetic_sequences(64, seed=1, max_len=64)
-    # the last row: the small model without dropout, what the checks and copies cost without the dropout record
-    sizes = [(a.layers, 32, 24, data, 0.1), (4, 128, 64, longer, 0.1), (a.layers, 32, 24, data, 0.0)]
-    for layers, width, max_len, sequences, dropout in sizes:
+    chosen = a.sizes.split(",")
+    unknown = sorted(set(chosen) - set(TRAINER_SIZES))
+    if unknown:
+        raise SystemExit(f"--sizes: unknown {unknown}; choose from {list(TRAINER_SIZES)}")
+    sizes = {"small": (a.layers, 32, 24, data, 0.1), "large": (4, 128, 64, longer, 0.1),
+             "small-no-dropout": (a.layers, 32, 24, data, 0.0)}
+    for layers, width, max_len, sequences, dropout in (sizes[name] for name in TRAINER_SIZES if name in chosen):
         positions = max(32, max_len)
         if a.in_process:
             trainer_seconds(False, 2, layers, 8, sequences, width, positions, dropout)  # warm-up (first-call costs)
@@ -233,6 +257,7 @@ def trainer_part(a, data):
         wall_plain, wall_rec = min(r[0] for r in plain), min(r[0] for r in runs)
         cpu_plain, cpu_rec = min(r[3] for r in plain), min(r[3] for r in runs)
         pairs = sorted(r[1] / p[1] for p, r in zip(plain, runs))  # each recording run against the plain run before it
+        median, low, high = median_with_interval(pairs)
         if recorder is None:  # the dropout record of part 3 is the first size's
             recorder = runs[0][2] if a.in_process else trainer_seconds(True, a.trainer_steps, layers, 8, sequences,
                                                                         width, positions, dropout)[2]
@@ -244,8 +269,8 @@ def trainer_part(a, data):
         print(f"2. Trainer, GPT-2 {layers} layers width {width}, dropout {dropout}, sequences <= {max_len}, "
               f"{a.trainer_steps} steps "
               f"(best of {a.trainer_repeats}): step {step_plain * 1e3:.2f} ms plain, {step_rec * 1e3:.2f} ms recording, ratio "
-              f"{step_rec / step_plain:.2f} (interleaved pairs: median {pairs[len(pairs) // 2]:.2f}, range "
-              f"{pairs[0]:.2f}-{pairs[-1]:.2f}); process CPU time per step {cpu_plain * 1e3:.1f} vs {cpu_rec * 1e3:.1f} ms, "
+              f"{step_rec / step_plain:.2f} (interleaved pairs: median {median:.3f}, 95% bootstrap interval "
+              f"{low:.3f}-{high:.3f}, range {pairs[0]:.2f}-{pairs[-1]:.2f}); process CPU time per step {cpu_plain * 1e3:.1f} vs {cpu_rec * 1e3:.1f} ms, "
               f"ratio {cpu_rec / cpu_plain:.2f}; whole train() {wall_plain:.2f} s vs {wall_rec:.2f} s, ratio "
               f"{wall_rec / wall_plain:.2f}{faults}")
         if full:
