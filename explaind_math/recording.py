@@ -29,6 +29,7 @@ added mid-run, NaN/Inf gradients, and optimizer flags with no exact rule
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -249,14 +250,18 @@ class TrajectoryRecorder:
         """With ``directory``: write the steps not yet on disk now (a shorter shard) and the manifest, and wait until
         they are committed. Every manifest holds the metadata so far: ``metadata`` (when given, added to that of
         earlier calls) and the dropout record of the steps it lists."""
+        if self._writer is not None and metadata:
+            metadata = json.loads(json.dumps(dict(metadata)))  # refused here, not at every later shard
         self._metadata.update(metadata or {})
         if self._writer is not None:
             self._writer.flush()
             self._writer.wait()
 
     def _manifest_metadata(self) -> dict:
-        """The trajectory's metadata now: the user's, the dropout record of the steps so far, gradient_rescaling."""
-        return {**self._metadata, **self._watch.metadata(), "gradient_rescaling": self.gradient_rescaling}
+        """The trajectory's metadata now: the user's, the dropout record (its rows in the shards with a directory),
+        gradient_rescaling."""
+        dropout = self._watch.metadata() if self._writer is None else self._watch.manifest_record()
+        return {**self._metadata, **dropout, "gradient_rescaling": self.gradient_rescaling}
 
     def close(self) -> None:
         """Remove the hooks (the optimizer is left exactly as the user made it); with ``directory``,
@@ -293,6 +298,7 @@ class TrajectoryRecorder:
             self._writer.abandon()
             raise
         self._writer.metadata_source = self._manifest_metadata
+        self._writer.dropout_rows_source = self._watch.rows_of if self._watch.records_dropout else None
 
     def _resume(self) -> None:
         """Continue the trajectory found in the directory after its last finished step N, once the model
@@ -347,7 +353,8 @@ class TrajectoryRecorder:
             )
         self._check_resumed_optimizer_state(existing, where)
         self._metadata = {k: v for k, v in existing.metadata.items() if k not in ("dropout", "gradient_rescaling")}
-        self._watch.continue_record(existing.metadata.get("dropout"), n, where)
+        self._watch.continue_record(existing.metadata.get("dropout"), n, where,
+                                    existing.manifest_metadata.get("dropout", {}).get("steps"))
         self._count = n
         self._last_theta = theta
         self.resumed_from = n

@@ -121,9 +121,8 @@ def _steps(recorder, model, optimizer, batches, steps: int) -> None:
 
 
 def _manifest_metadata(directory) -> dict:
-    import json
-
-    return json.loads((directory / "manifest.json").read_text())["metadata"]
+    """The metadata of the trajectory in ``directory``, its dropout rows joined from the shards."""
+    return em.ShardedTrajectory(directory).metadata
 
 
 def _assert_directory_exact(model, directory, dataset, X, steps: int):
@@ -185,7 +184,7 @@ def test_resuming_with_other_dropout_is_refused_and_the_directory_is_kept(change
     options, message = {
         "another seed": ({"dropout_seed": seed + 1}, r"dropout_seed=\d+ differs from the recorded run's seed"),
         "dropout off": ({"dropout": False}, r"recorded with dropout \(p = \[0\.3\]\), and this recorder records none"),
-        "dropout on": ({}, r"recorded without dropout, and this model has active dropout"),
+        "dropout on": ({}, r"its 2 steps have no dropout record .*, and this model has active dropout"),
     }[change]
     model.drop.p = 0.3
     before = sorted(p.name for p in directory.iterdir())
@@ -195,3 +194,56 @@ def test_resuming_with_other_dropout_is_refused_and_the_directory_is_kept(change
     with em.TrajectoryRecorder(model, optimizer, directory=directory, dropout=change != "dropout on",
                                **({"check_modules": False} if change == "dropout on" else {})) as again:
         assert again.resumed_from == 2  # the directory was released and is still resumable
+
+
+def _dropout_run(directory, steps: int, **options):
+    model, (X, dataset) = _Net("module"), _data()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    batches = (batch for _ in range(4) for batch in DataLoaderWithIds(dataset, batch_size=6))  # 4 epochs
+    recorder = em.TrajectoryRecorder(model, optimizer, directory=directory, **options)
+    _steps(recorder, model, optimizer, batches, steps)
+    return model, optimizer, batches, recorder, dataset, X
+
+
+def test_the_dropout_rows_stay_with_their_shard_a_crash_before_its_manifest_and_a_truncation(tmp_path, monkeypatch):
+    """Each shard holds its steps' dropout rows and the manifest only the seed and calls (a manifest stays small
+    however long the run): a shard that recovery adopts after a crash between writing it and listing it, and a
+    shard a truncation cuts, keep the rows of their steps, and resuming goes on from there exactly."""
+    import json
+
+    from explaind_math.storage import truncate_trajectory_directory, writer
+
+    directory = tmp_path / "run"
+    model, optimizer, batches, recorder, dataset, X = _dropout_run(directory, 4, steps_per_shard=2)
+    manifest = json.loads((directory / "manifest.json").read_text())["metadata"]["dropout"]
+    assert manifest["steps"] == {} and manifest["steps_in_shards"]  # the rows are in the shards
+    original = writer.write_manifest
+    monkeypatch.setattr(writer, "write_manifest", lambda *a: (_ for _ in ()).throw(OSError("crash before listing")))
+    with pytest.raises(OSError, match="crash before listing"):
+        _steps(recorder, model, optimizer, batches, 2)  # steps 4 and 5: their shard written, the manifest not
+    monkeypatch.setattr(writer, "write_manifest", original)
+    recorder._writer.abandon()
+    recorder.close()
+    with pytest.warns(UserWarning, match="not listed"):
+        em.ShardedTrajectory(directory)
+    resumed = em.TrajectoryRecorder(model, optimizer, directory=directory, steps_per_shard=2)  # recovery adopts it
+    assert resumed.resumed_from == 6
+    _steps(resumed, model, optimizer, batches, 1)
+    resumed.close()
+    assert sorted(map(int, _manifest_metadata(directory)["dropout"]["steps"])) == list(range(7))
+    _assert_directory_exact(model, directory, dataset, X, 7)
+    assert truncate_trajectory_directory(directory, 3) == 3  # cuts the shard of steps 2 and 3
+    assert sorted(_manifest_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2"]
+    _assert_directory_exact(model, directory, dataset, X, 3)
+
+
+def test_metadata_that_is_not_json_is_refused_by_its_call_alone(tmp_path):
+    from pathlib import Path
+
+    directory = tmp_path / "run"
+    model, optimizer, batches, recorder, dataset, X = _dropout_run(directory, 2)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        recorder.flush(metadata={"out": Path("somewhere")})
+    _steps(recorder, model, optimizer, batches, 2)  # the recorder goes on
+    recorder.close()
+    _assert_directory_exact(model, directory, dataset, X, 4)

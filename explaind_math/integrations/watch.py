@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -103,6 +103,7 @@ class ForwardWatch:
         self._left_padded = False  # a training forward of this step was padded on the left
         self._staged: list[list[int]] | None = None
         self._steps: dict[str, list[list[int]]] = {}
+        self._in_manifest: dict[str, list[list[int]]] = {}  # resumed: the rows an older manifest held
         self._mode: RecordMode | None = None
         self._coordinates = CoordinateCache()  # shared by this run's forwards
         self._counted = False
@@ -247,17 +248,20 @@ class ForwardWatch:
         self._staged = None
         self.step = step + 1
 
-    def continue_record(self, record: dict | None, steps: int, where: str) -> None:
+    def continue_record(self, record: dict | None, steps: int, where: str, in_manifest: Mapping | None = None) -> None:
         """Resuming a trajectory of ``steps`` steps whose dropout record is ``record`` (None: recorded without
-        dropout): go on with its seed, dropout calls and steps, so that the record keeps every step's masks.
-        Refused when this run would record dropout and that one did not, or the other way round (the steps of
-        one of the two would have no masks to replay), and when a ``dropout_seed`` given differs from its seed."""
+        dropout; ``in_manifest``: those of its steps whose rows its manifest holds, not a shard): go on with its
+        seed, dropout calls and rows, so that the record keeps every step's masks. Refused when this run would record
+        dropout and that one did not, or the other way round, when the record misses a step (its rows lost: a shard
+        adopted after a crash before its manifest, by an older version), and when a ``dropout_seed`` given differs."""
+        if steps == 0:
+            return  # (no recorded step needs masks: this run's own dropout, seed and rows)
         if record is None:
-            if self.records_dropout and steps:
+            if self.records_dropout:
                 raise RecordingError(
-                    f"{where}: its {steps} steps were recorded without dropout, and this model has active dropout "
-                    "(recorded from here on, the record would miss the earlier steps); resume with the dropout "
-                    "of the recorded run (model.eval() of the dropout modules, or p=0)")
+                    f"{where}: its {steps} steps have no dropout record (recorded without dropout, or the record was "
+                    "lost), and this model has active dropout; resume with the dropout of the recorded run "
+                    "(model.eval() of the dropout modules, or p=0)")
             return
         if not self.records_dropout:
             raise RecordingError(
@@ -266,9 +270,29 @@ class ForwardWatch:
         if self._seed_given and int(record["seed"]) != self.seed:
             raise RecordingError(f"{where}: dropout_seed={self.seed} differs from the recorded run's seed "
                                  f"{record['seed']}; leave dropout_seed unset to continue with it")
+        missing = [t for t in range(steps) if str(t) not in record["steps"]]
+        if missing:
+            raise RecordingError(
+                f"{where}: its dropout record lacks the rows of step {missing[0]} (of {len(missing)} steps), so "
+                f"their masks cannot be replayed; keep the steps before it with "
+                f"explaind_math.storage.truncate_trajectory_directory(directory, {missing[0]}) and resume from a "
+                "checkpoint of that step")
         self.seed = int(record["seed"])
-        self.calls = [float(p) for p in record["calls"]] if record.get("steps") else None
-        self._steps = {str(t): [list(map(int, ids)) for ids in micro] for t, micro in record["steps"].items()}
+        self.calls = [float(p) for p in record["calls"]]
+        self._steps = {str(t): [list(map(int, ids)) for ids in record["steps"][str(t)]] for t in range(steps)}
+        self._in_manifest = {t: rows for t, rows in self._steps.items() if in_manifest and t in in_manifest}
+
+    def rows_of(self, first: int, stop: int) -> dict:
+        """The rows of steps first … stop − 1 (``str(t)`` → ids of each micro-batch in row order) that have them."""
+        return {str(t): self._steps[str(t)] for t in range(first, stop) if str(t) in self._steps}
+
+    def manifest_record(self) -> dict:
+        """The dropout record a trajectory directory's manifest holds (``{}`` without dropout): the seed and calls,
+        and the rows only of steps resumed from a manifest that held them; the others are in their shards."""
+        if not self.records_dropout:
+            return {}
+        return {"dropout": {"seed": self.seed, "calls": self.calls or [], "steps": dict(self._in_manifest),
+                            "steps_in_shards": True}}
 
     def metadata(self) -> dict:
         """What goes into ``trajectory.metadata`` (``{}`` without dropout)."""

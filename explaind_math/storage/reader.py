@@ -9,6 +9,7 @@ import bisect
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
@@ -54,7 +55,8 @@ class ShardedTrajectory(Trajectory):
         self.optimizer = manifest["optimizer"]
         self.parameter_names = list(manifest["parameter_names"])
         self.group_of = {n: int(g) for n, g in manifest["group_of"].items()}
-        self.metadata = dict(manifest["metadata"])
+        self.metadata = _with_dropout_rows(self.directory, manifest)
+        self.manifest_metadata = dict(manifest["metadata"])  # as the manifest holds it (dropout rows not joined)
         self._shapes = {n: tuple(manifest["shapes"][n]) for n in self.parameter_names}
         self._dtypes = {n: dtype_from_name(manifest["dtypes"][n], str(self.directory)) for n in self.parameter_names}
         self._firsts = [e[0] for e in manifest["shards"]]
@@ -215,3 +217,19 @@ class ShardedTrajectory(Trajectory):
             initial_state={n: copy(st) for n, st in self.initial_state.items()},
             buffers=copy(self.buffers), metadata=self.metadata,
         )
+
+
+def _with_dropout_rows(directory: Path, manifest: Mapping[str, Any]) -> dict:
+    """The manifest's metadata, with a dropout record whose rows are kept in the shards
+    (``"steps_in_shards"``, :func:`~explaind_math.storage.shard.write_shard`) made whole: the rows of every listed
+    shard, read from its description (one header read per shard), joined to those the manifest holds."""
+    metadata = dict(manifest["metadata"])
+    record = metadata.get("dropout")
+    if not (isinstance(record, dict) and record.get("steps_in_shards")):
+        return metadata
+    steps = dict(record.get("steps", {}))
+    for entry in manifest["shards"]:
+        steps.update(read_shard_header(directory / shard_name(entry[0], entry[1])).get("dropout_rows", {}))
+    rest = {k: v for k, v in record.items() if k not in ("steps", "steps_in_shards")}
+    metadata["dropout"] = {**rest, "steps": {t: rows for t, rows in steps.items() if int(t) < manifest["num_steps"]}}
+    return metadata

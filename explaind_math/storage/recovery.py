@@ -239,7 +239,8 @@ def truncate_trajectory_directory(directory: str | os.PathLike, num_steps: int) 
                                    size=entry[2], crc32=entry[3])
                 steps = [shard.steps[t - first] for t in range(first, n)]
                 thetas = [shard.thetas[t - first] for t in range(first, n)]
-                size, crc = write_shard(directory, first, steps, thetas, generation)
+                rows = {t: r for t, r in shard.dropout_rows.items() if int(t) < n}
+                size, crc = write_shard(directory, first, steps, thetas, generation, rows)
                 kept.append([first, n, size, crc])
         manifest = {**manifest, "generation": generation, "num_steps": n, "shards": kept}
         write_manifest(directory, manifest)

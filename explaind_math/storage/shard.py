@@ -23,9 +23,11 @@ __all__ = ["Shard", "read_shard_header", "write_shard"]
 class Shard:
     """Steps first ≤ t < stop of one shard: θ_{t+1} and the step records, checked."""
 
-    def __init__(self, first: int, stop: int, generation: int, thetas: list[dict], steps: list[StepRecord]):
+    def __init__(self, first: int, stop: int, generation: int, thetas: list[dict], steps: list[StepRecord],
+                 dropout_rows: Mapping[str, Any] | None = None):
         self.first, self.stop, self.generation = first, stop, generation
         self.thetas, self.steps = thetas, steps
+        self.dropout_rows = dict(dropout_rows or {})  # the recorded dropout's rows of these steps (see write_shard)
 
     @classmethod
     def read(cls, path: Path, manifest: Mapping[str, Any], first: int, stop: int, *,
@@ -43,6 +45,7 @@ class Shard:
                 raise TrajectoryFileError(f"{path}: describes {len(d['steps'])} steps, expected {stop - first}")
             thetas, steps = _read_steps(path, f, d["steps"], manifest, first)
             generation = int(d["generation"])
+            dropout_rows = dict(d.get("dropout_rows", {}))
         except TrajectoryFileError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
@@ -50,7 +53,7 @@ class Shard:
                 f"{path}: corrupted shard, its description is malformed or does not match its tensors "
                 f"({type(exc).__name__}: {exc})"
             ) from None
-        return cls(first, stop, generation, thetas, steps)
+        return cls(first, stop, generation, thetas, steps, dropout_rows)
 
 
 def _read_steps(path: Path, f: DescribedFile, steps_json: Sequence[Mapping[str, Any]],
@@ -82,8 +85,12 @@ def _read_steps(path: Path, f: DescribedFile, steps_json: Sequence[Mapping[str, 
 
 
 def write_shard(directory: Path, first: int, steps: Sequence[StepRecord],
-                thetas: Sequence[Mapping[str, torch.Tensor]], generation: int) -> tuple[int, int]:
-    """Write steps first … first + len(steps) − 1 and their θ_{t+1} as one shard; returns its size and CRC-32."""
+                thetas: Sequence[Mapping[str, torch.Tensor]], generation: int,
+                dropout_rows: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """Write steps first … first + len(steps) − 1 and their θ_{t+1} as one shard; returns its size and CRC-32.
+    ``dropout_rows``: a run with recorded dropout, per step of the shard (``str(t)``) the ids of each micro-batch in
+    row order (what replays its masks, with the seed in the manifest), kept in the shard's description so that the
+    shard carries them wherever it goes (recovery adopting it, a truncation cutting it)."""
     tensors: dict[str, torch.Tensor] = {}
     steps_json = []
     for k, (step, theta) in enumerate(zip(steps, thetas)):
@@ -94,6 +101,8 @@ def write_shard(directory: Path, first: int, steps: Sequence[StepRecord],
     stop = first + len(steps)
     description = {"format": SHARD_FORMAT, "version": DIRECTORY_VERSION, "first_step": first, "stop_step": stop,
                    "generation": generation, "steps": steps_json}
+    if dropout_rows:
+        description["dropout_rows"] = {str(t): rows for t, rows in dropout_rows.items()}
     return write_file(directory / shard_name(first, stop), tensors, description)
 
 

@@ -41,8 +41,10 @@ class TrajectoryShardWriter:
     steps committed before the failure).
 
     ``metadata_source``: when set, a callable whose mapping is written as the trajectory's metadata with every
-    manifest (read when a shard is handed over, in the caller's thread), so that each manifest on disk describes
-    the steps it lists: the recorder's dropout record grows with the steps.
+    manifest (read when a shard is handed over, in the caller's thread). ``dropout_rows_source``: when set, a
+    callable of (first, stop) whose mapping (``str(t)`` → rows) goes into that shard's description
+    (:func:`~explaind_math.storage.shard.write_shard`): the recorded dropout's rows, which grow with the steps,
+    stay with their shard, and a manifest stays small.
     """
 
     def __init__(self, directory: str | os.PathLike, *, steps_per_shard: int = 1, background: bool = False):
@@ -64,6 +66,7 @@ class TrajectoryShardWriter:
         self._failure: BaseException | None = None
         self.closed = False
         self.metadata_source: Callable[[], Mapping[str, Any]] | None = None
+        self.dropout_rows_source: Callable[[int, int], Mapping[str, Any]] | None = None
         self._submitted_metadata = self.manifest["metadata"] if self.manifest is not None else None
         self._queue = None
         if background:
@@ -149,8 +152,10 @@ class TrajectoryShardWriter:
                 metadata = None  # (unchanged: the manifest keeps it)
         if self._initial is None and not self._pending and metadata is None:
             return
+        stop = self._submitted + len(self._pending)
+        rows = self.dropout_rows_source(self._submitted, stop) if self.dropout_rows_source and self._pending else None
         job = (self._initial, self._submitted, [s for s, _ in self._pending], [th for _, th in self._pending],
-               metadata)
+               metadata, rows)
         if metadata is not None:
             self._submitted_metadata = metadata
         self._initial = None
@@ -200,7 +205,7 @@ class TrajectoryShardWriter:
 
     def _commit(self, job) -> None:
         """Write one job: initial.safetensors (the first time), the shard, then the manifest."""
-        initial, first, steps, thetas, metadata = job
+        initial, first, steps, thetas, metadata, rows = job
         manifest = self.manifest
         if initial is not None:
             tensors, description = initial
@@ -216,7 +221,7 @@ class TrajectoryShardWriter:
         if steps:
             if first != manifest["num_steps"]:
                 raise RecordingError(f"{self.directory}: shard of step {first} after {manifest['num_steps']} steps")
-            size, crc = write_shard(self.directory, first, steps, thetas, manifest["generation"])
+            size, crc = write_shard(self.directory, first, steps, thetas, manifest["generation"], rows)
             stop = first + len(steps)
             manifest = {**manifest, "shards": [*manifest["shards"], [first, stop, size, crc]], "num_steps": stop}
         if metadata is not None:
