@@ -247,3 +247,21 @@ def test_metadata_that_is_not_json_is_refused_by_its_call_alone(tmp_path):
     _steps(recorder, model, optimizer, batches, 2)  # the recorder goes on
     recorder.close()
     _assert_directory_exact(model, directory, dataset, X, 4)
+
+
+def test_rows_in_an_adopted_shard_are_read_whatever_the_manifest_says(tmp_path):
+    """A manifest that predates the shards' rows (a directory resumed from an older version, a crash before its
+    first new manifest) still gets the rows of a shard recovery adopts: the reader joins every shard's rows."""
+    import json
+
+    directory = tmp_path / "run"
+    model, optimizer, batches, recorder, dataset, X = _dropout_run(directory, 4, steps_per_shard=2)
+    recorder.close()
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    full = em.ShardedTrajectory(directory).metadata["dropout"]
+    manifest["metadata"]["dropout"] = {"seed": full["seed"], "calls": full["calls"],
+                                       "steps": {"0": full["steps"]["0"]}}  # an older manifest: no flag
+    manifest_path.write_text(json.dumps(manifest))
+    assert sorted(_manifest_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2", "3"]
+    _assert_directory_exact(model, directory, dataset, X, 4)

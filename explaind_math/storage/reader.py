@@ -1,7 +1,7 @@
 """A trajectory directory read lazily: :class:`ShardedTrajectory` is a :class:`~explaind_math.Trajectory`
 whose ``parameters[t]`` and ``steps[t]`` open the shard holding step t memory-mapped (the tensors are
 views of the mapped file, paged in when used), check it, and keep the last few shards opened.
-Construction reads only the manifest and θ_0."""
+Construction reads only the manifest and θ_0 (and, with recorded dropout, each shard's header: its rows)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class ShardedTrajectory(Trajectory):
     and ``steps`` are sequences that open the shard holding the asked step (memory-mapped; checked
     when opened: size and CRC-32 against the manifest, names, shapes, dtypes, NaN/Inf, the optimizer
     state the rule needs) and keep the ``cache_shards`` most recently used. Construction reads only the
-    manifest and ``initial.safetensors`` (θ_0, the state before step 0, buffers).
+    manifest and ``initial.safetensors`` (θ_0, the state before step 0, buffers), and with recorded dropout each
+    shard's header, where the rows that replay its steps' masks are.
 
     Args:
         directory: written by :class:`~explaind_math.TrajectoryRecorder` (``directory=``) or
@@ -220,16 +221,28 @@ class ShardedTrajectory(Trajectory):
 
 
 def _with_dropout_rows(directory: Path, manifest: Mapping[str, Any]) -> dict:
-    """The manifest's metadata, with a dropout record whose rows are kept in the shards
-    (``"steps_in_shards"``, :func:`~explaind_math.storage.shard.write_shard`) made whole: the rows of every listed
-    shard, read from its description (one header read per shard), joined to those the manifest holds."""
+    """The manifest's metadata, with its dropout record made whole: the rows the manifest holds joined to those
+    of every listed shard, read from its description (one header read per shard; a record written before rows
+    went into the shards has none there, and a shard adopted after a crash may have them while the manifest
+    predates them, so the shards are read whatever the manifest says)."""
     metadata = dict(manifest["metadata"])
     record = metadata.get("dropout")
-    if not (isinstance(record, dict) and record.get("steps_in_shards")):
+    if not isinstance(record, dict):
         return metadata
-    steps = dict(record.get("steps", {}))
-    for entry in manifest["shards"]:
-        steps.update(read_shard_header(directory / shard_name(entry[0], entry[1])).get("dropout_rows", {}))
+    try:
+        steps = dict(record.get("steps", {}))
+        for entry in manifest["shards"]:
+            path = directory / shard_name(entry[0], entry[1])
+            rows = read_shard_header(path).get("dropout_rows", {})
+            if not isinstance(rows, dict):
+                raise TypeError(f"{path.name}: dropout_rows is a {type(rows).__name__}, not a mapping")
+            steps.update(rows)
+        steps = {str(int(t)): rows for t, rows in steps.items() if int(t) < manifest["num_steps"]}
+    except TrajectoryFileError:
+        raise
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise TrajectoryFileError(f"{directory}: the dropout record cannot be read ({type(exc).__name__}: {exc})"
+                                  ) from None
     rest = {k: v for k, v in record.items() if k not in ("steps", "steps_in_shards")}
-    metadata["dropout"] = {**rest, "steps": {t: rows for t, rows in steps.items() if int(t) < manifest["num_steps"]}}
+    metadata["dropout"] = {**rest, "steps": steps}
     return metadata
