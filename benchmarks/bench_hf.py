@@ -7,10 +7,9 @@
   2. the Trainer's step time (its own ``train_runtime`` per step) with ``RecordingTrainer`` against the plain
      ``Trainer`` on the same run, CPU (target: <= 1.3x), for the small GPT-2 of part 1 and a 4-layer, width-128
      one on sequences up to 64 tokens, and the small one with dropout off (the checks and copies alone): best of
-     the repeats, the median (with its 95% bootstrap interval) and range of the interleaved (plain,
-     recording) pairs, the process CPU time per
-     step, the minor page faults per step, the time in the recorder's optimizer-step hooks (its checks and copies);
-     and the whole ``trainer.train()`` call. Where the recording keeps
+     the repeats, the median (with its 95% bootstrap interval) and range of the interleaved (plain, recording)
+     pairs, the process CPU time per step, the minor page faults per step, the time in the recorder's
+     optimizer-step hooks (its checks and copies); and the whole ``trainer.train()`` call. Where the recording keeps
      steps by their ``.grad`` (``rerun_optimizer="auto"``, :mod:`explaind_math.rerun`: the 4-layer model), the
      same recording with every step kept in full is interleaved too. Each Trainer run is a fresh process
      (``--in-process``: all in this one, where a run reuses memory an earlier one freed);

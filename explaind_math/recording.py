@@ -227,7 +227,7 @@ class TrajectoryRecorder:
         common = dict(optimizer=self.rule.name, parameter_names=[n for n, _, _ in self._params],
                       group_of={n: gi for n, _, gi in self._params}, initial_state=self._initial_state,
                       buffers=self._buffers, steps=[step.record() for step in self._steps],
-                      metadata=self._manifest_metadata())
+                      metadata=self._trajectory_metadata())
         by_gradient = sum(theta is None for theta in self._snapshots)  # steps rebuilt on demand (RerunTrajectory)
         if self._rerun is not None:
             common["metadata"]["optimizer_rerun"] = self._rerun.metadata(self._count, by_gradient)
@@ -257,7 +257,7 @@ class TrajectoryRecorder:
             self._writer.flush()
             self._writer.wait()
 
-    def _manifest_metadata(self) -> dict:
+    def _trajectory_metadata(self) -> dict:
         """The trajectory's metadata now: the user's, the dropout record (its rows in the shards with a directory),
         gradient_rescaling."""
         dropout = self._watch.metadata() if self._writer is None else self._watch.manifest_record()
@@ -282,22 +282,19 @@ class TrajectoryRecorder:
     # ------------------------------------------------------------------ resuming a directory
     def _open_directory(self, directory, steps_per_shard: int, background: bool) -> None:
         """The writer of ``directory``; a trajectory found there is resumed (:meth:`_resume`). Every manifest it
-        writes holds :meth:`_manifest_metadata` (the dropout record of the steps it lists)."""
+        writes holds :meth:`_trajectory_metadata` (the dropout seed and calls), each shard its steps' dropout rows."""
         from .storage import TrajectoryShardWriter
 
         try:
             self._writer = TrajectoryShardWriter(directory, steps_per_shard=steps_per_shard, background=background)
-        except BaseException:
-            self._watch.close()
-            raise
-        try:
             if self._writer.has_trajectory:
                 self._resume()
         except BaseException:
             self._watch.close()
-            self._writer.abandon()
+            if self._writer is not None:  # (opened: the lock taken)
+                self._writer.abandon()
             raise
-        self._writer.metadata_source = self._manifest_metadata
+        self._writer.metadata_source = self._trajectory_metadata
         self._writer.dropout_rows_source = self._watch.rows_of if self._watch.records_dropout else None
 
     def _resume(self) -> None:

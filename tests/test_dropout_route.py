@@ -120,7 +120,7 @@ def _steps(recorder, model, optimizer, batches, steps: int) -> None:
         optimizer.step()
 
 
-def _manifest_metadata(directory) -> dict:
+def _directory_metadata(directory) -> dict:
     """The metadata of the trajectory in ``directory``, its dropout rows joined from the shards."""
     return em.ShardedTrajectory(directory).metadata
 
@@ -144,10 +144,10 @@ def test_every_manifest_of_a_directory_recording_holds_the_dropout_record_of_its
     batches = iter(DataLoaderWithIds(dataset, batch_size=6))
     with em.TrajectoryRecorder(model, optimizer, directory=directory, steps_per_shard=2) as recorder:
         _steps(recorder, model, optimizer, batches, 3)  # one shard of 2 steps written, the third pending
-        record = _manifest_metadata(directory)["dropout"]
+        record = _directory_metadata(directory)["dropout"]
         assert sorted(record["steps"]) == ["0", "1"] and record["seed"] == recorder._watch.seed
         _steps(recorder, model, optimizer, batches, 1)
-    assert sorted(_manifest_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2", "3"]  # closed, no flush
+    assert sorted(_directory_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2", "3"]  # closed, no flush
     _assert_directory_exact(model, directory, dataset, X, 4)
 
 
@@ -163,7 +163,7 @@ def test_a_resumed_directory_recording_continues_the_dropout_record(tmp_path):
     with em.TrajectoryRecorder(model, optimizer, directory=directory) as resumed:
         assert resumed.resumed_from == 2 and resumed._watch.seed == seed
         _steps(resumed, model, optimizer, batches, 2)
-    metadata = _manifest_metadata(directory)
+    metadata = _directory_metadata(directory)
     assert metadata["run"] == "first" and metadata["dropout"]["seed"] == seed  # kept across the resume
     assert sorted(metadata["dropout"]["steps"]) == ["0", "1", "2", "3"]
     _assert_directory_exact(model, directory, dataset, X, 4)
@@ -230,10 +230,10 @@ def test_the_dropout_rows_stay_with_their_shard_a_crash_before_its_manifest_and_
     assert resumed.resumed_from == 6
     _steps(resumed, model, optimizer, batches, 1)
     resumed.close()
-    assert sorted(map(int, _manifest_metadata(directory)["dropout"]["steps"])) == list(range(7))
+    assert sorted(map(int, _directory_metadata(directory)["dropout"]["steps"])) == list(range(7))
     _assert_directory_exact(model, directory, dataset, X, 7)
     assert truncate_trajectory_directory(directory, 3) == 3  # cuts the shard of steps 2 and 3
-    assert sorted(_manifest_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2"]
+    assert sorted(_directory_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2"]
     _assert_directory_exact(model, directory, dataset, X, 3)
 
 
@@ -263,5 +263,5 @@ def test_rows_in_an_adopted_shard_are_read_whatever_the_manifest_says(tmp_path):
     manifest["metadata"]["dropout"] = {"seed": full["seed"], "calls": full["calls"],
                                        "steps": {"0": full["steps"]["0"]}}  # an older manifest: no flag
     manifest_path.write_text(json.dumps(manifest))
-    assert sorted(_manifest_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2", "3"]
+    assert sorted(_directory_metadata(directory)["dropout"]["steps"]) == ["0", "1", "2", "3"]
     _assert_directory_exact(model, directory, dataset, X, 4)

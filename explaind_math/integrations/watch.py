@@ -289,16 +289,16 @@ class ForwardWatch:
     def manifest_record(self) -> dict:
         """The dropout record a trajectory directory's manifest holds (``{}`` without dropout): the seed and calls,
         and the rows only of steps resumed from a manifest that held them; the others are in their shards."""
-        if not self.records_dropout:
-            return {}
-        return {"dropout": {"seed": self.seed, "calls": self.calls or [], "steps": dict(self._in_manifest),
-                            "steps_in_shards": True}}
+        return self._record(self._in_manifest, steps_in_shards=True)
 
     def metadata(self) -> dict:
         """What goes into ``trajectory.metadata`` (``{}`` without dropout)."""
+        return self._record(self._steps)
+
+    def _record(self, steps: Mapping, **extra) -> dict:
         if not self.records_dropout:
             return {}
-        return {"dropout": {"seed": self.seed, "calls": self.calls or [], "steps": dict(self._steps)}}
+        return {"dropout": {"seed": self.seed, "calls": self.calls or [], "steps": dict(steps), **extra}}
 
     def recorded_bytes(self) -> int:
         """Bytes the dropout record takes (JSON in the trajectory's metadata)."""
